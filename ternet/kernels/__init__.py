@@ -1,0 +1,43 @@
+"""Compute kernels, one module per op family (conv, linear, batchnorm, activation, pool, loss,
+elementwise, transitions, stats). Each module has a CPU implementation (numpy + numba.njit),
+CUDA kernels (numba.cuda) and one launcher per op that checks shapes and dtypes and dispatches
+on where its arrays live. Layers call launchers only.
+"""
+import numpy as np
+
+try:  # numba.cuda imports without a GPU; the simulator (NUMBA_ENABLE_CUDASIM=1) also works
+    from numba import cuda
+except ImportError:  # pragma: no cover - numba without its CUDA target
+    cuda = None
+
+
+def on_device(*arrays):
+    """True when the arrays live on the GPU (all of them), False when all are host arrays."""
+    flags = {cuda is not None and cuda.is_cuda_array(a) and not isinstance(a, np.ndarray)
+             for a in arrays if a is not None}
+    if len(flags) > 1:
+        raise TypeError("a launcher got a mix of host and device arrays; move them to one side first")
+    return flags.pop() if flags else False
+
+
+def check(cond, msg):
+    """Raise ValueError(msg) when a launcher's argument check fails."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def empty(shape, dtype, device):
+    """Uninitialised array on the host (device=False) or the GPU (device=True)."""
+    if device:
+        return cuda.device_array(shape, dtype=dtype)
+    return np.empty(shape, dtype=dtype)
+
+
+def zeros(shape, dtype, device):
+    """Zero-filled array on the host or the GPU."""
+    if device:
+        from .elementwise import fill
+        a = cuda.device_array(shape, dtype=dtype)
+        fill(a, 0)
+        return a
+    return np.zeros(shape, dtype=dtype)

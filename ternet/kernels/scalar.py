@@ -1,0 +1,100 @@
+"""Scalar math shared by the CPU code and the CUDA kernels, written once so the two cannot drift.
+
+Every function here is a plain @numba.njit function: the CPU kernels call it directly and the
+CUDA kernels call it from inside @cuda.jit code. Tested in tests/test_scalar.py.
+"""
+import math
+
+import numba
+import numpy as np
+
+U64 = np.uint64
+F32 = np.float32
+
+# ----------------------------------------------------------------------------------------------
+# counter-based random numbers (SplitMix64)
+#
+# A draw is a pure function of (key, index): uniform(key, i). Keys are derived on the host from
+# (seed, stream, step), so there is no per-weight generator state to store, a resumed run draws
+# exactly what an uninterrupted one would, and the CPU and CUDA paths (and every replica of a
+# data-parallel run) make identical draws for identical (key, index).
+
+@numba.njit(inline="always")
+def splitmix64(z):
+    """One SplitMix64 output for the uint64 counter z (Steele, Lea & Flood, 2014)."""
+    z = z + U64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> U64(30))) * U64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> U64(27))) * U64(0x94D049BB133111EB)
+    return z ^ (z >> U64(31))
+
+
+@numba.njit(inline="always")
+def uniform(key, i):
+    """A float32 in [0, 1) for stream key `key` (uint64) and element index `i`; 24 random bits."""
+    z = splitmix64(key ^ splitmix64(U64(i)))
+    return F32(z >> U64(40)) * F32(1.0 / 16777216.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# ternary activation and its surrogate derivative
+
+WINDOW_RECT = 0
+WINDOW_TRI = 1
+
+
+@numba.njit(inline="always")
+def ternarize(x, r):
+    """phi_r(x) = +1 if x > r, -1 if x < -r, else 0."""
+    if x > r:
+        return 1
+    if x < -r:
+        return -1
+    return 0
+
+
+@numba.njit(inline="always")
+def window_grad(x, r, a, shape):
+    """Surrogate d phi_r / dx on the window r-a <= |x| <= r+a (zero outside).
+
+    Rectangular (shape 0): 1/(2a). Triangular (shape 1): (1/a) * (1 - | |x| - r | / a), the
+    triangle of the same support and the same unit area.
+    """
+    d = abs(abs(x) - r)
+    if d > a:
+        return F32(0.0)
+    if shape == WINDOW_RECT:
+        return F32(0.5) / a
+    return (F32(1.0) - d / a) / a
+
+
+# ----------------------------------------------------------------------------------------------
+# discrete state transition (GXNOR, Deng et al. 2018, eq. 10-13)
+
+@numba.njit(inline="always")
+def dst_target(q, dw, qmax, m, u):
+    """New state of one weight under the discrete state transition.
+
+    The weight's value is w = q / qmax on the grid Z_N (qmax = 2^(N-1), spacing dz = 1/qmax).
+    rho = dw clipped so that w + rho stays in [-1, 1]; in units of dz, s = rho * qmax splits into
+    kappa = trunc(s) whole states and a remainder nu = s - kappa; the weight moves kappa states
+    and one more in the direction of rho with probability tanh(m * |nu|). u is a uniform draw.
+    """
+    w = F32(q) / F32(qmax)
+    rho = min(max(dw, F32(-1.0) - w), F32(1.0) - w)
+    s = rho * F32(qmax)
+    kappa = math.trunc(s)
+    nu = s - kappa
+    step = int(kappa)
+    if u < math.tanh(m * abs(nu)):
+        step += 1 if s > 0 else -1
+    nq = q + step
+    return min(max(nq, -qmax), qmax)
+
+
+@numba.njit(inline="always")
+def dst_prob(q, dw, qmax, m):
+    """Probability that dst_target() takes the extra step (for tests and for Hastings ratios)."""
+    w = F32(q) / F32(qmax)
+    rho = min(max(dw, F32(-1.0) - w), F32(1.0) - w)
+    s = rho * F32(qmax)
+    return math.tanh(m * abs(s - math.trunc(s)))
