@@ -3,4 +3,10 @@
 Forward and backward passes are written by hand: numpy/numba on the CPU, numba.cuda on the GPU.
 Entry points: the `ternet` command (ternet.cli) and ternet.train.train(config).
 """
+import os
+
+# numba's OpenMP workers and OpenBLAS's threads take turns on the same cores; spinning OpenMP
+# workers starve BLAS (measured 2x slower LeNet steps on 2 cores). Set before numba loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"

@@ -1,15 +1,209 @@
-"""The `ternet` command: prep, train, eval, inspect."""
+"""The `ternet` command: prep, train, eval, inspect (export and sweep join later).
+Run `ternet --help`, `ternet train --help`."""
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
 import click
 
 from data_prep.cli import prep
 
+from .config import Config
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+D = Config()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def cli():
-    """ternet: train ternary neural networks (weights and activations in {-1, 0, +1})."""
+    """ternet: train ternary neural networks (weights and activations in {-1, 0, +1}).
+
+    \b
+    Typical day:
+      ternet prep mnist /usr/share/datasets/fashion-mnist data/fmnist   # pack a dataset once
+      ternet train --data data/fmnist --arch lenet --epochs 20         # train
+      ternet inspect runs/<name>                                       # weight states, flips
+    """
 
 
 cli.add_command(prep)
+
+# (field, click type, help) -- every option maps onto one Config field
+TRAIN_OPTIONS = [
+    ("data", str, "Prepared dataset folder (from `ternet prep`). Default: the embedded Fashion-MNIST subset."),
+    ("arch", str, "Preset (lenet, vgg-gxnor, resnet18) or architecture string, e.g. 32C5p0-MP2-64C5p0-MP2-512FC-10. "
+                  "Tokens: <C>C<k>[s<S>][p<P>] conv, MP<k>/AP<k> pool, <F>FC, RB<C>[s<S>] residual block, GAP, "
+                  "Rx repeat, last the class count."),
+    ("bits", int, "N: weights take 2^N + 1 states in [-1, 1] (1 = ternary)."),
+    ("act_r", float, "Activation threshold r: phi_r(x) = +1 if x > r, -1 if x < -r, else 0 (the authors' code: 1)."),
+    ("act_a", float, "Half-width a of the surrogate-derivative window r-a <= |x| <= r+a (the authors' code: 0.5)."),
+    ("window", click.Choice(["rect", "tri"]), "Shape of the surrogate-derivative window."),
+    ("loss", click.Choice(["xent", "sqhinge"]), "Softmax cross-entropy, or the squared hinge loss of the authors' code."),
+    ("sampler", str, "Transition rule for the discrete weights (dst = GXNOR's discrete state transition)."),
+    ("source", click.Choice(["sgd", "adam"]), "DST step: sgd (dW = -lr g, no per-weight memory) or adam (two fp32 "
+                                              "moments per weight, as the authors' code)."),
+    ("lr", float, "Learning rate of the discrete weights (0: 20 for sgd, 0.01 for adam)."),
+    ("lr_end", float, "Final learning rate of cosine/exp/linear schedules."),
+    ("lr_schedule", click.Choice(["constant", "step", "exp", "cosine", "linear"]), "Learning-rate schedule."),
+    ("lr_every", int, "step schedule: decay every this many epochs."),
+    ("lr_gamma", float, "step schedule: decay factor."),
+    ("m", float, "DST sharpness m: extra-step probability tanh(m |nu| / dz)."),
+    ("m_end", float, "Anneal m linearly to this value (0: keep m constant)."),
+    ("bn_optim", click.Choice(["adam", "sgd"]), "Optimizer of the batch-norm parameters (real)."),
+    ("bn_lr", float, "Learning rate of the batch-norm parameters (follows the same schedule)."),
+    ("epochs", int, "Epochs to train."),
+    ("batch_size", int, "Training batch size."),
+    ("eval_batch_size", int, "Evaluation batch size."),
+    ("augment", click.Choice(["none", "auto", "crop-flip", "rrc-flip"]), "Training augmentation (auto: crop+flip "
+                                                                        "for colour images, none for grayscale)."),
+    ("seed", int, "Seed of every random stream (initialisation, shuffling, augmentation, transitions)."),
+    ("device", click.Choice(["auto", "cpu", "cuda"]), "Where to train."),
+    ("log_every", int, "Steps between metrics lines."),
+    ("ckpt_every", int, "Steps between mid-epoch checkpoints (0: only at epoch ends)."),
+    ("keep_last", int, "Checkpoints to keep."),
+]
+
+
+def _add_train_options(f):
+    for name, typ, help_ in reversed(TRAIN_OPTIONS):
+        f = click.option(f"--{name.replace('_', '-')}", name, type=typ, default=getattr(D, name),
+                         show_default=True, help=help_)(f)
+    return f
+
+
+def _explicit(ctx):
+    from click.core import ParameterSource
+    return {name for name, _, _ in TRAIN_OPTIONS
+            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+
+
+@cli.command()
+@_add_train_options
+@click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",
+              help="Sampler setting, e.g. --set temperature=0.01 (see docs/samplers.md). Repeatable.")
+@click.option("--name", default="", help="Run name (default: <arch>-<data>-<date-time>).")
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Where run folders go.")
+@click.option("--resume", "resume", default=None, type=click.Path(),
+              help="Continue the run in this folder from its newest checkpoint. Other options must match "
+                   "the run's config.json (or be left out).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def train(ctx, extra, name, runs_dir, resume, quiet, **opts):
+    """Train a ternary network; writes runs/<name>/ (config, metrics, checkpoints).
+
+    With no options: `lenet` on the embedded Fashion-MNIST subset, CPU or GPU.
+    """
+    from .arch import ArchError
+    from .run import RunDir
+    from .train import Trainer, latest_checkpoint
+    extra = _parse_extra(extra)
+    if resume:
+        run = RunDir(resume)
+        if not run.exists():
+            raise click.BadParameter(f"{resume} is not a run folder (no config.json)", param_hint="--resume")
+        cfg = run.config()
+        for field in sorted(_explicit(ctx)):
+            if opts[field] != getattr(cfg, field):
+                raise click.UsageError(f"--{field.replace('_', '-')} {opts[field]!r} conflicts with the run's "
+                                       f"{field}={getattr(cfg, field)!r} in {run.config_path}; leave the option out "
+                                       "to resume, or start a new run")
+        if extra and tuple(sorted(extra.items())) != cfg.extra:
+            raise click.UsageError(f"--set {extra} conflicts with the run's settings {dict(cfg.extra)}")
+    else:
+        cfg = Config(**opts, extra=tuple(sorted(extra.items()))).resolve()
+        _check_data(cfg.data)
+        run = RunDir(pathlib.Path(runs_dir) / (name or _default_name(cfg)))
+        if run.exists():
+            raise click.UsageError(f"{run.path} already holds a run; pick another --name, or continue it with "
+                                   f"--resume {run.path}")
+    try:
+        trainer = Trainer(cfg, run, progress=not quiet)
+    except ArchError as e:
+        raise click.BadParameter(str(e), param_hint="--arch") from None
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if resume:
+        ck = latest_checkpoint(run)
+        if ck is not None:
+            trainer.restore(ck)
+            click.echo(f"resuming {run.path} at epoch {trainer.state['epoch'] + 1}, step {trainer.state['step']}")
+        else:
+            run.truncate_metrics(0)
+    else:
+        run.create(cfg)
+    _describe(trainer, run, quiet)
+    try:
+        last = trainer.fit()
+    except KeyboardInterrupt as e:
+        click.echo(f"\n{e}", err=True)
+        sys.exit(130)
+    if last and "test_acc" in last:
+        click.echo(f"done: test accuracy {last['test_acc']:.4f}; run folder {run.path}")
+
+
+def _parse_extra(items):
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _check_data(path):
+    if path and not pathlib.Path(path).exists():
+        raise click.BadParameter(f"{path}: no such folder. HINT: pack a dataset first, e.g. "
+                                 f"`ternet prep cifar10 SRC {path}`", param_hint="--data")
+
+
+def _default_name(cfg):
+    arch = cfg.arch if len(cfg.arch) <= 24 else "custom"
+    data = pathlib.Path(cfg.data).name if cfg.data else "fmnist-small"
+    return f"{arch}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _describe(trainer, run, quiet):
+    if quiet:
+        return
+    m, d = trainer.model, trainer.data
+    click.echo(f"run {run.path}: {trainer.cfg.arch} ({m.num_weights():,} discrete weights, {2 * m.qmax + 1} states) "
+               f"on {d.path} ({', '.join(f'{k} {v}' for k, v in d.splits.items())}), "
+               f"{'cuda' if trainer.device else 'cpu'}, {trainer.cfg.epochs} epochs x {trainer.spe} steps")
+
+
+@cli.command("eval")
+@click.argument("run_path", metavar="RUN", type=click.Path(exists=True))
+@click.option("--data", default=None, help="Prepared dataset to evaluate on (default: the run's own).")
+@click.option("--split", default=None, help="Split to evaluate (default: every val/test split present).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def eval_cmd(run_path, data, split, device):
+    """Evaluate a run's newest checkpoint on a prepared dataset."""
+    from .evaluate import evaluate_run
+    try:
+        results = evaluate_run(run_path, data=data, split=split, device=device)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    for s, (loss, acc) in results.items():
+        click.echo(f"{s}: loss {loss:.4f} accuracy {acc:.4f}")
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(exists=True, file_okay=False))
+@click.option("--png", type=click.Path(dir_okay=False), default=None, help="Also draw the histograms to this PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-epoch, per-layer statistics as JSON.")
+def inspect(run_path, png, as_json):
+    """Weight-state histograms (how many of each state per layer) per epoch, and flip rates."""
+    from .inspect import inspect_run
+    try:
+        inspect_run(run_path, png=png, as_json=as_json, echo=click.echo)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
 
 
 def main():

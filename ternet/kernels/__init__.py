@@ -11,10 +11,16 @@ except ImportError:  # pragma: no cover - numba without its CUDA target
     cuda = None
 
 
+def is_device_array(a):
+    """A numba device array (or anything with __cuda_array_interface__; simulator arrays too)."""
+    if isinstance(a, np.ndarray) or cuda is None:
+        return False
+    return hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray"
+
+
 def on_device(*arrays):
     """True when the arrays live on the GPU (all of them), False when all are host arrays."""
-    flags = {cuda is not None and cuda.is_cuda_array(a) and not isinstance(a, np.ndarray)
-             for a in arrays if a is not None}
+    flags = {is_device_array(a) for a in arrays if a is not None}
     if len(flags) > 1:
         raise TypeError("a launcher got a mix of host and device arrays; move them to one side first")
     return flags.pop() if flags else False

@@ -1,0 +1,88 @@
+"""The run configuration: one typed, frozen dataclass. CLI options map onto its fields; the
+resolved config is written to runs/<name>/config.json and into every checkpoint.
+"""
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Config:
+    # what to train
+    data: str = ""                  # prepared dataset folder; "" = the embedded Fashion-MNIST subset
+    arch: str = "lenet"             # preset name or architecture string (see ternet.arch)
+    bits: int = 1                   # N: weights live in Z_N with 2^N + 1 states (1 = ternary)
+    # the ternary activation phi_r and its surrogate window (authors' code: r = 1, a = 0.5 after BN)
+    act_r: float = 1.0
+    act_a: float = 0.5
+    window: str = "rect"            # rect | tri
+    loss: str = "xent"              # xent | sqhinge (the authors' squared hinge)
+    # transitions of the discrete weights
+    sampler: str = "dst"
+    source: str = "sgd"             # DST step source: sgd (no per-weight memory) | adam (two fp32 moments)
+    lr: float = 0.0                 # 0 = the default for the source (see resolve())
+    lr_end: float = 0.0             # final lr for cosine / exp / linear schedules
+    lr_schedule: str = "cosine"     # constant | step | exp | cosine | linear
+    lr_every: int = 10              # step schedule: decay every this many epochs
+    lr_gamma: float = 0.1           # step schedule: decay factor
+    m: float = 3.0                  # DST sharpness: tau = tanh(m |nu| / dz)
+    m_end: float = 0.0              # 0 = constant m
+    # real parameters (batch norm)
+    bn_optim: str = "adam"          # adam | sgd (momentum 0.9)
+    bn_lr: float = 0.01
+    # the loop
+    epochs: int = 10
+    batch_size: int = 100
+    eval_batch_size: int = 1000
+    augment: str = "auto"           # none | auto | crop-flip | rrc-flip
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda
+    log_every: int = 50             # steps between metrics lines
+    ckpt_every: int = 500           # steps between mid-epoch checkpoints (0 = at epoch ends only)
+    keep_last: int = 3              # checkpoints kept
+    # sampler extras (temperature, proposals ...), kept as a sorted tuple of (key, value) pairs
+    extra: tuple = ()
+
+    def to_json(self):
+        d = dataclasses.asdict(self)
+        d["extra"] = dict(self.extra)
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}")
+        d = dict(d)
+        d["extra"] = tuple(sorted(dict(d.get("extra", ())).items()))
+        return cls(**d)
+
+    def resolve(self):
+        """Fill the defaults that depend on other fields."""
+        lr = self.lr or {"sgd": 20.0, "adam": 0.01}[self.source]
+        return dataclasses.replace(self, lr=lr)
+
+
+CHOICES = {
+    "window": ("rect", "tri"), "loss": ("xent", "sqhinge"), "source": ("sgd", "adam"),
+    "lr_schedule": ("constant", "step", "exp", "cosine", "linear"), "bn_optim": ("adam", "sgd"),
+    "augment": ("none", "auto", "crop-flip", "rrc-flip"), "device": ("auto", "cpu", "cuda"),
+}
+
+
+def validate(cfg):
+    """Raise ValueError naming the option and the fix for values that cannot work."""
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
+    positive = ("epochs", "batch_size", "eval_batch_size", "log_every", "keep_last")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.bits not in (1, 2, 3):
+        raise ValueError(f"--bits must be 1, 2 or 3 (2^N + 1 weight states), got {cfg.bits}")
+    if cfg.act_a <= 0 or cfg.act_r < 0:
+        raise ValueError(f"--act-a must be > 0 and --act-r >= 0, got a={cfg.act_a}, r={cfg.act_r}")
+    if cfg.lr < 0 or cfg.bn_lr <= 0 or cfg.m <= 0 or cfg.ckpt_every < 0:
+        raise ValueError("--lr, --bn-lr and --m must be positive and --ckpt-every >= 0")

@@ -1,0 +1,70 @@
+"""Evaluation: a model's mean loss and accuracy over a split, and `ternet eval RUN`.
+Exercise: pytest tests/test_train.py -k eval."""
+import dataclasses
+
+import numpy as np
+
+from .kernels import empty, zeros
+from .kernels.loss import loss_forward_backward
+
+
+def to_side(a, device):
+    if not device:
+        return a
+    from numba import cuda
+    return cuda.to_device(a)
+
+
+def evaluate(model, loader, loss_kind):
+    """(mean loss, accuracy) of `model` in eval mode over one pass of `loader`."""
+    dev = model.device
+    acc = zeros((2,), np.float64, dev)
+    n = 0
+    for x, y in loader.batches(0):
+        logits = model.forward(to_side(x, dev), train=False)
+        d = empty(logits.shape, np.float32, dev)
+        loss_forward_backward(d, logits, to_side(y, dev), loss_kind, acc)
+        n += len(y)
+    total, correct = np.array(acc) if not dev else acc.copy_to_host()
+    return float(total / n), float(correct / n)
+
+
+def load_model(run_path, device="auto", ckpt=None):
+    """(config, model) from a run folder's newest (or given) checkpoint."""
+    from . import checkpoint
+    from .model import Model
+    from .run import RunDir
+    from .train import open_data, resolve_device
+    run = RunDir(run_path)
+    cfg = run.config()
+    ck = checkpoint.load(ckpt) if ckpt else _newest(run)
+    data = open_data(cfg)
+    from .loader import Loader
+    shape = Loader(data, "train", 1, shuffle=False, augment=cfg.augment, seed=cfg.seed).output_shape
+    model = Model(cfg.arch, shape, data.num_classes, cfg.bits, cfg.act_r, cfg.act_a, cfg.window, cfg.seed)
+    model.load_state_dict(ck)
+    return cfg, model.to(resolve_device(device))
+
+
+def _newest(run):
+    from .train import latest_checkpoint
+    ck = latest_checkpoint(run)
+    if ck is None:
+        raise FileNotFoundError(f"{run.path} has no readable checkpoint yet (ckpt-*.h5)")
+    return ck
+
+
+def evaluate_run(run_path, data=None, split=None, device="auto"):
+    """{split: (loss, accuracy)} for the run's newest checkpoint on `data` (default: the run's)."""
+    from .loader import Loader
+    from .train import open_data
+    cfg, model = load_model(run_path, device)
+    ds = open_data(dataclasses.replace(cfg, data=data) if data else cfg)
+    if ds.num_classes != model.num_classes:
+        raise ValueError(f"{ds.path} has {ds.num_classes} classes but the run's model has {model.num_classes}")
+    splits = [split] if split else [s for s in ("val", "test") if s in ds.splits] or list(ds.splits)
+    for s in splits:
+        if s not in ds.splits:
+            raise ValueError(f"--split {s}: {ds.path} has splits {', '.join(ds.splits)}")
+    return {s: evaluate(model, Loader(ds, s, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed),
+                        cfg.loss) for s in splits}

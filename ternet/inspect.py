@@ -1,0 +1,83 @@
+"""`ternet inspect RUN`: how the weight-state histograms and flip rates evolved, per layer, read
+from the run's metrics.jsonl alone (a run that crashed half-way is shown up to its last record).
+Terminal table, --json for scripts, --png for a figure (Pillow). Exercise: pytest tests/test_inspect.py.
+"""
+import json
+
+from .run import RunDir
+
+
+def collect(run_path):
+    """{'states': [...], 'epochs': [...], 'layers': {name: [per-epoch dicts]}} from the run's metrics.
+
+    One entry per finished epoch (plus 'init' before training); a crashed or running epoch
+    contributes its newest step record, marked partial.
+    """
+    run = RunDir(run_path)
+    cfg = run.config()
+    qmax = 2 ** (cfg.bits - 1)
+    states = [k / qmax for k in range(-qmax, qmax + 1)]
+    rows, latest_step = [], None
+    for rec in run.metrics():
+        if rec["type"] == "init":
+            rows.append(dict(epoch="init", layers=rec["layers"], partial=False))
+        elif rec["type"] == "epoch":
+            rows.append(dict(epoch=rec["epoch"] + 1, layers=rec["layers"], partial=False,
+                             **{k: rec[k] for k in rec if k.endswith(("_acc", "_loss"))}))
+            latest_step = None
+        elif rec["type"] == "step":
+            latest_step = rec
+    if latest_step is not None:
+        rows.append(dict(epoch=latest_step["epoch"] + 1, layers=latest_step["layers"], partial=True,
+                         step=latest_step["step"]))
+    layers = {}
+    for row in rows:
+        for name, st in row["layers"].items():
+            total = sum(st["counts"]) or 1
+            entry = {"epoch": row["epoch"], "partial": row["partial"], "counts": st["counts"],
+                     "fractions": [c / total for c in st["counts"]]}
+            entry.update({k: v for k, v in st.items() if k.endswith("_rate") or k in ("temperature",)})
+            layers.setdefault(name, []).append(entry)
+    epochs = [{k: v for k, v in row.items() if k != "layers"} for row in rows]
+    return {"run": str(run.path), "arch": cfg.arch, "states": states, "epochs": epochs, "layers": layers}
+
+
+def _fmt_state(v):
+    return f"{v:+g}" if v else "0"
+
+
+def render_text(info):
+    states = info["states"]
+    lines = [f"run {info['run']} ({info['arch']}), weight states {' '.join(_fmt_state(s) for s in states)}"]
+    acc = [e for e in info["epochs"] if "test_acc" in e]
+    if acc:
+        lines.append("test accuracy by epoch: " + " ".join(f"{e['epoch']}:{e['test_acc']:.4f}" for e in acc))
+    for name, rows in info["layers"].items():
+        lines.append("")
+        lines.append(f"{name}  ({sum(rows[0]['counts']):,} weights)")
+        head = f"  {'epoch':>7} " + " ".join(f"{_fmt_state(s):>7}" for s in states) + "   flip rate   histogram"
+        lines.append(head)
+        for r in rows:
+            ep = f"{r['epoch']}{'*' if r['partial'] else ''}"
+            fr = f"{r['flip_rate']:.2e}" if "flip_rate" in r else "-"
+            bar = "".join(ch * round(20 * f) for ch, f in zip(_bar_chars(len(states)), r["fractions"]))
+            lines.append(f"  {ep:>7} " + " ".join(f"{f:7.1%}" for f in r["fractions"]) + f"   {fr:>9}   {bar}")
+    if any(r["partial"] for rows in info["layers"].values() for r in rows):
+        lines.append("\n* epoch not finished (newest step record)")
+    return "\n".join(lines)
+
+
+def _bar_chars(n):
+    return "-" * (n // 2) + "0" + "+" * (n // 2) if n > 1 else "0"
+
+
+def inspect_run(run_path, png=None, as_json=False, echo=print):
+    info = collect(run_path)
+    if not info["layers"]:
+        raise ValueError(f"{run_path}: no metrics recorded yet")
+    echo(json.dumps(info, indent=1) if as_json else render_text(info))
+    if png:
+        from .plots import state_figure
+        state_figure(info, png)
+        if not as_json:
+            echo(f"wrote {png}")

@@ -1,0 +1,36 @@
+"""Fully connected layer: (N, F) activations times (K, F) int8 ternary weights.
+
+CPU: float32 GEMM (BLAS) on the exact ternary values. Exercise: pytest tests/test_ops.py -k linear.
+"""
+import numpy as np
+
+from . import check, on_device
+from .conv import _as_float_weight
+
+
+def linear_forward(out, inp, weight, scale):
+    """out = inp @ (scale * weight).T; overwrites out (N, K) float32. inp (N, F) float32 or int8."""
+    n, f = inp.shape
+    k, wf = weight.shape
+    check(wf == f, f"linear: input has {f} features, weight expects {wf}")
+    check(out.shape == (n, k), f"linear: out shape {out.shape} != {(n, k)}")
+    if on_device(out, inp, weight):
+        from .linear_cuda import linear_forward_cuda
+        return linear_forward_cuda(out, inp, weight, scale)
+    np.matmul(inp.astype(np.float32, copy=False), _as_float_weight(weight, scale).T, out=out)
+
+
+def linear_backward_input(dinp, dout, weight, scale):
+    """dinp = dout @ (scale * weight); overwrites dinp (N, F) float32."""
+    if on_device(dinp, dout, weight):
+        from .linear_cuda import linear_backward_input_cuda
+        return linear_backward_input_cuda(dinp, dout, weight, scale)
+    np.matmul(dout, _as_float_weight(weight, scale), out=dinp)
+
+
+def linear_backward_weight(dweight, dout, inp):
+    """dweight = dout.T @ inp (gradient w.r.t. the weight value); overwrites dweight (K, F) float32."""
+    if on_device(dweight, dout, inp):
+        from .linear_cuda import linear_backward_weight_cuda
+        return linear_backward_weight_cuda(dweight, dout, inp)
+    np.matmul(dout.T, inp.astype(np.float32, copy=False), out=dweight)

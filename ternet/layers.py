@@ -1,0 +1,346 @@
+"""Layers: forward and hand-written backward passes over the kernels' launchers.
+
+Every layer works on host (numpy) or device (numba.cuda) arrays alike: it allocates its outputs
+beside its input and calls launchers only. In train mode a forward keeps what its backward needs
+and the backward drops it again. Ternary weights are int8 states (TernaryParam); batch-norm
+parameters are real (RealParam). Exercise: pytest tests/test_layers.py.
+"""
+import numpy as np
+
+from .kernels import empty, on_device
+from .kernels.activation import ternary_backward, ternary_forward
+from .kernels.batchnorm import batchnorm_backward, batchnorm_forward_eval, batchnorm_forward_train
+from .kernels.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward, out_size
+from .kernels.elementwise import add_forward
+from .kernels.linear import linear_backward_input, linear_backward_weight, linear_forward
+from .kernels.pool import (avgpool_backward, avgpool_forward, global_avgpool_backward,
+                           global_avgpool_forward, maxpool_backward, maxpool_forward, pool_out_shape)
+from .kernels.scalar import WINDOW_RECT, WINDOW_TRI
+
+
+class TernaryParam:
+    """A discrete weight tensor: int8 states q in [-qmax, qmax], value q / qmax (Z_N, qmax = 2^(N-1)).
+
+    grad holds d loss / d value after a backward (float32). `slots` holds whatever per-weight
+    buffers a transition sampler keeps (e.g. Adam moments); none for plain DST.
+    """
+
+    def __init__(self, name, q, qmax):
+        self.name, self.q, self.qmax = name, q, qmax
+        self.grad = None
+        self.slots = {}
+
+    @property
+    def scale(self):
+        return 1.0 / self.qmax
+
+    @property
+    def size(self):
+        return int(np.prod(self.q.shape))
+
+
+class RealParam:
+    """A real (float32) parameter such as a batch-norm scale or shift, with its gradient."""
+
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+        self.grad = None
+
+
+class Layer:
+    name = ""
+
+    def out_shape(self, shape):
+        """Per-sample output shape for a per-sample input shape."""
+        return shape
+
+    def forward(self, x, train):
+        raise NotImplementedError
+
+    def backward(self, dy):
+        raise NotImplementedError
+
+    def tparams(self):
+        return []
+
+    def rparams(self):
+        return []
+
+    def buffers(self):
+        """Named non-trainable arrays saved in checkpoints (e.g. running statistics)."""
+        return {}
+
+    def children(self):
+        return []
+
+
+def _init_states(rng, shape, qmax):
+    # uniform over the 2^N + 1 states, like the reference code's Uniform(-1, 1) rounded to Z_N
+    return rng.integers(-qmax, qmax + 1, size=shape).astype(np.int8)
+
+
+class Conv2d(Layer):
+    """y = conv(x, W / qmax), NHWC, no bias. needs_dinput=False for the first layer (data input)."""
+
+    def __init__(self, name, cin, cout, k, stride, pad, qmax, rng, needs_dinput=True):
+        self.name, self.k, self.stride, self.pad = name, k, stride, pad
+        self.cin, self.cout, self.needs_dinput = cin, cout, needs_dinput
+        self.w = TernaryParam(name + ".weight", _init_states(rng, (cout, k, k, cin), qmax), qmax)
+        self.ctx = None
+
+    def out_shape(self, shape):
+        h, w, _ = shape
+        return (out_size(h, self.k, self.stride, self.pad), out_size(w, self.k, self.stride, self.pad), self.cout)
+
+    def forward(self, x, train):
+        n = x.shape[0]
+        y = empty((n,) + self.out_shape(x.shape[1:]), np.float32, on_device(x))
+        cols = conv2d_forward(y, x, self.w.q, self.w.scale, self.stride, self.pad)
+        if train:
+            self.ctx = (x, cols)
+        return y
+
+    def backward(self, dy):
+        x, cols = self.ctx
+        self.ctx = None
+        if self.w.grad is None:
+            self.w.grad = empty(self.w.q.shape, np.float32, on_device(dy))
+        conv2d_backward_weight(self.w.grad, dy, x, self.stride, self.pad, cols)
+        if not self.needs_dinput:
+            return None
+        dx = empty(x.shape, np.float32, on_device(dy))
+        conv2d_backward_input(dx, dy, self.w.q, self.w.scale, self.stride, self.pad)
+        return dx
+
+    def tparams(self):
+        return [self.w]
+
+
+class Linear(Layer):
+    """y = x @ (W / qmax).T, no bias. x (N, F)."""
+
+    def __init__(self, name, fin, fout, qmax, rng, needs_dinput=True):
+        self.name, self.fin, self.fout, self.needs_dinput = name, fin, fout, needs_dinput
+        self.w = TernaryParam(name + ".weight", _init_states(rng, (fout, fin), qmax), qmax)
+        self.ctx = None
+
+    def out_shape(self, shape):
+        return (self.fout,)
+
+    def forward(self, x, train):
+        y = empty((x.shape[0], self.fout), np.float32, on_device(x))
+        linear_forward(y, x, self.w.q, self.w.scale)
+        if train:
+            self.ctx = x
+        return y
+
+    def backward(self, dy):
+        x, self.ctx = self.ctx, None
+        if self.w.grad is None:
+            self.w.grad = empty(self.w.q.shape, np.float32, on_device(dy))
+        linear_backward_weight(self.w.grad, dy, x)
+        if not self.needs_dinput:
+            return None
+        dx = empty(x.shape, np.float32, on_device(dy))
+        linear_backward_input(dx, dy, self.w.q, self.w.scale)
+        return dx
+
+    def tparams(self):
+        return [self.w]
+
+
+class BatchNorm(Layer):
+    """Batch normalisation over the last axis (channels); gamma, beta real."""
+
+    def __init__(self, name, c, momentum=0.1, eps=1e-4):
+        self.name, self.c, self.momentum, self.eps = name, c, momentum, eps
+        self.gamma = RealParam(name + ".gamma", np.ones(c, np.float32))
+        self.beta = RealParam(name + ".beta", np.zeros(c, np.float32))
+        self.running_mean = np.zeros(c, np.float32)
+        self.running_var = np.ones(c, np.float32)
+        self.ctx = None
+
+    def forward(self, x, train):
+        dev = on_device(x)
+        y = empty(x.shape, np.float32, dev)
+        if not train:
+            batchnorm_forward_eval(y, x, self.gamma.value, self.beta.value, self.running_mean,
+                                   self.running_var, self.eps)
+            return y
+        xhat = empty(x.shape, np.float32, dev)
+        invstd = batchnorm_forward_train(y, xhat, x, self.gamma.value, self.beta.value, self.running_mean,
+                                         self.running_var, self.momentum, self.eps)
+        self.ctx = (xhat, invstd)
+        return y
+
+    def backward(self, dy):
+        xhat, invstd = self.ctx
+        self.ctx = None
+        dev = on_device(dy)
+        for p in (self.gamma, self.beta):
+            if p.grad is None:
+                p.grad = empty((self.c,), np.float32, dev)
+        dx = empty(dy.shape, np.float32, dev)
+        batchnorm_backward(dx, self.gamma.grad, self.beta.grad, dy, xhat, self.gamma.value, invstd)
+        return dx
+
+    def rparams(self):
+        return [self.gamma, self.beta]
+
+    def buffers(self):
+        return {self.name + ".running_mean": self.running_mean, self.name + ".running_var": self.running_var}
+
+
+class TernaryAct(Layer):
+    """phi_r(x) in {-1, 0, +1} (int8) with a rectangular or triangular surrogate window of half-width a."""
+
+    def __init__(self, name, r=1.0, a=0.5, window="rect"):
+        self.name, self.r, self.a = name, r, a
+        self.shape = {"rect": WINDOW_RECT, "tri": WINDOW_TRI}[window]
+        self.ctx = None
+
+    def forward(self, x, train):
+        dev = on_device(x)
+        y = empty(x.shape, np.int8, dev)
+        deriv = empty(x.shape, np.float32, dev) if train else None
+        ternary_forward(y, deriv, x, self.r, self.a, self.shape)
+        self.ctx = deriv
+        return y
+
+    def backward(self, dy):
+        deriv, self.ctx = self.ctx, None
+        dx = empty(dy.shape, np.float32, on_device(dy))
+        ternary_backward(dx, dy, deriv)
+        return dx
+
+
+class MaxPool(Layer):
+    def __init__(self, name, k, stride=None, pad=0):
+        self.name, self.k, self.stride, self.pad = name, k, stride or k, pad
+        self.ctx = None
+
+    def out_shape(self, shape):
+        return pool_out_shape((1,) + tuple(shape), self.k, self.stride, self.pad)[1:]
+
+    def forward(self, x, train):
+        dev = on_device(x)
+        shape = pool_out_shape(x.shape, self.k, self.stride, self.pad)
+        y, arg = empty(shape, x.dtype, dev), empty(shape, np.uint8, dev)
+        maxpool_forward(y, arg, x, self.k, self.stride, self.pad)
+        if train:
+            self.ctx = (x.shape, arg)
+        return y
+
+    def backward(self, dy):
+        (shape, arg), self.ctx = self.ctx, None
+        dx = empty(shape, np.float32, on_device(dy))
+        maxpool_backward(dx, dy, arg, self.k, self.stride, self.pad)
+        return dx
+
+
+class AvgPool(MaxPool):
+    def forward(self, x, train):
+        y = empty(pool_out_shape(x.shape, self.k, self.stride, self.pad), np.float32, on_device(x))
+        avgpool_forward(y, x, self.k, self.stride, self.pad)
+        if train:
+            self.ctx = x.shape
+        return y
+
+    def backward(self, dy):
+        shape, self.ctx = self.ctx, None
+        dx = empty(shape, np.float32, on_device(dy))
+        avgpool_backward(dx, dy, self.k, self.stride, self.pad)
+        return dx
+
+
+class GlobalAvgPool(Layer):
+    def __init__(self, name):
+        self.name, self.ctx = name, None
+
+    def out_shape(self, shape):
+        return (shape[-1],)
+
+    def forward(self, x, train):
+        y = empty((x.shape[0], x.shape[-1]), np.float32, on_device(x))
+        global_avgpool_forward(y, x)
+        if train:
+            self.ctx = x.shape
+        return y
+
+    def backward(self, dy):
+        shape, self.ctx = self.ctx, None
+        dx = empty(shape, np.float32, on_device(dy))
+        global_avgpool_backward(dx, dy)
+        return dx
+
+
+class Flatten(Layer):
+    def __init__(self, name):
+        self.name, self.ctx = name, None
+
+    def out_shape(self, shape):
+        return (int(np.prod(shape)),)
+
+    def forward(self, x, train):
+        self.ctx = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy):
+        return dy.reshape(self.ctx)
+
+
+class Sequential(Layer):
+    def __init__(self, name, layers):
+        self.name, self.layers = name, list(layers)
+
+    def out_shape(self, shape):
+        for layer in self.layers:
+            shape = layer.out_shape(shape)
+        return shape
+
+    def forward(self, x, train):
+        for layer in self.layers:
+            x = layer.forward(x, train)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def children(self):
+        return self.layers
+
+
+class Residual(Layer):
+    """y = act(main(x) + shortcut(x)); shortcut is identity when None (ResNet basic block)."""
+
+    def __init__(self, name, main, shortcut, act):
+        self.name, self.main, self.shortcut, self.act = name, main, shortcut, act
+
+    def out_shape(self, shape):
+        return self.main.out_shape(shape)
+
+    def forward(self, x, train):
+        a = self.main.forward(x, train)
+        b = x if self.shortcut is None else self.shortcut.forward(x, train)
+        s = empty(a.shape, np.float32, on_device(a))
+        add_forward(s, a, b)
+        return self.act.forward(s, train)
+
+    def backward(self, dy):
+        ds = self.act.backward(dy)
+        dx = self.main.backward(ds)
+        dsc = ds if self.shortcut is None else self.shortcut.backward(ds)
+        add_forward(dx, dx, dsc)
+        return dx
+
+    def children(self):
+        return [self.main] + ([self.shortcut] if self.shortcut else []) + [self.act]
+
+
+def walk(layer):
+    """All layers in forward order, depth first (containers included)."""
+    yield layer
+    for c in layer.children():
+        yield from walk(c)

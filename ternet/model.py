@@ -1,0 +1,186 @@
+"""A ternary network built from an architecture string: layer construction, parameter listing,
+state (de)serialisation and moving between host and device. Exercise: pytest tests/test_model.py.
+"""
+import numpy as np
+
+from . import arch as archmod
+from .layers import (AvgPool, BatchNorm, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool, Residual,
+                     Sequential, TernaryAct, walk, BatchNorm as _BN)
+
+
+class _Builder:
+    def __init__(self, in_shape, qmax, act_kw, rng):
+        self.shape, self.qmax, self.act_kw, self.rng = tuple(in_shape), qmax, act_kw, rng
+        self.first = True
+        self.counts = {}
+
+    def name(self, kind):
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        return f"{kind}{self.counts[kind]}"
+
+    def push(self, layers, layer):
+        self.shape = layer.out_shape(self.shape)
+        if min(self.shape) < 1:
+            raise archmod.ArchError(f"the feature map shrinks to {self.shape} at layer {layer.name}; "
+                                    "use padding (e.g. 128C3p1) or fewer pooling stages")
+        layers.append(layer)
+
+    def conv(self, out, k, stride, pad, name=None):
+        layer = Conv2d(name or self.name("conv"), self.shape[-1], out, k, stride, pad, self.qmax, self.rng,
+                       needs_dinput=not self.first)
+        self.first = False
+        return layer
+
+    def linear(self, layers, out, name=None):
+        if len(self.shape) == 3:
+            self.push(layers, Flatten(self.name("flatten")))
+        layer = Linear(name or self.name("fc"), self.shape[0], out, self.qmax, self.rng, needs_dinput=not self.first)
+        self.first = False
+        self.push(layers, layer)
+
+    def bn_act(self, layers, act=True):
+        self.push(layers, BatchNorm(self.name("bn"), self.shape[-1]))
+        if act:
+            self.push(layers, TernaryAct(self.name("act"), **self.act_kw))
+
+    def pool(self, layers, s):
+        cls = MaxPool if s.op == "max" else AvgPool
+        self.push(layers, cls(self.name("pool"), s.k, s.stride, s.pad))
+
+    def block(self, s):
+        name = self.name("block")
+        cin, main, short = self.shape[-1], [], None
+        start = self.shape
+        for j, stride in ((1, s.stride), (2, 1)):
+            self.push(main, self.conv(s.out, 3, stride, 1, f"{name}.conv{j}"))
+            self.push(main, BatchNorm(f"{name}.bn{j}", s.out))
+            if j == 1:
+                self.push(main, TernaryAct(f"{name}.act1", **self.act_kw))
+        if s.stride != 1 or cin != s.out:
+            end, self.shape = self.shape, start
+            sc = []
+            self.push(sc, self.conv(s.out, 1, s.stride, 0, f"{name}.proj"))
+            self.push(sc, BatchNorm(f"{name}.proj_bn", s.out))
+            short, self.shape = Sequential(f"{name}.shortcut", sc), end
+        return Residual(name, Sequential(f"{name}.main", main), short, TernaryAct(f"{name}.act2", **self.act_kw))
+
+
+def build_layers(specs, in_shape, num_classes, qmax, act_kw, rng):
+    """Turn parsed specs into a Sequential of layers; checks shapes and the class count."""
+    b, layers, i = _Builder(in_shape, qmax, act_kw, rng), [], 0
+    if not specs or specs[-1].kind != "classifier":
+        specs = list(specs) + [archmod.Spec("classifier", num_classes)]
+    elif specs[-1].out != num_classes:
+        raise archmod.ArchError(f"the architecture ends in {specs[-1].out} classes but the dataset has "
+                                f"{num_classes}; end the string with -{num_classes} (or leave the count out)")
+    while i < len(specs):
+        s = specs[i]
+        if s.kind in ("conv", "stem"):
+            if len(b.shape) != 3:
+                raise archmod.ArchError(f"convolution token #{i + 1} comes after a fully connected layer")
+            b.push(layers, b.conv(s.out, s.k, s.stride, s.pad))
+            if s.kind == "conv" and i + 1 < len(specs) and specs[i + 1].kind == "pool":
+                i += 1
+                b.pool(layers, specs[i])
+            b.bn_act(layers)
+            if s.kind == "stem":
+                b.pool(layers, archmod.Spec("pool", 0, 3, 2, 1, "max"))
+        elif s.kind == "pool":
+            b.pool(layers, s)
+        elif s.kind == "fc":
+            b.linear(layers, s.out)
+            b.bn_act(layers)
+        elif s.kind == "rb":
+            b.push(layers, b.block(s))
+        elif s.kind == "gap":
+            b.push(layers, GlobalAvgPool(b.name("gap")))
+        elif s.kind == "classifier":
+            b.linear(layers, s.out, name="classifier")
+            b.bn_act(layers, act=False)
+        i += 1
+    return Sequential("net", layers)
+
+
+class Model:
+    """A ternary network: forward/backward over its layers, parameters and state."""
+
+    def __init__(self, arch, in_shape, num_classes, bits=1, act_r=1.0, act_a=0.5, window="rect", seed=0):
+        from .rng import generator
+        if bits not in (1, 2, 3):
+            raise ValueError(f"weight bits N must be 1, 2 or 3 (states 2^N + 1), got {bits}")
+        self.arch, self.in_shape, self.num_classes, self.qmax = arch, tuple(in_shape), num_classes, 2 ** (bits - 1)
+        act_kw = dict(r=act_r, a=act_a, window=window)
+        self.net = build_layers(archmod.parse(arch), in_shape, num_classes, self.qmax, act_kw,
+                                generator(seed, "init"))
+        self.device = False
+
+    def forward(self, x, train=True):
+        return self.net.forward(x, train)
+
+    def backward(self, dlogits):
+        self.net.backward(dlogits)
+
+    def layers(self):
+        return list(walk(self.net))
+
+    def tparams(self):
+        return [p for layer in walk(self.net) for p in layer.tparams()]
+
+    def rparams(self):
+        return [p for layer in walk(self.net) for p in layer.rparams()]
+
+    def buffers(self):
+        out = {}
+        for layer in walk(self.net):
+            out.update(layer.buffers())
+        return out
+
+    def num_weights(self):
+        return sum(p.size for p in self.tparams())
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self):
+        """Host copies: {'weights': {name: int8}, 'real': {name: float32}, 'buffers': {...}}."""
+        host = lambda a: a.copy_to_host() if self.device else np.array(a)
+        return {"weights": {p.name: host(p.q) for p in self.tparams()},
+                "real": {p.name: host(p.value) for p in self.rparams()},
+                "buffers": {k: host(v) for k, v in self.buffers().items()}}
+
+    def load_state_dict(self, state):
+        for p in self.tparams():
+            _assign(p, "q", state["weights"][p.name], self.device)
+        for p in self.rparams():
+            _assign(p, "value", state["real"][p.name], self.device)
+        for layer in walk(self.net):
+            if isinstance(layer, _BN):
+                _assign(layer, "running_mean", state["buffers"][layer.name + ".running_mean"], self.device)
+                _assign(layer, "running_var", state["buffers"][layer.name + ".running_var"], self.device)
+
+    def to(self, device):
+        """Move every parameter and buffer to the GPU (device=True) or back to the host."""
+        if device == self.device:
+            return self
+        state = self.state_dict()
+        self.device = device
+        for p in self.tparams() + self.rparams():
+            p.grad = None
+        self.load_state_dict(state)
+        for p in self.tparams():
+            for k, v in list(p.slots.items()):
+                p.slots[k] = _move(v, device)
+        return self
+
+
+def _move(a, device):
+    from numba import cuda
+    if device:
+        return cuda.to_device(np.ascontiguousarray(a))
+    return a.copy_to_host() if not isinstance(a, np.ndarray) else a
+
+
+def _assign(obj, attr, value, device):
+    cur = getattr(obj, attr)
+    if tuple(cur.shape) != tuple(value.shape):
+        raise ValueError(f"{getattr(obj, 'name', attr)}.{attr}: saved shape {value.shape} != model shape {cur.shape}")
+    setattr(obj, attr, _move(np.ascontiguousarray(value, dtype=cur.dtype), device) if device
+            else np.array(value, dtype=cur.dtype))

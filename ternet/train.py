@@ -1,0 +1,234 @@
+"""The training loop: batches -> forward -> loss -> backward -> transition sampler (discrete
+weights) and optimizer (real parameters) -> metrics, evaluation and checkpoints in the run dir.
+
+Everything a step depends on is a function of (seed, step, epoch, batch index), so a run resumed
+from a checkpoint ends bit-identical to an uninterrupted one. Exercise: `ternet train`, or
+pytest tests/test_train.py.
+"""
+import signal
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from . import checkpoint
+from .config import Config, validate
+from .evaluate import evaluate, to_side
+from .kernels import empty, zeros
+from .kernels.loss import loss_forward_backward
+from .kernels.stats import state_counts
+from .model import Model
+from .optim import RealOptimizer
+from .run import RunDir
+from .samplers import make_sampler
+from .schedules import Schedule
+
+
+def resolve_device(name):
+    """'cpu' -> False, 'cuda' -> True (error if there is no GPU), 'auto' -> whichever is present."""
+    if name == "cpu":
+        return False
+    try:
+        from numba import cuda
+        ok = cuda.is_available() and not getattr(cuda, "simulator_enabled", False) \
+            and type(cuda.to_device).__module__.find("simulator") < 0
+    except Exception:  # pragma: no cover - broken CUDA installs
+        ok = False
+    if name == "cuda" and not ok:
+        raise ValueError("--device cuda: no usable CUDA GPU found (numba.cuda.is_available() is False); "
+                         "use --device cpu")
+    return ok
+
+
+def open_data(cfg):
+    from .shards import EMBEDDED_DEFAULT, open_dataset
+    return open_dataset(cfg.data or EMBEDDED_DEFAULT)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run: RunDir, progress=True):
+        from .loader import Loader
+        validate(cfg)
+        self.cfg, self.run, self.progress = cfg, run, progress
+        self.device = resolve_device(cfg.device)
+        self.data = open_data(cfg)
+        self.train_loader = Loader(self.data, "train", cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed)
+        self.eval_loaders = {s: Loader(self.data, s, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)
+                             for s in ("val", "test") if s in self.data.splits}
+        self.model = Model(cfg.arch, self.train_loader.output_shape, self.data.num_classes, cfg.bits,
+                           cfg.act_r, cfg.act_a, cfg.window, cfg.seed).to(self.device)
+        self.spe = len(self.train_loader)
+        total = cfg.epochs * self.spe
+        lr = Schedule(cfg.lr_schedule, cfg.lr, cfg.lr_end, total, cfg.lr_every * self.spe, cfg.lr_gamma)
+        m = Schedule("linear" if cfg.m_end else "constant", cfg.m, cfg.m_end, total)
+        self.sampler = make_sampler(cfg.sampler, seed=cfg.seed, lr=lr, m=m, source=cfg.source, total=total,
+                                    **dict(cfg.extra))
+        self.optimizer = RealOptimizer(cfg.bn_optim)
+        self.tparams = self.model.tparams()
+        self.acc = zeros((2,), np.float64, self.device)      # loss sum, correct: summed on the device
+        self.state = {"step": 0, "epoch": 0, "batch": 0, "metrics_bytes": 0, "acc": [0.0, 0.0],
+                      "interval": self._fresh(), "epoch_totals": self._fresh()}
+        self._stop = False
+
+    def _fresh(self):
+        return {"loss": 0.0, "correct": 0.0, "count": 0, "steps": 0, "counters": None}
+
+    # -- one step --------------------------------------------------------------------------------
+    def train_step(self, x, y):
+        cfg, t = self.cfg, self.state["step"]
+        logits = self.model.forward(to_side(x, self.device), train=True)
+        dlogits = empty(logits.shape, np.float32, self.device)
+        loss_forward_backward(dlogits, logits, to_side(y, self.device), cfg.loss, self.acc)
+        self.model.backward(dlogits)
+        self.sampler.step(self.tparams, [p.grad for p in self.tparams], t)
+        self.optimizer.step(self.model.rparams(), cfg.bn_lr * self.sampler.lr(t) / cfg.lr, t + 1)
+
+    # -- metrics ---------------------------------------------------------------------------------
+    def _read_acc(self):
+        return np.array(self.acc) if not self.device else self.acc.copy_to_host()
+
+    def _set_acc(self, values):
+        a = np.array(values, np.float64)
+        if self.device:
+            self.acc.copy_to_device(a)
+        else:
+            self.acc[:] = a
+
+    def _layer_stats(self, counters, steps):
+        out = {}
+        for i, p in enumerate(self.tparams):
+            rec = {"counts": [int(c) for c in state_counts(p.q, p.qmax)]}
+            if counters is not None and steps:
+                rec.update(self.sampler.summarize(counters[i], p.size, steps))
+            out[p.name] = rec
+        return out
+
+    def log_interval(self, bar):
+        """Close the current logging interval: one metrics line, one timing line."""
+        st, iv, ep = self.state, self.state["interval"], self.state["epoch_totals"]
+        loss_sum, correct = self._read_acc()
+        self._set_acc([0.0, 0.0])
+        counters = self.sampler.read_counters()
+        for tot in (ep,):
+            tot["loss"] += loss_sum
+            tot["correct"] += correct
+            tot["count"] += iv["count"]
+            tot["steps"] += iv["steps"]
+            tot["counters"] = counters if tot["counters"] is None else [
+                [a + b for a, b in zip(r0, r1)] for r0, r1 in zip(tot["counters"], counters)]
+        rec = {"type": "step", "epoch": st["epoch"], "step": st["step"], "loss": loss_sum / iv["count"],
+               "acc": correct / iv["count"], **self.sampler.hparams(st["step"] - 1),
+               "layers": self._layer_stats(counters, iv["steps"])}
+        st["metrics_bytes"] = self.run.append(self.run.metrics_path, rec)
+        now = time.perf_counter()
+        self.run.append(self.run.timing_path, {"step": st["step"], "epoch": st["epoch"], "seconds": now - self._t0,
+                                               "img_per_s": iv["count"] / max(now - self._t_iv, 1e-9)})
+        self._t_iv = now
+        st["interval"] = self._fresh()
+        if bar is not None:
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", lr=f"{rec['lr']:.3g}")
+
+    def end_epoch(self):
+        cfg, st, ep = self.cfg, self.state, self.state["epoch_totals"]
+        rec = {"type": "epoch", "epoch": st["epoch"], "step": st["step"],
+               "train_loss": ep["loss"] / ep["count"], "train_acc": ep["correct"] / ep["count"],
+               **self.sampler.hparams(st["step"] - 1)}
+        for split, loader in self.eval_loaders.items():
+            rec[f"{split}_loss"], rec[f"{split}_acc"] = evaluate(self.model, loader, cfg.loss)
+        rec["layers"] = self._layer_stats(ep["counters"], ep["steps"])
+        st["metrics_bytes"] = self.run.append(self.run.metrics_path, rec)
+        self.run.append(self.run.timing_path, {"epoch": st["epoch"], "step": st["step"],
+                                               "seconds": time.perf_counter() - self._t0})
+        st["epoch_totals"], st["epoch"], st["batch"] = self._fresh(), st["epoch"] + 1, 0
+        return rec
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self):
+        self.state["acc"] = [float(v) for v in self._read_acc()]
+        counters = self.sampler.read_counters()
+        iv = self.state["interval"]
+        if counters is not None:   # fold the unread counters into the interval, exactly (integers)
+            iv["counters"] = counters if iv["counters"] is None else [
+                [a + b for a, b in zip(r0, r1)] for r0, r1 in zip(iv["counters"], counters)]
+        path = self.run.checkpoint_path(self.state["step"])
+        checkpoint.save(path, self.cfg.to_json(), self.model, self.optimizer, self.state)
+        self.run.prune(self.cfg.keep_last)
+        self._restore_counters()
+        return path
+
+    def _restore_counters(self):
+        iv = self.state["interval"]
+        if iv["counters"] is not None:
+            c = self.sampler.counters(self.tparams)
+            a = np.array(iv["counters"], np.int64)
+            if isinstance(c, np.ndarray):
+                c[:] = a
+            else:
+                c.copy_to_device(a)
+            iv["counters"] = None
+
+    def restore(self, ck):
+        checkpoint.restore(ck, self.model, self.optimizer)
+        self.tparams = self.model.tparams()
+        self.state = ck["trainer"]
+        self._set_acc(self.state["acc"])
+        self._restore_counters()
+        self.run.truncate_metrics(self.state["metrics_bytes"])
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self):
+        cfg, st = self.cfg, self.state
+        self._t0 = self._t_iv = time.perf_counter()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        last = None
+        if st["step"] == 0:   # the initial state distribution, before any transition
+            st["metrics_bytes"] = self.run.append(self.run.metrics_path, {"type": "init", "layers": self._layer_stats(None, 0)})
+        try:
+            while st["epoch"] < cfg.epochs:
+                bar = tqdm(total=self.spe, initial=st["batch"], desc=f"epoch {st['epoch'] + 1}/{cfg.epochs}",
+                           unit="batch", disable=not self.progress, dynamic_ncols=True, leave=False)
+                for x, y in self.train_loader.batches(st["epoch"], start=st["batch"]):
+                    self.train_step(x, y)
+                    st["step"] += 1
+                    st["batch"] += 1
+                    st["interval"]["count"] += len(y)
+                    st["interval"]["steps"] += 1
+                    if st["batch"] % cfg.log_every == 0 or st["batch"] == self.spe:
+                        self.log_interval(bar)
+                    bar.update()
+                    if self._stop:
+                        path = self.save()
+                        raise KeyboardInterrupt(f"interrupted at step {st['step']}; checkpoint {path}; "
+                                                f"resume with: ternet train --resume {self.run.path}")
+                    if cfg.ckpt_every and st["step"] % cfg.ckpt_every == 0 and st["batch"] < self.spe:
+                        self.save()
+                bar.close()
+                last = self.end_epoch()
+                self.save()
+                if self.progress:
+                    tqdm.write(_epoch_line(last, cfg.epochs))
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        return last
+
+    def _on_signal(self, signum, frame):
+        self._stop = True
+
+
+def _epoch_line(rec, epochs):
+    parts = [f"epoch {rec['epoch'] + 1}/{epochs}", f"train loss {rec['train_loss']:.4f} acc {rec['train_acc']:.4f}"]
+    for split in ("val", "test"):
+        if f"{split}_acc" in rec:
+            parts.append(f"{split} loss {rec[f'{split}_loss']:.4f} acc {rec[f'{split}_acc']:.4f}")
+    return " | ".join(parts)
+
+
+def latest_checkpoint(run: RunDir):
+    """The newest checkpoint that loads, or None."""
+    for path in reversed(run.checkpoints()):
+        try:
+            return checkpoint.load(path)
+        except checkpoint.CheckpointError:
+            continue
+    return None
