@@ -126,9 +126,8 @@ def pack(job, out, workers=None, progress=True):
                unit="img", unit_scale=True, desc=f"pack {job.name}", disable=not progress,
                smoothing=0.05)
     with bar:
-        for key, results in _decoded(job, plans, todo, workers):
+        for key, results in _decoded(job, plans, todo, workers, bar.update):
             done[key] = _write(job, out, key, plans[key], results)
-            bar.update(len(results))
     return _finish(job, out, plans, done)
 
 
@@ -188,8 +187,9 @@ def _run_task(task):
     return key, reader(refs)
 
 
-def _decoded(job, plans, todo, workers):
-    """Yield (shard key, [(image | None, reason | None)]) for every todo shard, in order."""
+def _decoded(job, plans, todo, workers, progress):
+    """Yield (shard key, [(image | None, reason | None)]) for every todo shard, in order;
+    progress(n) is called as each chunk of n items arrives."""
     workers = workers or len(os.sched_getaffinity(0))
     parallel = workers > 1 and any(job.readers[plans[k][0]].parallel for k in todo)
     pool = _pool(workers) if parallel else None
@@ -203,6 +203,7 @@ def _decoded(job, plans, todo, workers):
                 acc = []
             current = key
             acc += res
+            progress(len(res))
         if current is not None:
             yield current, acc
     finally:
