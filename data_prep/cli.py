@@ -208,7 +208,12 @@ def folder_cmd(src, out, size, resize_mode, resample, channels, classes, **opts)
 @prep.command("verify")
 @click.argument("out", type=click.Path(exists=True))
 def verify_cmd(out):
-    """Re-check a packed dataset: every shard's checksum, counts, labels and shapes."""
+    """Re-check a packed dataset OUT against its manifest.json: every shard's size and sha256,
+    format and version, image count, label range, per-class counts and image shapes.
+
+    Exits 1 listing the problems; the fix is to re-run the `ternet prep` command that made OUT
+    (shards that are still good are kept).
+    """
     try:
         ds = shards.open_dataset(out)
     except shards.ShardFormatError as e:

@@ -276,3 +276,22 @@ def _finish(job, out, plans, done):
     shards.write_manifest(out, manifest)
     return manifest
 
+
+
+def pack_arrays(out, arrays, class_names, *, name="arrays", size=None, crop=True, shard_size=None,
+                compress=0, progress=False):
+    """Pack in-memory images: arrays = {split: (uint8 (n, H, W, C), int labels (n,))}. For
+    synthetic sets in tests and benchmarks, and for users with data already in numpy."""
+    splits, readers = {}, {}
+    for split, (images, labels) in arrays.items():
+        n = len(images)
+        splits[split] = Split(list(range(n)), [f"{split}[{i}]" for i in range(n)],
+                              np.asarray(labels, np.int32))
+        readers[split] = ArrayReader(np.asarray(images, np.uint8), size, crop)
+    h, w, c = next(iter(arrays.values()))[0].shape[1:]
+    job = Job(prep={"command": "pack_arrays", "src": None, "options": {}}, name=name,
+              splits=splits, readers=readers, class_ids=[str(i) for i in range(len(class_names))],
+              class_names=list(class_names), layout="fixed" if crop or size is None else "variable",
+              image_shape=(size, size, c) if size else (h, w, c), shard_size=shard_size,
+              compress=compress)
+    return pack(job, out, workers=1, progress=progress)
