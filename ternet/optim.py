@@ -1,26 +1,11 @@
 """Optimizers for the real parameters (batch-norm scale and shift): SGD with momentum and Adam.
-Host or device arrays alike (element-wise numba kernels on the CPU, CUDA kernels on the GPU).
+Host or device arrays alike (the element-wise kernels live in kernels/elementwise.py).
 Exercise: pytest tests/test_optim.py.
 """
-import numba
 import numpy as np
 
 from .kernels import on_device, zeros
-
-
-@numba.njit(cache=True)
-def _adam(p, g, m, v, lr, b1, b2, c1, c2, eps):
-    for i in range(p.size):
-        m[i] = b1 * m[i] + (1 - b1) * g[i]
-        v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i]
-        p[i] -= lr * (m[i] / c1) / (np.sqrt(v[i] / c2) + eps)
-
-
-@numba.njit(cache=True)
-def _sgd(p, g, buf, lr, mu):
-    for i in range(p.size):
-        buf[i] = mu * buf[i] + g[i]
-        p[i] -= lr * buf[i]
+from .kernels.elementwise import adam_update, sgd_update
 
 
 class RealOptimizer:
@@ -42,17 +27,10 @@ class RealOptimizer:
             s = self.slots[p.name]
             f32 = np.float32
             if self.kind == "adam":
-                args = (f32(lr), f32(self.b1), f32(self.b2), f32(1 - self.b1 ** t), f32(1 - self.b2 ** t), f32(self.eps))
-                if dev:
-                    from .kernels.elementwise_cuda import adam_cuda
-                    adam_cuda(p.value, p.grad, s[0], s[1], *args)
-                else:
-                    _adam(p.value, p.grad, s[0], s[1], *args)
-            elif dev:
-                from .kernels.elementwise_cuda import sgd_cuda
-                sgd_cuda(p.value, p.grad, s[0], f32(lr), f32(self.momentum))
+                adam_update(p.value, p.grad, s[0], s[1], f32(lr), f32(self.b1), f32(self.b2),
+                            f32(1 - self.b1 ** t), f32(1 - self.b2 ** t), f32(self.eps))
             else:
-                _sgd(p.value, p.grad, s[0], f32(lr), f32(self.momentum))
+                sgd_update(p.value, p.grad, s[0], f32(lr), f32(self.momentum))
 
     def state_dict(self):
         host = lambda a: a if isinstance(a, np.ndarray) else a.copy_to_host()

@@ -25,19 +25,28 @@ from .schedules import Schedule
 
 
 def resolve_device(name):
-    """'cpu' -> False, 'cuda' -> True (error if there is no GPU), 'auto' -> whichever is present."""
+    """'cpu' -> False; 'cuda' -> True (an error without a GPU; numba's simulator counts, for
+    tests); 'auto' -> True only on real CUDA hardware."""
     if name == "cpu":
         return False
     try:
-        from numba import cuda
-        ok = cuda.is_available() and not getattr(cuda, "simulator_enabled", False) \
-            and type(cuda.to_device).__module__.find("simulator") < 0
+        from numba import config, cuda
+        sim = bool(config.ENABLE_CUDASIM)
+        ok = cuda.is_available()
     except Exception:  # pragma: no cover - broken CUDA installs
-        ok = False
+        sim, ok = False, False
     if name == "cuda" and not ok:
         raise ValueError("--device cuda: no usable CUDA GPU found (numba.cuda.is_available() is False); "
                          "use --device cpu")
-    return ok
+    return ok and (name == "cuda" or not sim)
+
+
+def train_augment(cfg, data):
+    """'auto' means no augmentation for grayscale sets (digits and garments must not be
+    mirrored or shifted blindly), the loader's crop/flip choice for colour images."""
+    if cfg.augment == "auto" and data.image_shape[-1] == 1:
+        return "none"
+    return cfg.augment
 
 
 def open_data(cfg):
@@ -52,7 +61,8 @@ class Trainer:
         self.cfg, self.run, self.progress = cfg, run, progress
         self.device = resolve_device(cfg.device)
         self.data = open_data(cfg)
-        self.train_loader = Loader(self.data, "train", cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed)
+        self.train_loader = Loader(self.data, "train", cfg.batch_size, shuffle=True,
+                                   augment=train_augment(cfg, self.data), seed=cfg.seed)
         self.eval_loaders = {s: Loader(self.data, s, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)
                              for s in ("val", "test") if s in self.data.splits}
         self.model = Model(cfg.arch, self.train_loader.output_shape, self.data.num_classes, cfg.bits,

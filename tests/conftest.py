@@ -183,3 +183,20 @@ def extracted_subset(data_dir, tmp_path_factory):
         return cache[(name, k)]
 
     return get
+
+
+# ---- trainer fixtures --------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A 400/200-image slice of the embedded Fashion-MNIST subset, packed as a dataset."""
+    from data_prep.pack import pack_arrays
+    from ternet.shards import EMBEDDED_DEFAULT, open_dataset
+    src = open_dataset(EMBEDDED_DEFAULT)
+    arrays = {}
+    for split, n in (("train", 400), ("test", 200)):
+        images, labels = src.load_split(split)
+        arrays[split] = (images[:n], labels[:n])
+    out = tmp_path_factory.mktemp("tiny") / "fmnist-tiny"
+    pack_arrays(out, arrays, src.class_names, name="fmnist-tiny")
+    return out

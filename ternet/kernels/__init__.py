@@ -1,7 +1,13 @@
 """Compute kernels, one module per op family (conv, linear, batchnorm, activation, pool, loss,
-elementwise, transitions, stats). Each module has a CPU implementation (numpy + numba.njit),
-CUDA kernels (numba.cuda) and one launcher per op that checks shapes and dtypes and dispatches
-on where its arrays live. Layers call launchers only.
+elementwise, transitions, stats). Each module has the same sections, with banner comments:
+CPU implementation (numpy + numba.njit), CUDA kernels (numba.cuda.jit, compiled lazily at the
+first launch, so importing needs no GPU), and one launcher per op that checks shapes and dtypes,
+picks the grid and dispatches on where its arrays live. Layers call launchers only.
+
+CUDA conventions: every kernel runs on the default stream (launch order = execution order);
+elementwise kernels are grid-stride loops launched with grid1d(n); reductions are deterministic
+(fixed partition, fixed summation order, no floating-point atomics), so two runs with one seed
+give the same bits. Under NUMBA_ENABLE_CUDASIM=1 the same kernels run in numba's simulator.
 """
 import numpy as np
 
@@ -24,6 +30,14 @@ def on_device(*arrays):
     if len(flags) > 1:
         raise TypeError("a launcher got a mix of host and device arrays; move them to one side first")
     return flags.pop() if flags else False
+
+
+THREADS = 256
+
+
+def grid1d(n, threads=THREADS, max_blocks=132 * 32):
+    """(blocks, threads) for a grid-stride loop over n elements."""
+    return max(1, min(max_blocks, (n + threads - 1) // threads)), threads
 
 
 def check(cond, msg):

@@ -1,0 +1,154 @@
+"""The training loop end to end on a tiny real dataset: the run directory, checkpoints holding
+int8 states only, exact resume after a crash (in process and after SIGKILL), evaluation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from ternet.config import Config
+from ternet.run import RunDir
+from ternet.train import Trainer, latest_checkpoint
+
+SMALL = "8C5p0-MP2-16C5p0-MP2-32FC"
+
+
+def make(tiny_data, path, **kw):
+    base = dict(data=str(tiny_data), arch=SMALL, epochs=2, batch_size=50, log_every=3, ckpt_every=5, keep_last=2)
+    base.update(kw)
+    cfg = Config(**base).resolve()
+    run = RunDir(path)
+    return cfg, run
+
+
+def fresh_run(cfg, run):
+    run.create(cfg)
+    t = Trainer(cfg, run, progress=False)
+    t.fit()
+    return t
+
+
+def test_run_directory(tiny_data, tmp_path):
+    cfg, run = make(tiny_data, tmp_path / "r")
+    fresh_run(cfg, run)
+    assert json.loads(run.config_path.read_text())["arch"] == SMALL
+    recs = run.metrics()
+    kinds = [r["type"] for r in recs]
+    assert kinds[0] == "init" and kinds.count("epoch") == 2 and "step" in kinds
+    ep = [r for r in recs if r["type"] == "epoch"][-1]
+    assert 0 <= ep["test_acc"] <= 1 and ep["train_loss"] > 0
+    for name, st in ep["layers"].items():
+        assert len(st["counts"]) == 3 and 0 <= st["flip_rate"] <= 1
+    assert len(run.checkpoints()) == 2                # keep-last-k
+    assert all(json.loads(l) for l in run.timing_path.read_text().splitlines())
+
+
+@pytest.mark.parametrize("source", ["sgd", "adam"])
+def test_checkpoint_holds_int8_states_only(tiny_data, tmp_path, source):
+    cfg, run = make(tiny_data, tmp_path / "r", epochs=1, source=source)
+    t = fresh_run(cfg, run)
+    weight_shapes = {p.name: p.q.shape for p in t.model.tparams()}
+    with h5py.File(run.checkpoints()[-1], "r") as f:
+        for name, shape in weight_shapes.items():
+            q = f["weights"][name][()]
+            assert q.dtype == np.int8 and q.shape == shape and set(np.unique(q)) <= {-1, 0, 1}
+        floats = []
+        f.visititems(lambda n, o: floats.append((n, o.shape)) if isinstance(o, h5py.Dataset)
+                     and o.dtype.kind == "f" else None)
+    shaped_like_weights = [n for n, s in floats if s in weight_shapes.values()]
+    if source == "sgd":
+        # no float array of a discrete weight's shape anywhere in the checkpoint or the sampler
+        assert shaped_like_weights == []
+        assert all(p.slots == {} for p in t.model.tparams())
+    else:
+        # the authors' Adam source keeps two fp32 moments per weight, and says so
+        assert sorted(n.split("/")[-1] for n in shaped_like_weights) == sorted(["adam_m", "adam_v"] * len(weight_shapes))
+    # the optimizer holds state for batch-norm parameters only
+    assert set(k.rsplit("/", 1)[0] for k in t.optimizer.state_dict()) == {p.name for p in t.model.rparams()}
+
+
+def _weights(path):
+    with h5py.File(path, "r") as f:
+        return {k: f["weights"][k][()] for k in f["weights"]}
+
+
+def test_exact_resume_in_process(tiny_data, tmp_path):
+    cfg, run_a = make(tiny_data, tmp_path / "a")
+    fresh_run(cfg, run_a)
+    _, run_b = make(tiny_data, tmp_path / "b")
+    run_b.create(cfg)
+    t = Trainer(cfg, run_b, progress=False)
+    real_step, calls = t.train_step, [0]
+
+    def crashing(x, y):       # dies in the middle of the second epoch, between checkpoints
+        calls[0] += 1
+        if calls[0] == 12:
+            raise RuntimeError("crash")
+        real_step(x, y)
+
+    t.train_step = crashing
+    with pytest.raises(RuntimeError):
+        t.fit()
+    assert t.state["step"] == 11
+    t2 = Trainer(cfg, run_b, progress=False)
+    ck = latest_checkpoint(run_b)
+    assert ck["trainer"]["step"] == 10 and ck["trainer"]["batch"] == 2   # mid-epoch
+    t2.restore(ck)
+    t2.fit()
+    wa, wb = _weights(run_a.checkpoints()[-1]), _weights(run_b.checkpoints()[-1])
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k])
+    assert run_a.metrics_path.read_bytes() == run_b.metrics_path.read_bytes()
+
+
+def _cli(*args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "ternet", *args], capture_output=True, text=True, env=env, **kw)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, tmp_path):
+    args = ["--data", str(tiny_data), "--arch", SMALL, "--epochs", "3", "--batch-size", "20", "--log-every", "4",
+            "--ckpt-every", "7", "--runs-dir", str(tmp_path), "--quiet"]
+    ref = _cli("train", *args, "--name", "ref")
+    assert ref.returncode == 0, ref.stderr
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "ternet", "train", *args, "--name", "killed"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    run = RunDir(tmp_path / "killed")
+    deadline = time.time() + 120
+    while time.time() < deadline:   # wait for the second mid-epoch checkpoint, then kill hard
+        if any(int(p.stem.split("-")[1]) >= 14 for p in run.checkpoints()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = latest_checkpoint(run)["trainer"]["step"]
+    assert 14 <= steps < 60, f"killed too late (checkpoint at step {steps})"
+    res = _cli("train", "--resume", str(run.path), "--quiet")
+    assert res.returncode == 0, res.stderr
+    wa, wb = _weights(RunDir(tmp_path / "ref").checkpoints()[-1]), _weights(run.checkpoints()[-1])
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k])
+    assert (tmp_path / "ref" / "metrics.jsonl").read_bytes() == run.metrics_path.read_bytes()
+
+
+def test_eval_and_inspect(tiny_data, tmp_path):
+    cfg, run = make(tiny_data, tmp_path / "r", epochs=1)
+    t = fresh_run(cfg, run)
+    res = _cli("eval", str(run.path))
+    assert res.returncode == 0, res.stderr
+    acc = float(res.stdout.split("accuracy")[1])
+    assert abs(acc - run.metrics()[-1]["test_acc"]) < 1e-9
+    out = _cli("inspect", str(run.path), "--json")
+    info = json.loads(out.stdout)
+    assert set(info["layers"]) == {p.name for p in t.model.tparams()}
+    first = next(iter(info["layers"].values()))
+    assert [r["epoch"] for r in first] == ["init", 1] and abs(sum(first[1]["fractions"]) - 1) < 1e-9
+    png = tmp_path / "states.png"
+    txt = _cli("inspect", str(run.path), "--png", str(png))
+    assert txt.returncode == 0 and "flip rate" in txt.stdout and png.stat().st_size > 1000
