@@ -9,7 +9,8 @@ import numpy as np
 
 from .kernels import empty, on_device
 from .kernels.activation import ternary_backward, ternary_forward
-from .kernels.batchnorm import batchnorm_backward, batchnorm_forward_eval, batchnorm_forward_train
+from .kernels.batchnorm import (batchnorm_backward, batchnorm_forward_eval, batchnorm_forward_train,
+                                bn_act_backward, bn_act_forward_eval, bn_act_forward_train)
 from .kernels.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward, out_size
 from .kernels.elementwise import add_forward
 from .kernels.linear import linear_backward_input, linear_backward_weight, linear_forward
@@ -189,6 +190,41 @@ class BatchNorm(Layer):
 
     def buffers(self):
         return {self.name + ".running_mean": self.running_mean, self.name + ".running_var": self.running_var}
+
+
+class BNAct(BatchNorm):
+    """Batch norm fused with the ternary activation: out = phi_r(gamma * xhat + beta) (int8).
+
+    The backward needs only the BN input and the window (kept as compactly as the backend can:
+    exact int16 accumulators and packed mask bits on the GPU). int_scale > 0 marks inputs that
+    are integers once multiplied by it (outputs of a ternary conv on ternary inputs).
+    """
+
+    def __init__(self, name, c, r=1.0, a=0.5, window="rect", int_scale=0, momentum=0.1, eps=1e-4):
+        super().__init__(name, c, momentum, eps)
+        self.act = TernaryAct(name.replace("bn", "act"), r, a, window)
+        self.int_scale = int_scale
+
+    def forward(self, x, train):
+        dev = on_device(x)
+        y = empty(x.shape, np.int8, dev)
+        g, b = self.gamma.value, self.beta.value
+        if not train:
+            bn_act_forward_eval(y, x, g, b, self.running_mean, self.running_var, self.eps, self.act.r)
+            return y
+        self.ctx = bn_act_forward_train(y, x, g, b, self.running_mean, self.running_var, self.momentum, self.eps,
+                                        self.act.r, self.act.a, self.act.shape, self.int_scale)
+        return y
+
+    def backward(self, dy):
+        saved, self.ctx = self.ctx, None
+        dev = on_device(dy)
+        for p in (self.gamma, self.beta):
+            if p.grad is None:
+                p.grad = empty((self.c,), np.float32, dev)
+        dx = empty(dy.shape, np.float32, dev)
+        bn_act_backward(dx, self.gamma.grad, self.beta.grad, dy, saved, self.gamma.value)
+        return dx
 
 
 class TernaryAct(Layer):

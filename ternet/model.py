@@ -4,14 +4,15 @@ state (de)serialisation and moving between host and device. Exercise: pytest tes
 import numpy as np
 
 from . import arch as archmod
-from .layers import (AvgPool, BatchNorm, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool, Residual,
-                     Sequential, TernaryAct, walk, BatchNorm as _BN)
+from .layers import (AvgPool, BatchNorm, BNAct, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool, Residual,
+                     Sequential, TernaryAct, walk)
 
 
 class _Builder:
     def __init__(self, in_shape, qmax, act_kw, rng):
         self.shape, self.qmax, self.act_kw, self.rng = tuple(in_shape), qmax, act_kw, rng
         self.first = True
+        self.integral = False     # do the current activations hold ternary values?
         self.counts = {}
 
     def name(self, kind):
@@ -38,24 +39,31 @@ class _Builder:
         self.first = False
         self.push(layers, layer)
 
-    def bn_act(self, layers, act=True):
-        self.push(layers, BatchNorm(self.name("bn"), self.shape[-1]))
+    def int_scale(self):
+        # a discrete layer on ternary inputs yields multiples of 1/qmax (exact integers x qmax)
+        return self.qmax if self.integral else 0
+
+    def bn_act(self, layers, act=True, int_scale=0):
         if act:
-            self.push(layers, TernaryAct(self.name("act"), **self.act_kw))
+            self.push(layers, BNAct(self.name("bn"), self.shape[-1], int_scale=int_scale, **self.act_kw))
+            self.integral = True
+        else:
+            self.push(layers, BatchNorm(self.name("bn"), self.shape[-1]))
+            self.integral = False
 
     def pool(self, layers, s):
         cls = MaxPool if s.op == "max" else AvgPool
         self.push(layers, cls(self.name("pool"), s.k, s.stride, s.pad))
+        self.integral = self.integral and s.op == "max"
 
     def block(self, s):
         name = self.name("block")
         cin, main, short = self.shape[-1], [], None
         start = self.shape
-        for j, stride in ((1, s.stride), (2, 1)):
-            self.push(main, self.conv(s.out, 3, stride, 1, f"{name}.conv{j}"))
-            self.push(main, BatchNorm(f"{name}.bn{j}", s.out))
-            if j == 1:
-                self.push(main, TernaryAct(f"{name}.act1", **self.act_kw))
+        self.push(main, self.conv(s.out, 3, s.stride, 1, f"{name}.conv1"))
+        self.push(main, BNAct(f"{name}.bn1", s.out, int_scale=self.int_scale(), **self.act_kw))
+        self.push(main, self.conv(s.out, 3, 1, 1, f"{name}.conv2"))
+        self.push(main, BatchNorm(f"{name}.bn2", s.out))
         if s.stride != 1 or cin != s.out:
             end, self.shape = self.shape, start
             sc = []
@@ -78,22 +86,26 @@ def build_layers(specs, in_shape, num_classes, qmax, act_kw, rng):
         if s.kind in ("conv", "stem"):
             if len(b.shape) != 3:
                 raise archmod.ArchError(f"convolution token #{i + 1} comes after a fully connected layer")
+            scale = b.int_scale()
             b.push(layers, b.conv(s.out, s.k, s.stride, s.pad))
             if s.kind == "conv" and i + 1 < len(specs) and specs[i + 1].kind == "pool":
                 i += 1
                 b.pool(layers, specs[i])
-            b.bn_act(layers)
+            b.bn_act(layers, int_scale=scale)
             if s.kind == "stem":
                 b.pool(layers, archmod.Spec("pool", 0, 3, 2, 1, "max"))
         elif s.kind == "pool":
             b.pool(layers, s)
         elif s.kind == "fc":
+            scale = b.int_scale()
             b.linear(layers, s.out)
-            b.bn_act(layers)
+            b.bn_act(layers, int_scale=scale)
         elif s.kind == "rb":
             b.push(layers, b.block(s))
+            b.integral = True
         elif s.kind == "gap":
             b.push(layers, GlobalAvgPool(b.name("gap")))
+            b.integral = False
         elif s.kind == "classifier":
             b.linear(layers, s.out, name="classifier")
             b.bn_act(layers, act=False)
@@ -152,7 +164,7 @@ class Model:
         for p in self.rparams():
             _assign(p, "value", state["real"][p.name], self.device)
         for layer in walk(self.net):
-            if isinstance(layer, _BN):
+            if isinstance(layer, BatchNorm):
                 _assign(layer, "running_mean", state["buffers"][layer.name + ".running_mean"], self.device)
                 _assign(layer, "running_var", state["buffers"][layer.name + ".running_var"], self.device)
 

@@ -10,8 +10,10 @@ from ternet.model import Model
 def test_lenet_preset_is_the_papers_mnist_net():
     m = Model("lenet", (28, 28, 1), 10)
     kinds = [type(l).__name__ for l in m.net.layers]
-    assert kinds == ["Conv2d", "MaxPool", "BatchNorm", "TernaryAct", "Conv2d", "MaxPool", "BatchNorm", "TernaryAct",
-                     "Flatten", "Linear", "BatchNorm", "TernaryAct", "Linear", "BatchNorm"]
+    assert kinds == ["Conv2d", "MaxPool", "BNAct", "Conv2d", "MaxPool", "BNAct",
+                     "Flatten", "Linear", "BNAct", "Linear", "BatchNorm"]
+    # batch norm + ternary activation, fused; inputs of all but the first layer are ternary
+    assert [l.int_scale for l in m.net.layers if type(l).__name__ == "BNAct"] == [0, 1, 1]
     shapes = [p.q.shape for p in m.tparams()]
     assert shapes == [(32, 5, 5, 1), (64, 5, 5, 32), (512, 1024), (10, 512)]
     assert all(p.q.dtype == np.int8 for p in m.tparams())

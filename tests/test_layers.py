@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ternet.kernels.loss import loss_forward_backward
-from ternet.layers import Layer, TernaryAct, walk
+from ternet.layers import BatchNorm, BNAct, Layer, TernaryAct, walk
 from ternet.model import Model
 
 
@@ -27,6 +27,8 @@ def differentiable(arch, shape, classes):
                 for i, l in enumerate(seq):
                     if isinstance(l, TernaryAct):
                         seq[i] = Identity()
+                    elif isinstance(l, BNAct):   # the fused block without its activation
+                        seq[i] = BatchNorm(l.name, l.c)
         if hasattr(layer, "act") and isinstance(layer.act, TernaryAct):
             layer.act = Identity()
     first = next(l for l in walk(m.net) if hasattr(l, "needs_dinput"))

@@ -9,6 +9,7 @@ import numba
 import numpy as np
 
 from . import check, on_device
+from .activation import ternary_backward, ternary_forward
 
 CHUNKS = 64
 
@@ -126,3 +127,47 @@ def batchnorm_backward(dinp, dgamma, dbeta, dout, xhat, gamma, invstd):
     dbeta[:] = sums[0]
     dgamma[:] = sums[1]
     _bn_bwd_dx(dy, xh, gamma, invstd, sums[0].astype(np.float32), sums[1].astype(np.float32), _flat(dinp))
+
+
+# ----------------------------------------------------------------------------------------------
+# fused batch norm + ternary activation (the block every conv / FC layer ends in)
+
+def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momentum, eps, r, a, shape,
+                         int_scale=0):
+    """out (int8) = phi_r(gamma * xhat + beta), batch statistics; updates the running statistics.
+
+    Returns `saved`, an opaque record for bn_act_backward. int_scale > 0 promises that
+    inp * int_scale holds integers (a ternary conv's accumulators), so a device path may keep
+    the input as exact int16 instead of float32 for the backward.
+    """
+    if on_device(out, inp, gamma):
+        from .batchnorm_cuda import bn_act_forward_train_cuda
+        return bn_act_forward_train_cuda(out, inp, gamma, beta, running_mean, running_var, momentum, eps,
+                                         r, a, shape, int_scale)
+    y, xhat = np.empty(inp.shape, np.float32), np.empty(inp.shape, np.float32)
+    invstd = batchnorm_forward_train(y, xhat, inp, gamma, beta, running_mean, running_var, momentum, eps)
+    deriv = np.empty(inp.shape, np.float32)
+    ternary_forward(out, deriv, y, r, a, shape)
+    return xhat, invstd, deriv
+
+
+def bn_act_forward_eval(out, inp, gamma, beta, running_mean, running_var, eps, r):
+    """out (int8) = phi_r(BN(inp)) with the running statistics."""
+    if on_device(out, inp, gamma):
+        from .batchnorm_cuda import bn_act_forward_eval_cuda
+        return bn_act_forward_eval_cuda(out, inp, gamma, beta, running_mean, running_var, eps, r)
+    y = np.empty(inp.shape, np.float32)
+    batchnorm_forward_eval(y, inp, gamma, beta, running_mean, running_var, eps)
+    ternary_forward(out, None, y, r, 0.5, 0)
+
+
+def bn_act_backward(dinp, dgamma, dbeta, dout, saved, gamma):
+    """Backward of bn_act_forward_train: the window derivative, then batch norm's backward.
+    Overwrites dinp (float32, inp's shape), dgamma and dbeta."""
+    if on_device(dinp, dout, gamma):
+        from .batchnorm_cuda import bn_act_backward_cuda
+        return bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma)
+    xhat, invstd, deriv = saved
+    dy = np.empty(dout.shape, np.float32)
+    ternary_backward(dy, dout, deriv)
+    batchnorm_backward(dinp, dgamma, dbeta, dy, xhat, gamma, invstd)
