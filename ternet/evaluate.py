@@ -9,7 +9,7 @@ from .kernels.loss import loss_forward_backward
 
 
 def to_side(a, device):
-    if not device:
+    if not device or not isinstance(a, np.ndarray):
         return a
     from numba import cuda
     return cuda.to_device(a)

@@ -49,6 +49,13 @@ def train_augment(cfg, data):
     return cfg.augment
 
 
+def on_gpu(loader):
+    """The split kept and augmented on the GPU when it fits, else the host loader (batches are
+    then copied over by to_side)."""
+    from .device_data import DeviceLoader, fits_on_device
+    return DeviceLoader(loader) if fits_on_device(loader) else loader
+
+
 def open_data(cfg):
     from .shards import EMBEDDED_DEFAULT, open_dataset
     return open_dataset(cfg.data or EMBEDDED_DEFAULT)
@@ -65,6 +72,11 @@ class Trainer:
                                    augment=train_augment(cfg, self.data), seed=cfg.seed)
         self.eval_loaders = {s: Loader(self.data, s, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)
                              for s in ("val", "test") if s in self.data.splits}
+        if self.device:
+            from . import cuda_memory
+            cuda_memory.install()
+            self.train_loader = on_gpu(self.train_loader)
+            self.eval_loaders = {s: on_gpu(ld) for s, ld in self.eval_loaders.items()}
         self.model = Model(cfg.arch, self.train_loader.output_shape, self.data.num_classes, cfg.bits,
                            cfg.act_r, cfg.act_a, cfg.window, cfg.seed).to(self.device)
         self.spe = len(self.train_loader)

@@ -6,8 +6,9 @@ Exercise: pytest tests/test_conv.py.
 """
 import numba
 import numpy as np
+from numba import cuda, float32
 
-from . import check, empty, on_device
+from . import check, on_device
 
 
 def out_size(h, k, stride, pad):
@@ -66,6 +67,235 @@ def _col2im(dcols, kh, kw, stride, pad, oh_n, ow_n, dx):
                         dxf[n, dst + e] += dcols[row, e]
 
 
+
+# ----------------------------------------------------------------------------------------------
+# CUDA kernels (pure numba: what the simulator runs, and the reference for faster kernels)
+#
+# Three implicit GEMMs over NHWC data, tiled 64 x 64 with a 16-deep reduction slice in shared
+# memory and a 4 x 4 register tile per thread (256 threads):
+#   forward      out[m, k] = sum_r patch(x)[m, r] * w[k, r]          m = (n, oh, ow), r = (i, j, c)
+#   grad input   dx[p, c]  = sum_s dy[n, oh, ow, k] * w[k, i, j, c]  p = (n, h, w), s = (i, j, k),
+#                            oh = (h + pad - i) / stride where that division is exact and in range
+#   grad weight  dw[k, r]  = sum_m dy[m, k] * patch(x)[m, r], over fixed chunks of m whose partial
+#                            sums a second kernel adds in a fixed order (deterministic)
+
+TM, TN, TK = 64, 64, 16
+DW_CHUNK = 4096      # rows of m per weight-gradient split; fixed, so every GPU sums alike
+
+
+@cuda.jit(device=True, inline=True)
+def _patch(x, m, r, oh_n, ow_n, kw, stride, pad):
+    # element r = (i, j, ch) of im2col row m = (n, oh, ow); zero outside the image
+    c = x.shape[3]
+    n = m // (oh_n * ow_n)
+    rem = m - n * oh_n * ow_n
+    oh = rem // ow_n
+    ow = rem - oh * ow_n
+    i = r // (kw * c)
+    rem = r - i * kw * c
+    j = rem // c
+    ch = rem - j * c
+    ih = oh * stride - pad + i
+    iw = ow * stride - pad + j
+    if ih < 0 or ih >= x.shape[1] or iw < 0 or iw >= x.shape[2]:
+        return float32(0.0)
+    return float32(x[n, ih, iw, ch])
+
+
+@cuda.jit(device=True, inline=True)
+def _dy_at(dy, p, s, h_n, w_n, kw, stride, pad):
+    # element s = (i, j, k) of the transposed-conv row p = (n, h, w): dy[n, oh, ow, k] or zero
+    oh_n, ow_n, k_n = dy.shape[1], dy.shape[2], dy.shape[3]
+    n = p // (h_n * w_n)
+    rem = p - n * h_n * w_n
+    h = rem // w_n
+    w = rem - h * w_n
+    i = s // (kw * k_n)
+    rem = s - i * kw * k_n
+    j = rem // k_n
+    k = rem - j * k_n
+    th, tw = h + pad - i, w + pad - j
+    if th < 0 or tw < 0 or th % stride != 0 or tw % stride != 0:
+        return float32(0.0)
+    oh, ow = th // stride, tw // stride
+    if oh >= oh_n or ow >= ow_n:
+        return float32(0.0)
+    return dy[n, oh, ow, k]
+
+
+@cuda.jit(device=True, inline=True)
+def _tile_fma(As, Bs, acc, ty, tx):
+    for kk in range(TK):
+        a0, a1, a2, a3 = As[kk, ty * 4], As[kk, ty * 4 + 1], As[kk, ty * 4 + 2], As[kk, ty * 4 + 3]
+        for q in range(4):
+            b = Bs[kk, tx * 4 + q]
+            acc[0, q] += a0 * b
+            acc[1, q] += a1 * b
+            acc[2, q] += a2 * b
+            acc[3, q] += a3 * b
+
+
+@cuda.jit(device=True, inline=True)
+def _zero_acc(acc):
+    for a in range(4):
+        for b in range(4):
+            acc[a, b] = float32(0.0)
+
+
+@cuda.jit
+def _conv_fwd_cuda(x, w, out, scale, oh_n, ow_n, kw, stride, pad):
+    # x (N, H, W, C) int8 or float32; w (K, R) int8; out (M, K) float32
+    As = cuda.shared.array((TK, TM), float32)
+    Bs = cuda.shared.array((TK, TN), float32)
+    acc = cuda.local.array((4, 4), float32)
+    tid = cuda.threadIdx.x
+    ty, tx = tid // 16, tid % 16
+    m0, k0 = cuda.blockIdx.x * TM, cuda.blockIdx.y * TN
+    m_n, k_n, r_n = out.shape[0], out.shape[1], w.shape[1]
+    _zero_acc(acc)
+    for r0 in range(0, r_n, TK):
+        for q in range(4):
+            e = q * 256 + tid          # consecutive threads take consecutive r: coalesced channels
+            rr, row = e % TK, e // TK
+            m, r = m0 + row, r0 + rr
+            As[rr, row] = _patch(x, m, r, oh_n, ow_n, kw, stride, pad) if m < m_n and r < r_n else float32(0.0)
+            kc = k0 + row
+            Bs[rr, row] = float32(w[kc, r]) if kc < k_n and r < r_n else float32(0.0)
+        cuda.syncthreads()
+        _tile_fma(As, Bs, acc, ty, tx)
+        cuda.syncthreads()
+    for a in range(4):
+        m = m0 + ty * 4 + a
+        for b in range(4):
+            k = k0 + tx * 4 + b
+            if m < m_n and k < k_n:
+                out[m, k] = acc[a, b] * scale
+
+
+@cuda.jit
+def _conv_dx_cuda(dy, w, dx, scale, h_n, w_n, kw, stride, pad):
+    # dy (N, OH, OW, K) float32; w (K, KH, KW, C) int8; dx (N*H*W, C) float32
+    As = cuda.shared.array((TK, TM), float32)
+    Bs = cuda.shared.array((TK, TN), float32)
+    acc = cuda.local.array((4, 4), float32)
+    tid = cuda.threadIdx.x
+    ty, tx = tid // 16, tid % 16
+    p0, c0 = cuda.blockIdx.x * TM, cuda.blockIdx.y * TN
+    p_n, c_n = dx.shape[0], dx.shape[1]
+    k_n = dy.shape[3]
+    s_n = w.shape[1] * kw * k_n
+    _zero_acc(acc)
+    for s0 in range(0, s_n, TK):
+        for q in range(4):
+            e = q * 256 + tid
+            ss, row = e % TK, e // TK
+            p, s = p0 + row, s0 + ss
+            As[ss, row] = _dy_at(dy, p, s, h_n, w_n, kw, stride, pad) if p < p_n and s < s_n else float32(0.0)
+            col, ss = e % TN, e // TN     # consecutive threads take consecutive channels of w
+            ch, s = c0 + col, s0 + ss
+            v = float32(0.0)
+            if ch < c_n and s < s_n:
+                i = s // (kw * k_n)
+                rem = s - i * kw * k_n
+                j = rem // k_n
+                v = float32(w[rem - j * k_n, i, j, ch])
+            Bs[ss, col] = v
+        cuda.syncthreads()
+        _tile_fma(As, Bs, acc, ty, tx)
+        cuda.syncthreads()
+    for a in range(4):
+        p = p0 + ty * 4 + a
+        for b in range(4):
+            ch = c0 + tx * 4 + b
+            if p < p_n and ch < c_n:
+                dx[p, ch] = acc[a, b] * scale
+
+
+@cuda.jit
+def _conv_dw_cuda(dy, x, part, oh_n, ow_n, kw, stride, pad, chunk):
+    # dy (M, K) float32; x (N, H, W, C); part (splits, K, R) float32: split z sums its chunk of m
+    As = cuda.shared.array((TK, TM), float32)
+    Bs = cuda.shared.array((TK, TN), float32)
+    acc = cuda.local.array((4, 4), float32)
+    tid = cuda.threadIdx.x
+    ty, tx = tid // 16, tid % 16
+    k0, r0, z = cuda.blockIdx.x * TM, cuda.blockIdx.y * TN, cuda.blockIdx.z
+    m_n, k_n = dy.shape[0], dy.shape[1]
+    r_n = part.shape[2]
+    m_end = min(m_n, (z + 1) * chunk)
+    _zero_acc(acc)
+    for mb in range(z * chunk, m_end, TK):
+        for q in range(4):
+            e = q * 256 + tid
+            col, mm = e % TM, e // TM     # consecutive threads: consecutive k of dy, r of the patch
+            m = mb + mm
+            k = k0 + col
+            As[mm, col] = dy[m, k] if m < m_end and k < k_n else float32(0.0)
+            r = r0 + col
+            Bs[mm, col] = _patch(x, m, r, oh_n, ow_n, kw, stride, pad) if m < m_end and r < r_n else float32(0.0)
+        cuda.syncthreads()
+        _tile_fma(As, Bs, acc, ty, tx)
+        cuda.syncthreads()
+    for a in range(4):
+        k = k0 + ty * 4 + a
+        for b in range(4):
+            r = r0 + tx * 4 + b
+            if k < k_n and r < r_n:
+                part[z, k, r] = acc[a, b]
+
+
+@cuda.jit
+def _sum_splits_cuda(part, out):
+    # out[i] = sum over splits of part[z, i], in split order
+    flat = out.size
+    for i in range(cuda.grid(1), flat, cuda.gridsize(1)):
+        k, r = i // out.shape[1], i % out.shape[1]
+        s = float32(0.0)
+        for z in range(part.shape[0]):
+            s += part[z, k, r]
+        out[k, r] = s
+
+
+def _grid2(rows, cols):
+    return ((rows + TM - 1) // TM, (cols + TN - 1) // TN)
+
+
+def _conv2d_forward_cuda(out, inp, weight, scale, stride, pad):
+    from . import conv_tc
+    if conv_tc.forward(out, inp, weight, scale, stride, pad):
+        return
+    n, oh, ow, k = out.shape
+    kw = weight.shape[2]
+    out2 = out.reshape(n * oh * ow, k)
+    w2 = weight.reshape(k, weight.size // k)
+    _conv_fwd_cuda[_grid2(n * oh * ow, k), 256](inp, w2, out2, np.float32(scale), oh, ow, kw, stride, pad)
+
+
+def _conv2d_backward_input_cuda(dinp, dout, weight, scale, stride, pad):
+    from . import conv_tc
+    if conv_tc.backward_input(dinp, dout, weight, scale, stride, pad):
+        return
+    n, h, w, c = dinp.shape
+    kw = weight.shape[2]
+    dx2 = dinp.reshape(n * h * w, c)
+    _conv_dx_cuda[_grid2(n * h * w, c), 256](dout, weight, dx2, np.float32(scale), h, w, kw, stride, pad)
+
+
+def _conv2d_backward_weight_cuda(dweight, dout, inp, stride, pad):
+    from . import conv_tc
+    n, oh, ow, k = dout.shape
+    kh, kw = dweight.shape[1], dweight.shape[2]
+    m, r = n * oh * ow, dweight.size // k
+    part = conv_tc.backward_weight_partials(dout, inp, stride, pad, kh, kw)
+    if part is None:
+        splits = (m + DW_CHUNK - 1) // DW_CHUNK
+        part = cuda.device_array((splits, k, r), np.float32)
+        gx, gy = _grid2(k, r)
+        _conv_dw_cuda[(gx, gy, splits), 256](dout.reshape(m, k), inp, part, oh, ow, kw, stride, pad, DW_CHUNK)
+    dw2 = dweight.reshape(k, r)
+    _sum_splits_cuda[max(1, min(4096, (k * r + 255) // 256)), 256](part, dw2)
+
+
 def _as_float_weight(weight, scale):
     # BLAS wants float operands: a transient float32 expansion of the int8 states (exact values)
     wf = weight.reshape(weight.shape[0], -1).astype(np.float32)
@@ -90,8 +320,7 @@ def conv2d_forward(out, inp, weight, scale, stride, pad, cols=None):
     oh, ow = out_size(h, kh, stride, pad), out_size(w, kw, stride, pad)
     check(out.shape == (n, oh, ow, k), f"conv2d: out shape {out.shape} != {(n, oh, ow, k)}")
     if on_device(out, inp, weight):
-        from .conv_cuda import conv2d_forward_cuda
-        return conv2d_forward_cuda(out, inp, weight, scale, stride, pad)
+        return _conv2d_forward_cuda(out, inp, weight, scale, stride, pad)
     if cols is None:
         cols = np.empty((n * oh * ow, kh * kw * c), np.float32)
     _im2col(inp, kh, kw, stride, pad, oh, ow, cols)
@@ -105,8 +334,7 @@ def conv2d_backward_input(dinp, dout, weight, scale, stride, pad):
     _, kh, kw, c = weight.shape
     check(dinp.shape[0] == n and dinp.shape[3] == c, "conv2d_backward_input: shape mismatch")
     if on_device(dinp, dout, weight):
-        from .conv_cuda import conv2d_backward_input_cuda
-        return conv2d_backward_input_cuda(dinp, dout, weight, scale, stride, pad)
+        return _conv2d_backward_input_cuda(dinp, dout, weight, scale, stride, pad)
     dcols = dout.reshape(n * oh * ow, k) @ _as_float_weight(weight, scale)
     _col2im(dcols, kh, kw, stride, pad, oh, ow, dinp)
 
@@ -120,8 +348,7 @@ def conv2d_backward_weight(dweight, dout, inp, stride, pad, cols=None):
     n, oh, ow, k = dout.shape
     _, kh, kw, c = dweight.shape
     if on_device(dweight, dout, inp):
-        from .conv_cuda import conv2d_backward_weight_cuda
-        return conv2d_backward_weight_cuda(dweight, dout, inp, stride, pad)
+        return _conv2d_backward_weight_cuda(dweight, dout, inp, stride, pad)
     if cols is None:
         cols = np.empty((n * oh * ow, kh * kw * c), np.float32)
         _im2col(inp, kh, kw, stride, pad, oh, ow, cols)

@@ -1,0 +1,79 @@
+"""Times ternet's full training step on the GPU (forward, loss, backward, DST update of the
+discrete weights, Adam on batch norm) and reports images/s and peak device memory, for the
+configurations of docs/performance.md. Prints one JSON line per configuration, then a table.
+
+    python bench/bench_gpu.py                 # all three configurations
+    python bench/bench_gpu.py vgg resnet18-64 # a subset
+"""
+import json
+import sys
+import time
+
+import numpy as np
+
+CONFIGS = {
+    "vgg": ("vgg-gxnor", (32, 32, 3), 10, 512),
+    "resnet18-224": ("resnet18", (224, 224, 3), 1000, 256),
+    "resnet18-64": ("resnet18", (64, 64, 3), 1000, 512),
+}
+
+
+def bench(name, steps=20, warm=3):
+    from numba import cuda
+
+    from ternet import cuda_memory
+    from ternet.kernels import empty, zeros
+    from ternet.kernels.loss import loss_forward_backward
+    from ternet.model import Model
+    from ternet.optim import RealOptimizer
+    from ternet.samplers import DST
+    from ternet.schedules import Schedule
+    arch, shape, classes, batch = CONFIGS[name]
+    cuda_memory.install()
+    rng = np.random.default_rng(0)
+    model = Model(arch, shape, classes, seed=0).to(True)
+    x = cuda.to_device(rng.standard_normal((batch,) + shape).astype(np.float32))
+    y = cuda.to_device(rng.integers(0, classes, batch).astype(np.int32))
+    sampler = DST(seed=0, lr=Schedule("constant", 20.0), m=Schedule("constant", 3.0), source="sgd")
+    opt = RealOptimizer("adam")
+    acc = zeros((2,), np.float64, True)
+    tparams = model.tparams()
+
+    def step(t):
+        logits = model.forward(x, train=True)
+        d = empty(logits.shape, np.float32, True)
+        loss_forward_backward(d, logits, y, "xent", acc)
+        model.backward(d)
+        sampler.step(tparams, [p.grad for p in tparams], t)
+        opt.step(model.rparams(), 0.01, t + 1)
+
+    for t in range(warm):
+        step(t)
+    cuda.synchronize()
+    cuda_memory.reset_peak()
+    times = []
+    e0, e1 = cuda.event(), cuda.event()
+    for t in range(steps):
+        e0.record()
+        step(warm + t)
+        e1.record()
+        e1.synchronize()
+        times.append(cuda.event_elapsed_time(e0, e1))
+    times.sort()
+    med = times[len(times) // 2]
+    return dict(impl="ternet", model=name, batch=batch, step_ms=round(med, 3), img_per_s=round(batch / med * 1e3, 1),
+                peak_gib=round(cuda_memory.peak_bytes() / 2 ** 30, 3))
+
+
+if __name__ == "__main__":
+    which = sys.argv[1:] or list(CONFIGS)
+    rows = []
+    for name in which:
+        t0 = time.time()
+        rec = bench(name)
+        rec["wall_s"] = round(time.time() - t0, 1)
+        print(json.dumps(rec), flush=True)
+        rows.append(rec)
+    print("\n| model | batch | step ms | img/s | peak GiB |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['step_ms']} | {r['img_per_s']:,} | {r['peak_gib']} |")

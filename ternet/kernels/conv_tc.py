@@ -1,0 +1,143 @@
+"""The tensor-core path of the convolution family: the implicit-GEMM kernels of conv_mma.cu
+(int8 mma for ternary x ternary forwards, bf16 mma with fp32 accumulation for the gradients),
+linked into numba kernels with cuda.declare_device. Real GPUs of compute capability >= 8.0 only:
+the simulator cannot run linked code, so conv.py's pure-numba kernels stay the reference (and the
+fallback for shapes these kernels do not take). Exercise: bench/mma_check.py, pytest -m gpu.
+"""
+import functools
+import os
+
+import numpy as np
+from numba import cuda, types
+
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conv_mma.cu")
+GEOM = ("n", "h", "w", "c", "k", "kh", "kw", "oh", "ow", "stride", "pad", "m", "r", "chunk")
+DW_CHUNK = 4096
+
+
+def available():
+    """True on a real CUDA GPU of compute capability >= 8.0 (unless TERNET_NO_TC=1)."""
+    if os.environ.get("TERNET_NO_TC") == "1":
+        return False
+    try:
+        from numba import config
+        if config.ENABLE_CUDASIM or not cuda.is_available():
+            return False
+        return cuda.get_current_device().compute_capability >= (8, 0)
+    except Exception:   # pragma: no cover - broken CUDA installs
+        return False
+
+
+def _wrapper(fn, sig):
+    @cuda.jit(sig, link=[SRC], launch_bounds=256)
+    def k(x, w, out, geom, scale):
+        fn(x, w, out, geom, scale)
+
+    return k
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """Compile the numba wrappers once (needs a GPU: done at first use, never at import)."""
+    i8p, u16p, f32p, i32p = (types.CPointer(t) for t in (types.int8, types.uint16, types.float32, types.int32))
+    out = {}
+    for name, a in (("conv_fwd_s8_128", i8p), ("conv_fwd_s8_64", i8p),
+                    ("conv_fwd_bf16_128", u16p), ("conv_fwd_bf16_64", u16p)):
+        fn = cuda.declare_device(name, types.int32(a, a, f32p, i32p, types.float32), link=SRC)
+        out[name] = _wrapper(fn, types.void(a, a, f32p, i32p, types.float32))
+    dw = cuda.declare_device("conv_dw_bf16", types.int32(u16p, i8p, f32p, i32p), link=SRC)
+
+    @cuda.jit(types.void(u16p, i8p, f32p, i32p), link=[SRC], launch_bounds=256)
+    def k_dw(dy, x, part, geom):
+        dw(dy, x, part, geom)
+
+    cvt = cuda.declare_device("to_bf16", types.int32(f32p, u16p, types.int64), link=SRC)
+
+    @cuda.jit(types.void(f32p, u16p, types.int64), link=[SRC])
+    def k_cvt(src, dst, n):
+        cvt(src, dst, n)
+
+    out["conv_dw_bf16"], out["to_bf16"] = k_dw, k_cvt
+    return out
+
+
+def _ptr(a):
+    return a.__cuda_array_interface__["data"][0]
+
+
+def _geom(**kw):
+    return cuda.to_device(np.array([kw.get(k, 0) for k in GEOM], np.int32))
+
+
+def bf16(a):
+    """A bf16 (uint16 bits) device copy of a float32 device array."""
+    out = cuda.device_array(a.shape, np.uint16)
+    n = a.size
+    _kernels()["to_bf16"][min(4096, (n + 255) // 256), 256](_ptr(a), _ptr(out), n)
+    return out
+
+
+_BF16_OF = {q: int(np.float32(q).view(np.uint32) >> 16) for q in range(-4, 5)}
+
+
+@cuda.jit
+def _flip_weight_bf16(w, scale_bits, out):
+    # out[c, kh-1-i, kw-1-j, k] = bf16(w[k, i, j, c]); w holds small integers: a table lookup
+    k_n, kh, kw, c_n = w.shape
+    for t in range(cuda.grid(1), w.size, cuda.gridsize(1)):
+        c = t % c_n
+        j = (t // c_n) % kw
+        i = (t // (c_n * kw)) % kh
+        k = t // (c_n * kw * kh)
+        out[c, kh - 1 - i, kw - 1 - j, k] = scale_bits[w[k, i, j, c] + 4]
+
+
+def forward(out, x, w, scale, stride, pad):
+    """conv2d_forward on tensor cores when the shapes allow; returns False otherwise."""
+    n, h, wd, c = x.shape
+    k, kh, kw, _ = w.shape
+    if x.dtype != np.int8 or c % 64 or not available():
+        return False
+    _, oh, ow, _ = out.shape
+    g = _geom(n=n, h=h, w=wd, c=c, k=k, kh=kh, kw=kw, oh=oh, ow=ow, stride=stride, pad=pad, m=n * oh * ow,
+              r=kh * kw * c)
+    bn = 64 if k <= 64 else 128
+    kern = _kernels()[f"conv_fwd_s8_{bn}"]
+    kern[((n * oh * ow + 127) // 128, (k + bn - 1) // bn), 256](_ptr(x), _ptr(w), _ptr(out), _ptr(g), np.float32(scale))
+    return True
+
+
+def backward_input(dx, dy, w, scale, stride, pad, dy16=None):
+    """dx = transposed conv of dy, as a bf16 convolution of dy with the flipped, transposed
+    weights (stride 1 only); returns False when the shapes do not fit."""
+    n, h, wd, c = dx.shape
+    k, kh, kw, _ = w.shape
+    _, oh, ow, _ = dy.shape
+    if stride != 1 or k % 32 or not available():
+        return False
+    dy16 = bf16(dy) if dy16 is None else dy16
+    wf = cuda.device_array((c, kh, kw, k), np.uint16)
+    table = cuda.to_device(np.array([_BF16_OF[q] for q in range(-4, 5)], np.uint16)) if scale == 1.0 else \
+        cuda.to_device(np.array([int(np.float32(q * scale).view(np.uint32) >> 16) for q in range(-4, 5)], np.uint16))
+    _flip_weight_bf16[min(4096, (w.size + 255) // 256), 256](w, table, wf)
+    g = _geom(n=n, h=oh, w=ow, c=k, k=c, kh=kh, kw=kw, oh=h, ow=wd, stride=1, pad=kh - 1 - pad, m=n * h * wd,
+              r=kh * kw * k)
+    bn = 64 if c <= 64 else 128
+    kern = _kernels()[f"conv_fwd_bf16_{bn}"]
+    kern[((n * h * wd + 127) // 128, (c + bn - 1) // bn), 256](_ptr(dy16), _ptr(wf), _ptr(dx), _ptr(g), np.float32(1.0))
+    return True
+
+
+def backward_weight_partials(dy, x, stride, pad, kh, kw, dy16=None):
+    """(splits, K, R) float32 partial sums of the weight gradient, or None when shapes do not fit."""
+    n, h, wd, c = x.shape
+    _, oh, ow, k = dy.shape
+    if x.dtype != np.int8 or c % 16 or k % 8 or not available():
+        return None
+    dy16 = bf16(dy) if dy16 is None else dy16
+    m, r = n * oh * ow, kh * kw * c
+    splits = (m + DW_CHUNK - 1) // DW_CHUNK
+    part = cuda.device_array((splits, k, r), np.float32)
+    g = _geom(n=n, h=h, w=wd, c=c, k=k, kh=kh, kw=kw, oh=oh, ow=ow, stride=stride, pad=pad, m=m, r=r, chunk=DW_CHUNK)
+    _kernels()["conv_dw_bf16"][((k + 127) // 128, (r + 127) // 128, splits), 256](_ptr(dy16), _ptr(x), _ptr(part), _ptr(g))
+    return part

@@ -1,0 +1,54 @@
+"""CUDA convolution and linear kernels against the CPU path: integer results exactly equal,
+gradients to float32 rounding (the two paths sum in different orders)."""
+import numpy as np
+import pytest
+
+from cudacheck import both, first_mismatches, needs_cuda
+from reference import assert_close
+from ternet.kernels.conv import (conv2d_backward_input, conv2d_backward_weight, conv2d_forward, out_size)
+from ternet.kernels.linear import linear_backward_input, linear_backward_weight, linear_forward
+
+pytestmark = needs_cuda
+
+CASES = [  # (N, H, W, C, K, k, stride, pad): edges of the 64 x 64 x 16 tiles, strides, padding
+    (1, 3, 3, 1, 1, 1, 1, 0), (2, 5, 5, 3, 17, 3, 1, 1), (1, 7, 6, 17, 3, 3, 2, 1), (2, 4, 4, 2, 65, 1, 2, 0),
+    (1, 9, 9, 3, 2, 7, 2, 3), (1, 9, 8, 16, 5, 5, 1, 0),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_conv_cuda_matches_cpu(case):
+    n, h, w, c, k, kk, s, p = case
+    rng = np.random.default_rng(sum(case))
+    x = rng.integers(-1, 2, (n, h, w, c)).astype(np.int8)
+    wq = rng.integers(-1, 2, (k, kk, kk, c)).astype(np.int8)
+    oh, ow = out_size(h, kk, s, p), out_size(w, kk, s, p)
+    cpu, gpu = both(lambda out, x, wq: conv2d_forward(out, x, wq, 1.0, s, p), [np.empty((n, oh, ow, k), np.float32)], [x, wq])
+    assert (cpu[0] == gpu[0]).all(), first_mismatches(gpu[0], cpu[0])   # exact integer sums
+    dy = rng.standard_normal((n, oh, ow, k)).astype(np.float32)
+    cpu, gpu = both(lambda dx, dy, wq: conv2d_backward_input(dx, dy, wq, 1.0, s, p), [np.empty(x.shape, np.float32)], [dy, wq])
+    assert_close(gpu[0], cpu[0], 1e-5, 1e-5, "dx")        # float32, different summation order
+    cpu, gpu = both(lambda dw, dy, x: conv2d_backward_weight(dw, dy, x, s, p), [np.empty(wq.shape, np.float32)], [dy, x])
+    assert_close(gpu[0], cpu[0], 1e-5, 1e-5, "dw")
+
+
+def test_conv_cuda_real_input_and_scale():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 6, 6, 3)).astype(np.float32)
+    wq = rng.integers(-2, 3, (4, 3, 3, 3)).astype(np.int8)
+    cpu, gpu = both(lambda out, x, wq: conv2d_forward(out, x, wq, 0.5, 1, 1), [np.empty((2, 6, 6, 4), np.float32)], [x, wq])
+    assert_close(gpu[0], cpu[0], 1e-5, 1e-5, "real-input conv")
+
+
+@pytest.mark.parametrize("n,f,k", [(1, 1, 1), (3, 17, 65), (5, 33, 10)])
+def test_linear_cuda_matches_cpu(n, f, k):
+    rng = np.random.default_rng(n * f * k)
+    x = rng.integers(-1, 2, (n, f)).astype(np.int8)
+    wq = rng.integers(-1, 2, (k, f)).astype(np.int8)
+    cpu, gpu = both(lambda out, x, wq: linear_forward(out, x, wq, 1.0), [np.empty((n, k), np.float32)], [x, wq])
+    np.testing.assert_array_equal(gpu[0], cpu[0])
+    dy = rng.standard_normal((n, k)).astype(np.float32)
+    cpu, gpu = both(lambda dx, dy, wq: linear_backward_input(dx, dy, wq, 1.0), [np.empty((n, f), np.float32)], [dy, wq])
+    assert_close(gpu[0], cpu[0], 1e-5, 1e-5, "linear dx")
+    cpu, gpu = both(lambda dw, dy, x: linear_backward_weight(dw, dy, x), [np.empty((k, f), np.float32)], [dy, x])
+    assert_close(gpu[0], cpu[0], 1e-5, 1e-5, "linear dw")
