@@ -74,8 +74,11 @@ class Loader:
             else bool(in_memory)
         self.window = shuffle_window or max(1, WINDOW_BYTES // per_image)
         self._load()
-        self.scale = (1.0 / (255.0 * ds.std)).astype(np.float32)
-        self.shift = (-ds.mean / ds.std).astype(np.float32)
+        # (scale, shift) of the kernels: x = v * scale + shift
+        self._norm = ((1.0 / (255.0 * ds.std)).astype(np.float32),
+                      (-ds.mean / ds.std).astype(np.float32))
+        self._raw = (np.ones(c, np.float32), np.zeros(c, np.float32))
+        self._raw_half = (np.ones(c, np.float32), np.full(c, 0.5, np.float32))
         self._pool = None
 
     def __len__(self):
@@ -192,11 +195,12 @@ class Loader:
             p = pos[sid[pos] == s]
             src = self.sources[s]
             rows = idx[p] - self.starts[s]
-            args = (src.pixels, src.offs, src.hs, src.ws, rows, p)
+            args = (src.pixels, src.offs, src.hs, src.ws, rows, p, *params)
             if self.augment == "rrc-flip":
-                aug.resized_crop(*args, *params, self.scale, self.shift, raw, x)
+                # raw: scale 1, shift 0.5 rounds the interpolated value to the nearest uint8
+                aug.resized_crop(*args, *(self._raw_half if raw else self._norm), x)
             else:
-                aug.crop_flip(*args, *params, self.scale, self.shift, raw, x)
+                aug.crop_flip(*args, *(self._raw if raw else self._norm), x)
 
 
 def _concat(sources):
