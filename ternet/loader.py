@@ -89,6 +89,12 @@ class Loader:
     def num_classes(self):
         return self.dataset.num_classes
 
+    def close(self):
+        """Stop the background threads (they also end with the process)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     # ------------------------------------------------------------------------------------------
 
     def _load(self):
