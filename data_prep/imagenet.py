@@ -65,7 +65,7 @@ def read_meta_mat(fileobj, where):
     try:
         from scipy.io import loadmat
     except ImportError:
-        raise PackError(f"{where}: reading the devkit's meta.mat needs scipy: `pip install scipy`; "
+        raise PackError(f"{where}: reading the devkit's meta.mat needs scipy: `pip install scipy` (the extra ternet[devkit]); "
                         f"or use val/<wnid>/ folders or Kaggle's {KAGGLE_CSV} instead") from None
     syn = loadmat(fileobj, squeeze_me=True)["synsets"]
     return {int(s["ILSVRC2012_ID"]): (str(s["WNID"]), str(s["words"]))

@@ -67,15 +67,20 @@ class Loader:
         self.pad = max(1, int(round(h / 8))) if augment == "crop-flip" else 0
         side = output_size or None
         self.output_shape = (side or h, side or w, c)
-        per_image = h * w * c
         ds.shards(split)    # a KeyError naming the splits there are, for a wrong name
         count = self.num_images = ds.splits[split]
+        # bytes per image in RAM: the file sizes for variable-size images, pixels for fixed ones
+        on_disk = sum(s["bytes"] for s in ds.manifest["splits"][split]["shards"])
+        per_image = max(h * w * c, on_disk // max(count, 1))
         self.in_memory = (count * per_image <= _ram_available() // 2) if in_memory is None \
             else bool(in_memory)
         self.window = shuffle_window or max(1, WINDOW_BYTES // per_image)
         self._load()
-        self.scale = (1.0 / (255.0 * ds.std)).astype(np.float32)
-        self.shift = (-ds.mean / ds.std).astype(np.float32)
+        # (scale, shift) of the kernels: x = v * scale + shift
+        std = np.maximum(ds.std, 1e-6)   # a constant channel must not divide by zero
+        self._norm = ((1.0 / (255.0 * std)).astype(np.float32), (-ds.mean / std).astype(np.float32))
+        self._raw = (np.ones(c, np.float32), np.zeros(c, np.float32))
+        self._raw_half = (np.ones(c, np.float32), np.full(c, 0.5, np.float32))
         self._pool = None
 
     def __len__(self):
@@ -85,6 +90,12 @@ class Loader:
     @property
     def num_classes(self):
         return self.dataset.num_classes
+
+    def close(self):
+        """Stop the background threads (they also end with the process)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     # ------------------------------------------------------------------------------------------
 
@@ -192,11 +203,12 @@ class Loader:
             p = pos[sid[pos] == s]
             src = self.sources[s]
             rows = idx[p] - self.starts[s]
-            args = (src.pixels, src.offs, src.hs, src.ws, rows, p)
+            args = (src.pixels, src.offs, src.hs, src.ws, rows, p, *params)
             if self.augment == "rrc-flip":
-                aug.resized_crop(*args, *params, self.scale, self.shift, raw, x)
+                # raw: scale 1, shift 0.5 rounds the interpolated value to the nearest uint8
+                aug.resized_crop(*args, *(self._raw_half if raw else self._norm), x)
             else:
-                aug.crop_flip(*args, *params, self.scale, self.shift, raw, x)
+                aug.crop_flip(*args, *(self._raw if raw else self._norm), x)
 
 
 def _concat(sources):

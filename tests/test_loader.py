@@ -121,13 +121,13 @@ def test_resized_crop_kernel_is_exact_on_whole_boxes_and_linear_ramps():
     one, zero = np.ones(c, np.float32), np.zeros(c, np.float32)
     out = np.zeros((2, h, w, c), np.uint8)
     boxes = np.array([[0, 0, h, w]] * 2, np.float64)
-    aug.resized_crop(*args, boxes, np.array([False, True]), one, zero, True, out)
+    aug.resized_crop(*args, boxes, np.array([False, True]), one, zero + 0.5, out)
     np.testing.assert_array_equal(out[0], ramp)
     np.testing.assert_array_equal(out[1], ramp[:, ::-1])
     # Halving a linear ramp: bilinear sampling at the box's pixel centres is exact.
     half = np.zeros((1, 3, 5, c), np.float32)
     aug.resized_crop(*args[:4], np.zeros(1, np.int64), np.zeros(1, np.int64), boxes[:1],
-                     np.array([False]), one, zero, False, half)
+                     np.array([False]), one, zero, half)
     ys, xs = np.arange(3) * 2 + 0.5, np.arange(5) * 2 + 0.5
     ref = xs[None, :, None] * 20 + ys[:, None, None] * 3 + np.arange(c) * 7
     np.testing.assert_allclose(half[0], ref, atol=1e-4)
