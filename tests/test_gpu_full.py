@@ -1,0 +1,90 @@
+"""Full-size checks of the GPU path on real hardware (marker `gpu`; skipped under the simulator):
+tensor-core convolutions against the pure-numba kernels, whole networks against the CPU path,
+and run-to-run determinism of training steps."""
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+LAYERS = [  # (N, H, W, C, K, k, stride, pad)
+    (8, 32, 32, 128, 128, 3, 1, 1), (8, 16, 16, 256, 256, 3, 1, 1), (8, 8, 8, 512, 512, 3, 1, 1),
+    (4, 56, 56, 64, 64, 3, 1, 1), (4, 28, 28, 64, 128, 3, 2, 1), (4, 28, 28, 64, 128, 1, 2, 0),
+    (3, 7, 9, 64, 40, 3, 1, 1), (16, 1, 1, 8192, 1024, 1, 1, 0),
+]
+
+
+def _run(fn, tc):
+    os.environ["TERNET_NO_TC"] = "0" if tc else "1"
+    try:
+        return fn()
+    finally:
+        os.environ.pop("TERNET_NO_TC")
+
+
+@pytest.mark.parametrize("shape", LAYERS)
+def test_tensor_core_convolutions_match_numba_kernels(shape):
+    from numba import cuda
+    from ternet.kernels import conv
+    n, h, w, c, k, kk, s, p = shape
+    rng = np.random.default_rng(sum(shape))
+    x = cuda.to_device(rng.integers(-1, 2, (n, h, w, c)).astype(np.int8))
+    wq = cuda.to_device(rng.integers(-1, 2, (k, kk, kk, c)).astype(np.int8))
+    oh, ow = conv.out_size(h, kk, s, p), conv.out_size(w, kk, s, p)
+    dy = cuda.to_device(rng.standard_normal((n, oh, ow, k)).astype(np.float32))
+    res = {}
+    for tc in (False, True):
+        out, dx = cuda.device_array((n, oh, ow, k), np.float32), cuda.device_array((n, h, w, c), np.float32)
+        dw = cuda.device_array((k, kk, kk, c), np.float32)
+        _run(lambda: conv.conv2d_forward(out, x, wq, 1.0, s, p), tc)
+        _run(lambda: conv.conv2d_backward_input(dx, dy, wq, 1.0, s, p), tc)
+        _run(lambda: conv.conv2d_backward_weight(dw, dy, x, s, p), tc)
+        res[tc] = [a.copy_to_host() for a in (out, dx, dw)]
+    np.testing.assert_array_equal(res[True][0], res[False][0])          # int8 mma: exact
+    for a, b in zip(res[True][1:], res[False][1:]):
+        # bf16 operands (dy rounded to 8 bits of mantissa), fp32 accumulation: ~2e-3 relative
+        assert np.linalg.norm(a - b) <= 4e-3 * np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("arch,shape,classes", [("vgg-gxnor", (32, 32, 3), 10), ("resnet18", (64, 64, 3), 1000)])
+def test_network_on_gpu_matches_cpu(arch, shape, classes):
+    from ternet.kernels.loss import loss_forward_backward
+    from ternet.model import Model
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8,) + shape).astype(np.float32)
+    y = rng.integers(0, 10, 8).astype(np.int32)
+    grads = {}
+    for dev in (False, True):
+        m = Model(arch, shape, classes, seed=1).to(dev)
+        from numba import cuda
+        xs = cuda.to_device(x) if dev else x
+        logits = m.forward(xs, train=True)
+        d = cuda.device_array(logits.shape, np.float32) if dev else np.empty(logits.shape, np.float32)
+        acc = cuda.to_device(np.zeros(2)) if dev else np.zeros(2)
+        loss_forward_backward(d, logits, cuda.to_device(y) if dev else y, "xent", acc)
+        m.backward(d)
+        host = lambda a: a.copy_to_host() if dev else a
+        grads[dev] = {p.name: host(p.grad) for p in m.tparams()}
+        grads[dev]["logits"] = host(logits)
+    # float sums in other orders can flip an activation sitting on a threshold, so compare overall
+    for name in grads[False]:
+        a, b = grads[True][name], grads[False][name]
+        assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(b) + 1e-6, name
+
+
+def test_training_steps_are_deterministic(tiny_data, tmp_path):
+    from ternet.config import Config
+    from ternet.run import RunDir
+    from ternet.train import Trainer
+    weights = []
+    for i in range(2):
+        cfg = Config(data=str(tiny_data), arch="64C3-MP2-64C3-MP2-64FC", epochs=1, batch_size=50,
+                     device="cuda").resolve()
+        run = RunDir(tmp_path / f"r{i}")
+        run.create(cfg)
+        t = Trainer(cfg, run, progress=False)
+        t.fit()
+        weights.append(t.model.state_dict()["weights"])
+    for k in weights[0]:
+        np.testing.assert_array_equal(weights[0][k], weights[1][k])
