@@ -65,19 +65,44 @@ def _ptr(a):
     return a.__cuda_array_interface__["data"][0]
 
 
+_GEOMS = {}
+
+
 def _geom(**kw):
-    return cuda.to_device(np.array([kw.get(k, 0) for k in GEOM], np.int32))
+    # one small device array per layer geometry, copied once: a host-to-device copy inside the
+    # step would make the host wait for every queued kernel
+    key = tuple(kw.get(k, 0) for k in GEOM)
+    if key not in _GEOMS:
+        _GEOMS[key] = cuda.to_device(np.array(key, np.int32))
+    return _GEOMS[key]
+
+
+_LAST = [None, None]     # (weakref to the float32 source, its bf16 copy)
 
 
 def bf16(a):
-    """A bf16 (uint16 bits) device copy of a float32 device array."""
+    """A bf16 (uint16 bits) device copy of a float32 device array. The input and weight gradients
+    of one layer both need dy in bf16: a second call on the same array reuses the first copy."""
+    import weakref
+    src = _LAST[0]() if _LAST[0] is not None else None
+    if src is a:
+        return _LAST[1]
     out = cuda.device_array(a.shape, np.uint16)
     n = a.size
     _kernels()["to_bf16"][min(4096, (n + 255) // 256), 256](_ptr(a), _ptr(out), n)
+    _LAST[0], _LAST[1] = weakref.ref(a), out
     return out
 
 
-_BF16_OF = {q: int(np.float32(q).view(np.uint32) >> 16) for q in range(-4, 5)}
+_TABLES = {}
+
+
+def _bf16_table(scale):
+    """bf16 bits of q * scale for q = -4..4 (the weight values of Z_1..Z_3), on the device."""
+    if scale not in _TABLES:
+        bits = [int(np.float32(q * scale).view(np.uint32) >> 16) for q in range(-4, 5)]
+        _TABLES[scale] = cuda.to_device(np.array(bits, np.uint16))
+    return _TABLES[scale]
 
 
 @cuda.jit
@@ -117,9 +142,7 @@ def backward_input(dx, dy, w, scale, stride, pad, dy16=None):
         return False
     dy16 = bf16(dy) if dy16 is None else dy16
     wf = cuda.device_array((c, kh, kw, k), np.uint16)
-    table = cuda.to_device(np.array([_BF16_OF[q] for q in range(-4, 5)], np.uint16)) if scale == 1.0 else \
-        cuda.to_device(np.array([int(np.float32(q * scale).view(np.uint32) >> 16) for q in range(-4, 5)], np.uint16))
-    _flip_weight_bf16[min(4096, (w.size + 255) // 256), 256](w, table, wf)
+    _flip_weight_bf16[min(4096, (w.size + 255) // 256), 256](w, _bf16_table(float(scale)), wf)
     g = _geom(n=n, h=oh, w=ow, c=k, k=c, kh=kh, kw=kw, oh=h, ow=wd, stride=1, pad=kh - 1 - pad, m=n * h * wd,
               r=kh * kw * k)
     bn = 64 if c <= 64 else 128

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Everything the GPU path needs checked and timed, in one device call (see docs/performance.md):
+#   bash bench/gpu_session.sh [tests|bench|peer|all ...]
+# Expects the numpy 2.4.6 wheel in .whl/ (the host's numpy 2.5 breaks numba-cuda 0.30) and the
+# PyTorch peer in .data/peer/. Logs go to $OUT (default /tmp/ternet-gpu).
+set -u
+OUT=${OUT:-/tmp/ternet-gpu}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
+what=${*:-all}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+python3 -c "import numba, numba_cuda, numpy; print('numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'numpy', numpy.__version__)"
+case " $what " in *" tests "*|*" all "*)
+    python3 -m pytest -q -x -m gpu tests/test_gpu_full.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+    python3 -m pytest -q tests/test_cuda_*.py tests/test_device_data.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -5 ;;
+esac
+case " $what " in *" bench "*|*" all "*)
+    python3 bench/bench_gpu.py 2>&1 | tee "$OUT/bench_gpu.log" | tail -8 ;;
+esac
+case " $what " in *" peer "*|*" all "*)
+    python3 bench/peer_gpu.py 2>&1 | grep '^{' | tee "$OUT/peer.log" ;;
+esac
