@@ -294,7 +294,7 @@ class GlobalAvgPool(Layer):
         return (shape[-1],)
 
     def forward(self, x, train):
-        y = empty((x.shape[0], x.shape[-1]), np.float32, on_device(x))
+        y = empty((x.shape[0], x.shape[3]), np.float32, on_device(x))   # (N, H, W, C)
         global_avgpool_forward(y, x)
         if train:
             self.ctx = x.shape
