@@ -39,7 +39,8 @@ def test_ternary_forward_backward(n, shape):
 def test_eval_and_nd_shapes():
     x, _ = inputs(2 * 3 * 5 * 7, 1)
     x = x.reshape(2, 3, 5, 7)
-    cpu, gpu = both(lambda out, x: ternary_forward(out, x, R, A, WINDOW_RECT, train=False), [np.empty(x.shape, np.int8)], [x])
+    cpu, gpu = both(lambda out, x: ternary_forward(out, x, R, A, WINDOW_RECT, train=False),
+                    [np.empty(x.shape, np.int8)], [x])
     np.testing.assert_array_equal(gpu[0], cpu[0])
     cpu, gpu = both(fwd_bwd(0.7, 0.3, WINDOW_TRI), [np.empty(x.shape, np.int8), np.empty(x.shape, np.float32)],
                     [x, x * 3])

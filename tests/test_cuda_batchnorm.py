@@ -6,7 +6,6 @@ import warnings
 
 import numpy as np
 import pytest
-from numba import cuda
 
 import reference as ref
 from cudacheck import both, first_mismatches, needs_cuda
@@ -61,7 +60,8 @@ def test_batchnorm_train_forward_backward(shape):
 def test_batchnorm_eval(shape):
     x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
     g, b, rm, rv = params(shape[-1], 4)
-    cpu, gpu = both(lambda y, *a: batchnorm_forward_eval(y, *a, 1e-4), [np.empty(shape, np.float32)], [x, g, b, rm, rv])
+    cpu, gpu = both(lambda y, *a: batchnorm_forward_eval(y, *a, 1e-4), [np.empty(shape, np.float32)],
+                    [x, g, b, rm, rv])
     # per-channel coefficients and one rounding per element, computed alike: equal bits
     np.testing.assert_array_equal(gpu[0], cpu[0])
 

@@ -41,7 +41,8 @@ def conv_linear_on_cuda():
     from ternet.kernels.conv import conv2d_forward
     one = np.zeros((1, 1, 1, 1), np.int8)
     try:
-        conv2d_forward(cuda.device_array((1, 1, 1, 1), np.float32), cuda.to_device(one), cuda.to_device(one), 1.0, 1, 0)
+        conv2d_forward(cuda.device_array((1, 1, 1, 1), np.float32), cuda.to_device(one), cuda.to_device(one),
+                       1.0, 1, 0)
     except ModuleNotFoundError:
         return False
     return True

@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from cudacheck import SIZES, needs_cuda
+from cudacheck import SMALL_SIZES, needs_cuda
 from ternet.kernels.stats import state_counts
 
 pytestmark = needs_cuda
 
 
 @pytest.mark.parametrize("qmax", [1, 2, 4])
-@pytest.mark.parametrize("n", SIZES + [1000])
+@pytest.mark.parametrize("n", SMALL_SIZES + [1000])
 def test_state_counts(n, qmax):
     q = np.random.default_rng(n).integers(-qmax, qmax + 1, n).astype(np.int8)
     got = state_counts(cuda.to_device(q), qmax)

@@ -112,7 +112,7 @@ def _cpu_stats(x, running_mean, running_var, momentum, eps):
 # CUDA kernels
 #
 # Column reductions: block (chunk, channel tile) of TILE_C x LANES threads; lane ty of channel j
-# sums rows chunk_start + ty, + 2 LANES, ... in float64, then lane 0 adds the LANES lane sums in
+# sums rows chunk_start + ty, + LANES, + 2 LANES, ... in float64, then lane 0 adds the LANES lane sums in
 # order into part[chunk, k, j]; a one-thread-per-channel kernel adds the chunks in order. Warps
 # read 32 consecutive channels of a row (coalesced). Elementwise kernels use flat indices with
 # channel j = i % C (NHWC: channels last).

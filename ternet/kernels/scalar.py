@@ -135,7 +135,8 @@ def bn_stats(mean, sqdev, m, eps, momentum, run_mean, run_var):
     var = sqdev / m
     mean32 = F32(mean)
     unbiased = F32(var * m / max(m - 1.0, 1.0))
-    return mean32, F32(1.0 / math.sqrt(var + eps)), ema(run_mean, mean32, momentum), ema(run_var, unbiased, momentum)
+    invstd = F32(1.0 / math.sqrt(var + eps))
+    return mean32, invstd, ema(run_mean, mean32, momentum), ema(run_var, unbiased, momentum)
 
 
 @numba.njit(inline="always")

@@ -12,20 +12,27 @@ MAX_STATES = 16      # shared histogram size of the CUDA kernel (2 * qmax + 1 <=
 # ----------------------------------------------------------------------------------------------
 # CUDA kernels
 #
-# Each block counts its grid-stride share into a shared int32 histogram, then adds it into the
-# int64 counts: integer atomics, whose sums are exact and so independent of their order.
+# Each thread counts its grid-stride share in registers / local memory (a handful of states, so
+# per-element shared atomics would all collide), the block adds those into a shared histogram
+# and then into the int64 counts: integer atomics, exact whatever their order.
 
 @cuda.jit
 def _state_counts_cuda(q, qmax, counts):
     hist = cuda.shared.array(MAX_STATES, numba.int32)
-    t = cuda.threadIdx.x
+    mine = cuda.local.array(MAX_STATES, numba.int32)
+    t, k = cuda.threadIdx.x, counts.size
+    for s in range(k):
+        mine[s] = 0
     if t < MAX_STATES:
         hist[t] = 0
     cuda.syncthreads()
     for i in range(cuda.grid(1), q.size, cuda.gridsize(1)):
-        cuda.atomic.add(hist, q[i] + qmax, 1)
+        mine[q[i] + qmax] += 1
+    for s in range(k):
+        if mine[s]:
+            cuda.atomic.add(hist, s, mine[s])
     cuda.syncthreads()
-    if t < counts.size:
+    if t < k:
         cuda.atomic.add(counts, t, np.int64(hist[t]))
 
 
