@@ -130,7 +130,8 @@ LOSSES = ("xent", "sqhinge")
 def loss_forward_backward(dlogits, logits, labels, kind, acc=None):
     """Overwrites dlogits with the gradient of the batch-mean loss; adds the sum of per-sample
     losses to acc[0] and the number of correct argmax predictions to acc[1] (acc float64 (2,),
-    on the logits' side, so a GPU step needs no host round trip). logits float32 (N, K), labels
+    on the logits' side, so a GPU step needs no host round trip; the device adds the per-sample
+    values in a fixed order, so equal inputs give equal bits). logits float32 (N, K), labels
     int32 (N,). Returns (loss sum, correct) on the host path, None on the device path."""
     check(kind in LOSSES, f"unknown loss {kind!r}; choose one of {LOSSES}")
     check(dlogits.shape == logits.shape and labels.shape == (logits.shape[0],), "loss: shape mismatch")
