@@ -236,17 +236,14 @@ class TernaryAct(Layer):
         self.ctx = None
 
     def forward(self, x, train):
-        dev = on_device(x)
-        y = empty(x.shape, np.int8, dev)
-        deriv = empty(x.shape, np.float32, dev) if train else None
-        ternary_forward(y, deriv, x, self.r, self.a, self.shape)
-        self.ctx = deriv
+        y = empty(x.shape, np.int8, on_device(x))
+        self.ctx = ternary_forward(y, x, self.r, self.a, self.shape, train)
         return y
 
     def backward(self, dy):
-        deriv, self.ctx = self.ctx, None
+        saved, self.ctx = self.ctx, None
         dx = empty(dy.shape, np.float32, on_device(dy))
-        ternary_backward(dx, dy, deriv)
+        ternary_backward(dx, dy, saved)
         return dx
 
 
@@ -297,7 +294,7 @@ class GlobalAvgPool(Layer):
         return (shape[-1],)
 
     def forward(self, x, train):
-        y = empty((x.shape[0], x.shape[-1]), np.float32, on_device(x))
+        y = empty((x.shape[0], x.shape[3]), np.float32, on_device(x))   # (N, H, W, C)
         global_avgpool_forward(y, x)
         if train:
             self.ctx = x.shape

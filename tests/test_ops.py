@@ -117,15 +117,16 @@ def test_batchnorm_eval_uses_running_stats():
 @pytest.mark.parametrize("window", [0, 1])
 def test_ternary_activation(window):
     x = np.concatenate([RNG.uniform(-2.5, 2.5, 500), [1.0, -1.0, 0.5, 1.5, -0.5, -1.5, 0.0]]).astype(np.float32)
-    out, deriv = np.empty(x.shape, np.int8), np.empty(x.shape, np.float32)
-    ternary_forward(out, deriv, x, 1.0, 0.5, window)
+    out = np.empty(x.shape, np.int8)
+    saved = ternary_forward(out, x, 1.0, 0.5, window)
+    deriv = saved.deriv                  # the CPU path keeps phi'(x) as float32
     np.testing.assert_array_equal(out, np.where(x > 1, 1, np.where(x < -1, -1, 0)))
     d = np.abs(np.abs(x.astype(np.float64)) - 1.0)
     want = np.where(d <= 0.5, 1.0 if window == 0 else 2.0 * (1 - d / 0.5), 0.0)
     ref.assert_close(deriv, want, 1e-6, 1e-6, "window")
     dy = RNG.standard_normal(x.shape).astype(np.float32)
     dx = np.empty_like(dy)
-    ternary_backward(dx, dy, deriv)
+    ternary_backward(dx, dy, saved)
     np.testing.assert_array_equal(dx, dy * deriv)
 
 

@@ -32,10 +32,20 @@ def on_device(*arrays):
     return flags.pop() if flags else False
 
 
-THREADS = 256
+try:
+    from numba import config as _config
+    SIMULATOR = bool(_config.ENABLE_CUDASIM)
+except ImportError:  # pragma: no cover
+    SIMULATOR = False
+
+# The simulator runs every CUDA thread as a Python thread and each block costs tens of
+# milliseconds: there, blocks are small and grids at most two blocks wide (grid-stride loops do
+# the rest), so tests on tiny shapes take seconds and still cross block, tile and loop edges.
+THREADS = 64 if SIMULATOR else 256
+MAX_BLOCKS = 2 if SIMULATOR else 132 * 32
 
 
-def grid1d(n, threads=THREADS, max_blocks=132 * 32):
+def grid1d(n, threads=THREADS, max_blocks=MAX_BLOCKS):
     """(blocks, threads) for a grid-stride loop over n elements."""
     return max(1, min(max_blocks, (n + threads - 1) // threads)), threads
 

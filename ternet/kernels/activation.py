@@ -2,13 +2,39 @@
 
 Forward: out = phi_r(x) in {-1, 0, +1} (int8). Backward (straight-through on a window):
 dx = dout * phi'(x), phi' = window_grad(x) from kernels.scalar (rectangular or triangular).
-The CPU path keeps phi'(x) as float32 for the backward. Exercise: pytest tests/test_ops.py -k act.
+The forward returns what the backward needs as an opaque ActSaved record, as compact as each
+side allows. Exercise: pytest tests/test_ops.py -k act, tests/test_cuda_activation.py.
 """
 import numba
 import numpy as np
+from numba import cuda
 
-from . import check, on_device
-from .scalar import ternarize, window_grad
+from . import THREADS, check, empty, grid1d, on_device
+from .scalar import WINDOW_RECT, ternarize, window_grad
+
+
+class ActSaved:
+    """What ternary_backward needs from a train-mode forward; callers only pass it along.
+
+    deriv: phi'(x) as float32, 4 bytes per element (the CPU path; the GPU path with the
+      triangular window), or
+    bits: uint32 words, bit i % 32 of word i // 32 set where x lies inside the window: 1/8 byte
+      per element (the GPU path with the rectangular window, whose phi' is then bit * height).
+    """
+    __slots__ = ("deriv", "bits", "height", "size")
+
+    def __init__(self, size, deriv=None, bits=None, height=0.0):
+        self.size, self.deriv, self.bits, self.height = size, deriv, bits, np.float32(height)
+
+    @property
+    def nbytes(self):
+        """Bytes of per-element state kept for the backward."""
+        return sum(int(a.size) * a.dtype.itemsize for a in (self.deriv, self.bits) if a is not None)
+
+
+def num_words(n):
+    """uint32 words holding one bit for each of n elements."""
+    return (n + 31) // 32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -35,24 +61,115 @@ def _mul(a, b, out):
 
 
 # ----------------------------------------------------------------------------------------------
+# CUDA kernels
+#
+# Bit masks are written a block tile at a time: each thread leaves its element's bit in shared
+# memory and the first THREADS // 32 threads pack 32 of them into a word, so global reads and
+# writes stay coalesced and no atomics are needed. Loops over tiles run the same number of
+# times in every thread of a block (the bound depends on the block only), as syncthreads needs.
+
+@cuda.jit(device=True)
+def pack_tile(flags, bits, base, n):
+    """Threads 0 .. THREADS//32 - 1 write words base//32 + tid from flags[32 tid .. 32 tid + 31]."""
+    tid = cuda.threadIdx.x
+    w = base // 32 + tid
+    if tid < THREADS // 32 and w * 32 < n:
+        word = np.uint32(0)
+        for k in range(32):
+            word |= np.uint32(flags[tid * 32 + k]) << np.uint32(k)
+        bits[w] = word
+
+
+@cuda.jit
+def _ternary_eval_cuda(x, r, out):
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        out[i] = ternarize(x[i], r)
+
+
+@cuda.jit
+def _ternary_fwd_cuda(x, r, a, shape, out, deriv):
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        v = x[i]
+        out[i] = ternarize(v, r)
+        deriv[i] = window_grad(v, r, a, shape)
+
+
+@cuda.jit
+def _ternary_fwd_bits_cuda(x, r, a, out, bits):
+    flags = cuda.shared.array(THREADS, numba.uint8)
+    tid, n = cuda.threadIdx.x, x.size
+    for base in range(cuda.blockIdx.x * THREADS, n, cuda.gridDim.x * THREADS):
+        i = base + tid
+        f = np.uint8(0)
+        if i < n:
+            v = x[i]
+            out[i] = ternarize(v, r)
+            if window_grad(v, r, a, WINDOW_RECT) != 0:
+                f = np.uint8(1)
+        flags[tid] = f
+        cuda.syncthreads()
+        pack_tile(flags, bits, base, n)
+        cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def bit_of(bits, i):
+    """The mask bit of element i (0 or 1)."""
+    return (bits[i // 32] >> np.uint32(i % 32)) & np.uint32(1)
+
+
+@cuda.jit
+def _ternary_bwd_bits_cuda(dout, bits, height, dinp):
+    zero = np.float32(0.0)
+    for i in range(cuda.grid(1), dinp.size, cuda.gridsize(1)):
+        dinp[i] = dout[i] * (height if bit_of(bits, i) else zero)   # dout * 0, as the CPU path
+
+
+@cuda.jit
+def _mul_cuda(a, b, out):
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        out[i] = a[i] * b[i]
+
+
+# ----------------------------------------------------------------------------------------------
 # launchers
 
-def ternary_forward(out, deriv, inp, r, a, shape):
-    """out = phi_r(inp) (int8); deriv = phi'(inp) (float32) or None in eval mode. Overwrites both."""
+def _flat(a):
+    return a.reshape(a.size)
+
+
+def ternary_forward(out, inp, r, a, shape, train=True):
+    """out = phi_r(inp) (int8, overwritten); inp float32.
+
+    train=True returns an ActSaved holding phi'(inp) for ternary_backward (a fresh allocation);
+    train=False returns None. r the threshold, a the window half-width, shape WINDOW_RECT or
+    WINDOW_TRI.
+    """
     check(out.shape == inp.shape, "ternary: out shape differs from input")
-    if on_device(out, inp):
-        from .activation_cuda import ternary_forward_cuda
-        return ternary_forward_cuda(out, deriv, inp, r, a, shape)
-    x, o = inp.reshape(-1), out.reshape(-1)
-    if deriv is None:
-        _ternary_eval(x, np.float32(r), o)
+    dev, n = on_device(out, inp), int(np.prod(inp.shape))
+    x, o = _flat(inp), _flat(out)
+    r32, a32 = np.float32(r), np.float32(a)
+    if not train:
+        (_ternary_eval_cuda[grid1d(n)] if dev else _ternary_eval)(x, r32, o)
+        return None
+    if dev and shape == WINDOW_RECT:
+        bits = empty(num_words(n), np.uint32, True)
+        _ternary_fwd_bits_cuda[grid1d(n)](x, r32, a32, o, bits)
+        # the window's height, computed by the same function the CPU path uses, at x = r
+        return ActSaved(n, bits=bits, height=window_grad(r32, r32, a32, WINDOW_RECT))
+    deriv = empty(n, np.float32, dev)
+    (_ternary_fwd_cuda[grid1d(n)] if dev else _ternary_fwd)(x, r32, a32, shape, o, deriv)
+    return ActSaved(n, deriv=deriv)
+
+
+def ternary_backward(dinp, dout, saved):
+    """dinp = dout * phi'(x) with phi' from the forward's ActSaved; overwrites dinp (float32)."""
+    check(int(np.prod(dinp.shape)) == saved.size, "ternary_backward: size differs from the forward's")
+    dev = on_device(dinp, dout)
+    d, g = _flat(dinp), _flat(dout)
+    if saved.bits is not None:
+        _ternary_bwd_bits_cuda[grid1d(saved.size)](g, saved.bits, saved.height, d)
+    elif dev:
+        _mul_cuda[grid1d(saved.size)](g, saved.deriv, d)
     else:
-        _ternary_fwd(x, np.float32(r), np.float32(a), shape, o, deriv.reshape(-1))
-
-
-def ternary_backward(dinp, dout, deriv):
-    """dinp = dout * deriv; overwrites dinp (float32)."""
-    if on_device(dinp, dout, deriv):
-        from .activation_cuda import ternary_backward_cuda
-        return ternary_backward_cuda(dinp, dout, deriv)
-    _mul(dout.reshape(-1), deriv.reshape(-1), dinp.reshape(-1))
+        _mul(g, saved.deriv, d)

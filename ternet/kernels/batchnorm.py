@@ -1,17 +1,27 @@
-"""Batch normalisation over all axes but the last (NHWC or (N, F)), train and eval modes.
+"""Batch normalisation over all axes but the last (NHWC or (N, F)), train and eval modes, and
+batch norm fused with the ternary activation (the block every conv / FC layer ends in).
 
 Train: y = gamma * xhat + beta with xhat = (x - mean) / sqrt(var + eps), batch statistics
-(biased variance), running statistics updated with momentum (unbiased variance, as PyTorch).
-Reductions use a fixed number of chunks summed in a fixed order: results do not depend on the
-thread count. Exercise: pytest tests/test_ops.py -k batchnorm.
+(biased variance, two passes: mean, then squared deviations), running statistics updated with
+momentum (unbiased variance, as PyTorch). Reductions sum a fixed partition of the rows in float64
+in a fixed order on both paths, so results depend neither on the thread count nor on the run.
+Exercise: pytest tests/test_ops.py -k batchnorm, tests/test_cuda_batchnorm.py.
 """
+import math
+import warnings
+
 import numba
 import numpy as np
+from numba import cuda
 
-from . import check, on_device
-from .activation import ternary_backward, ternary_forward
+from . import SIMULATOR, THREADS, check, empty, grid1d, on_device, zeros
+from .activation import bit_of, num_words, pack_tile, ternary_backward, ternary_forward
+from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, normalize, ternarize,
+                     window_grad)
 
-CHUNKS = 64
+CHUNKS = 64                      # CPU: row chunks of a reduction
+TILE_C, LANES = 32, (2 if SIMULATOR else 8)          # CUDA: a reduction block: 32 channels x row lanes
+MIN_ROWS, MAX_CHUNKS = 64, (2 if SIMULATOR else 256)  # CUDA: rows per chunk at least / chunks at most
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,14 +44,27 @@ def _colsum(x, shift, sq):
     return out
 
 
+@numba.njit(cache=True)
+def _finish_stats(mean, sqdev, m, eps, momentum, run_mean, run_var, mean32, invstd):
+    for j in range(mean.size):
+        mean32[j], invstd[j], run_mean[j], run_var[j] = bn_stats(mean[j], sqdev[j], m, eps, momentum,
+                                                                 run_mean[j], run_var[j])
+
+
 @numba.njit(parallel=True, cache=True)
 def _normalize(x, mean, invstd, gamma, beta, y, xhat):
     m, c = x.shape
     for i in numba.prange(m):
         for j in range(c):
-            h = (x[i, j] - mean[j]) * invstd[j]
+            h = normalize(x[i, j], mean[j], invstd[j])
             xhat[i, j] = h
-            y[i, j] = gamma[j] * h + beta[j]
+            y[i, j] = affine(h, gamma[j], beta[j])
+
+
+@numba.njit(cache=True)
+def _eval_coeffs(gamma, beta, run_mean, run_var, eps, scale, shift):
+    for j in range(gamma.size):
+        scale[j], shift[j] = bn_eval_coeffs(gamma[j], beta[j], run_mean[j], run_var[j], eps)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -49,7 +72,7 @@ def _affine(x, scale, shift, y):
     m, c = x.shape
     for i in numba.prange(m):
         for j in range(c):
-            y[i, j] = x[i, j] * scale[j] + shift[j]
+            y[i, j] = affine(x[i, j], scale[j], shift[j])
 
 
 @numba.njit(parallel=True, cache=True)
@@ -69,47 +92,309 @@ def _bn_bwd_sums(dy, xhat):
 
 
 @numba.njit(parallel=True, cache=True)
-def _bn_bwd_dx(dy, xhat, gamma, invstd, sdy, sdyx, dx):
+def _bn_bwd_dx(dy, xhat, gamma, invstd, sdy, sdyx, m, dx):
+    for i in numba.prange(dy.shape[0]):
+        for j in range(dy.shape[1]):
+            dx[i, j] = bn_dx(dy[i, j], xhat[i, j], gamma[j], invstd[j], sdy[j], sdyx[j], m)
+
+
+def _cpu_stats(x, running_mean, running_var, momentum, eps):
+    c, m = x.shape[1], x.shape[0]
+    mean = _colsum(x, np.zeros(c, np.float64), False) / m
+    sqdev = _colsum(x, mean, True)
+    mean32, invstd = np.empty(c, np.float32), np.empty(c, np.float32)
+    _finish_stats(mean, sqdev, np.float64(m), np.float64(eps), np.float32(momentum), running_mean, running_var,
+                  mean32, invstd)
+    return mean32, invstd
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA kernels
+#
+# Column reductions: block (chunk, channel tile) of TILE_C x LANES threads; lane ty of channel j
+# sums rows chunk_start + ty, + LANES, + 2 LANES, ... in float64, then lane 0 adds the LANES lane sums in
+# order into part[chunk, k, j]; a one-thread-per-channel kernel adds the chunks in order. Warps
+# read 32 consecutive channels of a row (coalesced). Elementwise kernels use flat indices with
+# channel j = i % C (NHWC: channels last).
+
+@cuda.jit(device=True)
+def _lanes_to_part(sh, acc, part, k, c):
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    j = cuda.blockIdx.y * TILE_C + tx
+    sh[ty, tx] = acc
+    cuda.syncthreads()
+    if ty == 0 and j < c:
+        t = sh[0, tx]
+        for lane in range(1, LANES):
+            t += sh[lane, tx]
+        part[cuda.blockIdx.x, k, j] = t
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _from_int16(q, s):
+    """The float32 value an int16 record q stands for (x = q / int_scale)."""
+    return np.float32(q) / s
+
+
+@cuda.jit(device=True)
+def _to_int16(v, s):
+    """round(v * s) (as int64; the forward stores it as int16 once _int16_exact has passed)."""
+    return math.floor(v * s + np.float32(0.5))
+
+
+@cuda.jit(device=True)
+def _int16_exact(v, s):
+    """Whether v * s is an integer in int16 range that _from_int16 turns back into v exactly."""
+    if not abs(v * s) <= np.float32(32767.0):      # also False for NaN
+        return False
+    return _from_int16(_to_int16(v, s), s) == v
+
+
+@cuda.jit
+def _colsum_cuda(x, shift, sq, s, flag, part):
+    # part[chunk, 0, j] = chunk sum of x (sq=0) or of (x - shift)^2 (sq=1); with s > 0 also
+    # flag[0] = 1 where x * s is not an exact int16 (every writer stores 1: no race on the result)
+    sh = cuda.shared.array((LANES, TILE_C), numba.float64)
+    m, c = x.shape
+    j = cuda.blockIdx.y * TILE_C + cuda.threadIdx.x
+    step = (m + cuda.gridDim.x - 1) // cuda.gridDim.x
+    acc = np.float64(0.0)
+    if j < c:
+        for i in range(cuda.blockIdx.x * step + cuda.threadIdx.y, min(m, (cuda.blockIdx.x + 1) * step), LANES):
+            v = x[i, j]
+            d = np.float64(v) - shift[j] if sq else np.float64(v)
+            acc += d * d if sq else d
+            if s > 0 and not _int16_exact(v, s):
+                flag[0] = 1
+    _lanes_to_part(sh, acc, part, 0, c)
+
+
+@cuda.jit
+def _mean_cuda(part, m, mean):
+    j = cuda.grid(1)
+    if j < mean.size:
+        t = np.float64(0.0)
+        for k in range(part.shape[0]):
+            t += part[k, 0, j]
+        mean[j] = t / m
+
+
+@cuda.jit
+def _stats_cuda(part, m, mean, eps, momentum, run_mean, run_var, mean32, invstd):
+    j = cuda.grid(1)
+    if j < mean.size:
+        t = np.float64(0.0)
+        for k in range(part.shape[0]):
+            t += part[k, 0, j]
+        mu, inv, rm, rv = bn_stats(mean[j], t, m, eps, momentum, run_mean[j], run_var[j])
+        mean32[j], invstd[j], run_mean[j], run_var[j] = mu, inv, rm, rv
+
+
+@cuda.jit
+def _normalize_cuda(x, mean, invstd, gamma, beta, y, xhat):
+    c = mean.size
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        j = i % c
+        h = normalize(x[i], mean[j], invstd[j])
+        xhat[i] = h
+        y[i] = affine(h, gamma[j], beta[j])
+
+
+@cuda.jit
+def _eval_coeffs_cuda(gamma, beta, run_mean, run_var, eps, scale, shift):
+    j = cuda.grid(1)
+    if j < gamma.size:
+        sc, sh = bn_eval_coeffs(gamma[j], beta[j], run_mean[j], run_var[j], eps)
+        scale[j], shift[j] = sc, sh
+
+
+@cuda.jit
+def _affine_cuda(x, scale, shift, y):
+    c = scale.size
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        y[i] = affine(x[i], scale[i % c], shift[i % c])
+
+
+@cuda.jit
+def _affine_act_cuda(x, scale, shift, r, out):
+    c = scale.size
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        out[i] = ternarize(affine(x[i], scale[i % c], shift[i % c]), r)
+
+
+@cuda.jit
+def _bwd_sums_cuda(dy, xhat, part):
+    # part[chunk, 0, j] = chunk sum of dy, part[chunk, 1, j] = of dy * xhat (dy, xhat (M, C))
+    sh = cuda.shared.array((LANES, TILE_C), numba.float64)
     m, c = dy.shape
-    for i in numba.prange(m):
-        for j in range(c):
-            dx[i, j] = gamma[j] * invstd[j] * (dy[i, j] - (sdy[j] + xhat[i, j] * sdyx[j]) / m)
+    j = cuda.blockIdx.y * TILE_C + cuda.threadIdx.x
+    step = (m + cuda.gridDim.x - 1) // cuda.gridDim.x
+    a0, a1 = np.float64(0.0), np.float64(0.0)
+    if j < c:
+        for i in range(cuda.blockIdx.x * step + cuda.threadIdx.y, min(m, (cuda.blockIdx.x + 1) * step), LANES):
+            g = dy[i, j]
+            a0 += np.float64(g)
+            a1 += np.float64(g * xhat[i, j])      # float32 product, as the CPU path
+    _lanes_to_part(sh, a0, part, 0, c)
+    _lanes_to_part(sh, a1, part, 1, c)
+
+
+@cuda.jit
+def _bwd_final_cuda(part, dgamma, dbeta):
+    j = cuda.grid(1)
+    if j < dgamma.size:
+        s0, s1 = np.float64(0.0), np.float64(0.0)
+        for k in range(part.shape[0]):
+            s0 += part[k, 0, j]
+            s1 += part[k, 1, j]
+        dbeta[j], dgamma[j] = np.float32(s0), np.float32(s1)
+
+
+@cuda.jit
+def _bwd_dx_cuda(dy, xhat, gamma, invstd, sdy, sdyx, m, dx):
+    c = gamma.size
+    for i in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        j = i % c
+        dx[i] = bn_dx(dy[i], xhat[i], gamma[j], invstd[j], sdy[j], sdyx[j], m)
+
+
+# fused batch norm + ternary activation: one pass writes out (int8), the window bits and the
+# compact copy of the input; the backward recomputes xhat (and y, for the triangular window)
+
+@cuda.jit
+def _bn_act_fwd_cuda(x, mean, invstd, gamma, beta, r, a, shape, s, out, xq, xf, bits):
+    flags = cuda.shared.array(THREADS, numba.uint8)
+    tid, n, c = cuda.threadIdx.x, x.size, mean.size
+    for base in range(cuda.blockIdx.x * THREADS, n, cuda.gridDim.x * THREADS):
+        i = base + tid
+        f = np.uint8(0)
+        if i < n:
+            j = i % c
+            v = x[i]
+            y = affine(normalize(v, mean[j], invstd[j]), gamma[j], beta[j])
+            out[i] = ternarize(y, r)
+            if window_grad(y, r, a, shape) != 0:
+                f = np.uint8(1)
+            if s > 0:
+                xq[i] = np.int16(_to_int16(v, s))     # exact: checked by _colsum_cuda
+            else:
+                xf[i] = v
+        flags[tid] = f
+        cuda.syncthreads()
+        if shape == WINDOW_RECT:
+            pack_tile(flags, bits, base, n)
+        cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _bn_act_point(i, j, dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape):
+    """(dy, xhat) at flat element i of channel j: dy = dout * phi'(y), recomputed from the record."""
+    v = _from_int16(xq[i], s) if s > 0 else xf[i]
+    h = normalize(v, mean[j], invstd[j])
+    if shape == WINDOW_RECT:
+        w = height if bit_of(bits, i) else np.float32(0.0)
+    else:
+        w = window_grad(affine(h, cg[j], cb[j]), r, a, shape)
+    return dout[i] * w, h
+
+
+@cuda.jit
+def _bn_act_bwd_sums_cuda(dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape, part):
+    sh = cuda.shared.array((LANES, TILE_C), numba.float64)
+    c = mean.size
+    m = dout.size // c
+    j = cuda.blockIdx.y * TILE_C + cuda.threadIdx.x
+    step = (m + cuda.gridDim.x - 1) // cuda.gridDim.x
+    a0, a1 = np.float64(0.0), np.float64(0.0)
+    if j < c:
+        for i in range(cuda.blockIdx.x * step + cuda.threadIdx.y, min(m, (cuda.blockIdx.x + 1) * step), LANES):
+            g, h = _bn_act_point(i * c + j, j, dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape)
+            a0 += np.float64(g)
+            a1 += np.float64(g * h)
+    _lanes_to_part(sh, a0, part, 0, c)
+    _lanes_to_part(sh, a1, part, 1, c)
+
+
+@cuda.jit
+def _bn_act_bwd_dx_cuda(dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape, gamma, sdy, sdyx, m,
+                        dx):
+    c = mean.size
+    for i in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        j = i % c
+        g, h = _bn_act_point(i, j, dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape)
+        dx[i] = bn_dx(g, h, gamma[j], invstd[j], sdy[j], sdyx[j], m)
+
+
+def _reduce_grid(m, c):
+    chunks = max(1, min(MAX_CHUNKS, m // MIN_ROWS))
+    return (chunks, (c + TILE_C - 1) // TILE_C), (TILE_C, LANES)
+
+
+def _cuda_stats(x, running_mean, running_var, momentum, eps, s=np.float32(0)):
+    """Batch statistics of x (M, C) on the device: (mean, invstd) float32 (C,), running statistics
+    updated in place; with s > 0 also whether x * s is an exact int16 everywhere (a host read)."""
+    m, c = x.shape
+    grid, block = _reduce_grid(m, c)
+    part = empty((grid[0], 2, c), np.float64, True)
+    mean = empty(c, np.float64, True)
+    mean32, invstd = empty(c, np.float32, True), empty(c, np.float32, True)
+    flag = zeros((1,), np.int32, True) if s > 0 else empty(1, np.int32, True)
+    _colsum_cuda[grid, block](x, mean, 0, s, flag, part)
+    _mean_cuda[grid1d(c)](part, np.float64(m), mean)
+    _colsum_cuda[grid, block](x, mean, 1, np.float32(0), flag, part)
+    _stats_cuda[grid1d(c)](part, np.float64(m), mean, np.float64(eps), np.float32(momentum), running_mean,
+                           running_var, mean32, invstd)
+    exact = s > 0 and int(flag.copy_to_host()[0]) == 0
+    return mean32, invstd, exact
+
+
+def _cuda_eval_coeffs(gamma, beta, running_mean, running_var, eps):
+    c = gamma.size
+    scale, shift = empty(c, np.float32, True), empty(c, np.float32, True)
+    _eval_coeffs_cuda[grid1d(c)](gamma, beta, running_mean, running_var, np.float64(eps), scale, shift)
+    return scale, shift
 
 
 # ----------------------------------------------------------------------------------------------
 # launchers
 
+def _channels(a):
+    return tuple(a.shape)[-1]      # (the simulator's device shapes refuse negative indices)
+
+
 def _flat(a):
-    return a.reshape(-1, a.shape[-1])
+    return a.reshape(-1, _channels(a))
+
+
+def _vec(a):
+    return a.reshape(a.size)
 
 
 def batchnorm_forward_train(out, xhat, inp, gamma, beta, running_mean, running_var, momentum, eps):
     """Batch-statistics forward; overwrites out and xhat (same shape as inp, float32), updates the
-    running statistics in place. Returns invstd (C,) float32, needed by the backward."""
-    c = inp.shape[-1]
+    running statistics in place. Returns invstd (C,) float32 (on inp's side), for the backward."""
+    c = _channels(inp)
     check(gamma.shape == (c,) and out.shape == inp.shape, "batchnorm: shape mismatch")
     if on_device(out, inp, gamma):
-        from .batchnorm_cuda import batchnorm_forward_train_cuda
-        return batchnorm_forward_train_cuda(out, xhat, inp, gamma, beta, running_mean, running_var, momentum, eps)
+        mean, invstd, _ = _cuda_stats(_flat(inp), running_mean, running_var, momentum, eps)
+        _normalize_cuda[grid1d(inp.size)](_vec(inp), mean, invstd, gamma, beta, _vec(out), _vec(xhat))
+        return invstd
     x = _flat(inp)
-    m = x.shape[0]
-    mean = _colsum(x, np.zeros(c, np.float64), False) / m
-    var = _colsum(x, mean, True) / m
-    invstd = (1.0 / np.sqrt(var + eps)).astype(np.float32)
-    _normalize(x, mean.astype(np.float32), invstd, gamma, beta, _flat(out), _flat(xhat))
-    running_mean += np.float32(momentum) * (mean.astype(np.float32) - running_mean)
-    unbiased = var * m / max(m - 1, 1)
-    running_var += np.float32(momentum) * (unbiased.astype(np.float32) - running_var)
+    mean, invstd = _cpu_stats(x, running_mean, running_var, momentum, eps)
+    _normalize(x, mean, invstd, gamma, beta, _flat(out), _flat(xhat))
     return invstd
 
 
 def batchnorm_forward_eval(out, inp, gamma, beta, running_mean, running_var, eps):
     """Running-statistics forward; overwrites out."""
     if on_device(out, inp, gamma):
-        from .batchnorm_cuda import batchnorm_forward_eval_cuda
-        return batchnorm_forward_eval_cuda(out, inp, gamma, beta, running_mean, running_var, eps)
-    scale = (gamma / np.sqrt(running_var.astype(np.float64) + eps)).astype(np.float32)
-    shift = (beta - running_mean * scale).astype(np.float32)
+        scale, shift = _cuda_eval_coeffs(gamma, beta, running_mean, running_var, eps)
+        _affine_cuda[grid1d(inp.size)](_vec(inp), scale, shift, _vec(out))
+        return
+    c = gamma.size
+    scale, shift = np.empty(c, np.float32), np.empty(c, np.float32)
+    _eval_coeffs(gamma, beta, running_mean, running_var, np.float64(eps), scale, shift)
     _affine(_flat(inp), scale, shift, _flat(out))
 
 
@@ -119,55 +404,119 @@ def batchnorm_backward(dinp, dgamma, dbeta, dout, xhat, gamma, invstd):
     dgamma = sum(dout * xhat), dbeta = sum(dout),
     dinp = gamma * invstd * (dout - (dbeta + xhat * dgamma) / M), M = elements per channel.
     """
-    if on_device(dinp, dout, xhat):
-        from .batchnorm_cuda import batchnorm_backward_cuda
-        return batchnorm_backward_cuda(dinp, dgamma, dbeta, dout, xhat, gamma, invstd)
     dy, xh = _flat(dout), _flat(xhat)
+    m = np.float64(dy.shape[0])
+    if on_device(dinp, dout, xhat):
+        grid, block = _reduce_grid(dy.shape[0], dy.shape[1])
+        part = empty((grid[0], 2, dy.shape[1]), np.float64, True)
+        _bwd_sums_cuda[grid, block](dy, xh, part)
+        _bwd_final_cuda[grid1d(gamma.size)](part, dgamma, dbeta)
+        _bwd_dx_cuda[grid1d(dout.size)](_vec(dout), _vec(xhat), gamma, invstd, dbeta, dgamma, m, _vec(dinp))
+        return
     sums = _bn_bwd_sums(dy, xh)
     dbeta[:] = sums[0]
     dgamma[:] = sums[1]
-    _bn_bwd_dx(dy, xh, gamma, invstd, sums[0].astype(np.float32), sums[1].astype(np.float32), _flat(dinp))
+    _bn_bwd_dx(dy, xh, gamma, invstd, dbeta, dgamma, m, _flat(dinp))
 
 
 # ----------------------------------------------------------------------------------------------
-# fused batch norm + ternary activation (the block every conv / FC layer ends in)
+# fused batch norm + ternary activation
+
+class BNActSaved:
+    """bn_act_forward_train's record on the device; callers only pass it to bn_act_backward.
+
+    Per element: the BN input, as exact int16 x * int_scale (2 bytes) when int_scale > 0 and
+    every value passes the check, else as float32 (4 bytes); for the rectangular window one mask
+    bit (1/8 byte). The triangular window keeps no per-element window state: the backward
+    recomputes y = gamma * xhat + beta bit for bit from copies of gamma and beta. Per channel:
+    mean and invstd (and those copies). So 2.125 bytes per element (int16, rect), 2 (int16,
+    tri), 4.125 / 4 (float32); the CPU path keeps 8 (xhat and phi' as float32).
+    """
+    __slots__ = ("xq", "xf", "s", "mean", "invstd", "bits", "height", "cg", "cb", "r", "a", "shape")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+    @property
+    def nbytes(self):
+        """Bytes of per-element state kept for the backward (the 1-element placeholders excluded)."""
+        kept = [self.xq if self.s > 0 else self.xf] + ([self.bits] if self.shape == WINDOW_RECT else [])
+        return sum(int(a.size) * a.dtype.itemsize for a in kept)
+
+
+def _bn_act_forward_train_cuda(out, inp, gamma, beta, running_mean, running_var, momentum, eps, r, a, shape,
+                               int_scale):
+    n, s = inp.size, np.float32(max(int_scale, 0))
+    mean, invstd, exact = _cuda_stats(_flat(inp), running_mean, running_var, momentum, eps, s)
+    if s > 0 and not exact:
+        warnings.warn("bn_act: inp * int_scale is not an exact int16 everywhere (non-integers, or values beyond "
+                      "32767); keeping the input as float32 for the backward (4 bytes per element, not 2)")
+        s = np.float32(0)
+    rect = shape == WINDOW_RECT
+    xq = empty(n if s > 0 else 1, np.int16, True)
+    xf = empty(1 if s > 0 else n, np.float32, True)
+    bits = empty(num_words(n) if rect else 1, np.uint32, True)
+    cg, cb = gamma, beta
+    if not rect:   # the backward needs this step's gamma, beta, even if an optimizer updates them first
+        cg, cb = empty(gamma.size, np.float32, True), empty(beta.size, np.float32, True)
+        cg.copy_to_device(gamma)
+        cb.copy_to_device(beta)
+    r32, a32 = np.float32(r), np.float32(a)
+    _bn_act_fwd_cuda[grid1d(n)](_vec(inp), mean, invstd, gamma, beta, r32, a32, shape, s, _vec(out), xq, xf, bits)
+    return BNActSaved(xq=xq, xf=xf, s=s, mean=mean, invstd=invstd, bits=bits, cg=cg, cb=cb, r=r32, a=a32,
+                      shape=shape, height=np.float32(window_grad(r32, r32, a32, WINDOW_RECT)))
+
+
+def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
+    c = gamma.size
+    m = dout.size // c
+    t = saved
+    args = (t.xq, t.xf, t.s, t.mean, t.invstd, t.bits, t.height, t.cg, t.cb, t.r, t.a, t.shape)
+    grid, block = _reduce_grid(m, c)
+    part = empty((grid[0], 2, c), np.float64, True)
+    _bn_act_bwd_sums_cuda[grid, block](_vec(dout), *args, part)
+    _bwd_final_cuda[grid1d(c)](part, dgamma, dbeta)
+    _bn_act_bwd_dx_cuda[grid1d(dout.size)](_vec(dout), *args, gamma, dbeta, dgamma, np.float64(m), _vec(dinp))
+
 
 def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momentum, eps, r, a, shape,
                          int_scale=0):
-    """out (int8) = phi_r(gamma * xhat + beta), batch statistics; updates the running statistics.
+    """out (int8) = phi_r(gamma * xhat + beta), batch statistics; overwrites out, updates the
+    running statistics in place.
 
-    Returns `saved`, an opaque record for bn_act_backward. int_scale > 0 promises that
-    inp * int_scale holds integers (a ternary conv's accumulators), so a device path may keep
-    the input as exact int16 instead of float32 for the backward.
+    Returns `saved`, an opaque record for bn_act_backward: on the CPU the tuple (xhat, invstd,
+    ActSaved); on the GPU a BNActSaved (see there for the bytes kept per element). int_scale > 0
+    promises that inp * int_scale holds integers (a ternary conv's accumulators); the GPU then keeps
+    the input as int16, after checking that every value round-trips exactly (the one host read
+    of the forward: 4 bytes); it falls back to float32, with a warning, where not.
     """
+    check(out.shape == inp.shape and gamma.shape == (_channels(inp),), "bn_act: shape mismatch")
     if on_device(out, inp, gamma):
-        from .batchnorm_cuda import bn_act_forward_train_cuda
-        return bn_act_forward_train_cuda(out, inp, gamma, beta, running_mean, running_var, momentum, eps,
-                                         r, a, shape, int_scale)
+        return _bn_act_forward_train_cuda(out, inp, gamma, beta, running_mean, running_var, momentum, eps,
+                                          r, a, shape, int_scale)
     y, xhat = np.empty(inp.shape, np.float32), np.empty(inp.shape, np.float32)
     invstd = batchnorm_forward_train(y, xhat, inp, gamma, beta, running_mean, running_var, momentum, eps)
-    deriv = np.empty(inp.shape, np.float32)
-    ternary_forward(out, deriv, y, r, a, shape)
-    return xhat, invstd, deriv
+    return xhat, invstd, ternary_forward(out, y, r, a, shape, train=True)
 
 
 def bn_act_forward_eval(out, inp, gamma, beta, running_mean, running_var, eps, r):
-    """out (int8) = phi_r(BN(inp)) with the running statistics."""
+    """out (int8) = phi_r(BN(inp)) with the running statistics; overwrites out."""
     if on_device(out, inp, gamma):
-        from .batchnorm_cuda import bn_act_forward_eval_cuda
-        return bn_act_forward_eval_cuda(out, inp, gamma, beta, running_mean, running_var, eps, r)
+        scale, shift = _cuda_eval_coeffs(gamma, beta, running_mean, running_var, eps)
+        _affine_act_cuda[grid1d(inp.size)](_vec(inp), scale, shift, np.float32(r), _vec(out))
+        return
     y = np.empty(inp.shape, np.float32)
     batchnorm_forward_eval(y, inp, gamma, beta, running_mean, running_var, eps)
-    ternary_forward(out, None, y, r, 0.5, 0)
+    ternary_forward(out, y, r, 0.5, WINDOW_RECT, train=False)
 
 
 def bn_act_backward(dinp, dgamma, dbeta, dout, saved, gamma):
     """Backward of bn_act_forward_train: the window derivative, then batch norm's backward.
     Overwrites dinp (float32, inp's shape), dgamma and dbeta."""
     if on_device(dinp, dout, gamma):
-        from .batchnorm_cuda import bn_act_backward_cuda
-        return bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma)
-    xhat, invstd, deriv = saved
+        return _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma)
+    xhat, invstd, act = saved
     dy = np.empty(dout.shape, np.float32)
-    ternary_backward(dy, dout, deriv)
+    ternary_backward(dy, dout, act)
     batchnorm_backward(dinp, dgamma, dbeta, dy, xhat, gamma, invstd)

@@ -1,13 +1,15 @@
 """Losses on logits (N, K) with integer labels (N,): softmax cross-entropy and the squared hinge
 loss of the GXNOR/BinaryNet reference code. Each returns (loss sum, correct count) and writes
-d(mean loss)/d logits. Exercise: pytest tests/test_ops.py -k loss.
+d(mean loss)/d logits. Exercise: pytest tests/test_ops.py -k loss, tests/test_cuda_loss.py.
 """
 import math
 
 import numba
 import numpy as np
+from numba import cuda
 
-from . import check, on_device
+from . import THREADS, check, empty, grid1d, on_device
+from .scalar import sqhinge, xent_dlogit
 
 
 # ----------------------------------------------------------------------------------------------
@@ -33,8 +35,7 @@ def _softmax_xent(logits, labels, dlogits):
         total += math.log(s) - (logits[i, y] - mx)
         correct += am == y
         for j in range(k):
-            p = math.exp(logits[i, j] - mx) / s
-            dlogits[i, j] = (p - (1.0 if j == y else 0.0)) * inv_n
+            dlogits[i, j] = xent_dlogit(logits[i, j], mx, s, j == y, inv_n)
     return total, correct
 
 
@@ -50,12 +51,74 @@ def _sq_hinge(logits, labels, dlogits):
         for j in range(k):
             if logits[i, j] > logits[i, am]:
                 am = j
-            t = 1.0 if j == labels[i] else -1.0
-            mgn = max(0.0, 1.0 - t * logits[i, j])
-            total += mgn * mgn / k
-            dlogits[i, j] = -t * mgn * scale
+            term, dlogits[i, j] = sqhinge(logits[i, j], j == labels[i], k, scale)
+            total += term
         correct += am == labels[i]
     return total, correct
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA kernels
+#
+# One thread per sample writes its row of dlogits and its loss and correctness (same per-logit
+# math as the CPU, from kernels.scalar); then one block adds the per-sample values in a fixed
+# tree order into acc, so the device accumulator needs no host round trip and no float atomics.
+
+@cuda.jit
+def _xent_rows_cuda(logits, labels, inv_n, dlogits, loss, hit):
+    n, k = logits.shape
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        mx, am = logits[i, 0], 0
+        for j in range(1, k):
+            if logits[i, j] > mx:
+                mx, am = logits[i, j], j
+        s = np.float64(0.0)
+        for j in range(k):
+            s += np.float64(math.exp(logits[i, j] - mx))
+        y = labels[i]
+        loss[i] = math.log(s) - np.float64(logits[i, y] - mx)
+        hit[i] = am == y
+        for j in range(k):
+            dlogits[i, j] = xent_dlogit(logits[i, j], mx, s, j == y, inv_n)
+
+
+@cuda.jit
+def _sqhinge_rows_cuda(logits, labels, scale, dlogits, loss, hit):
+    n, k = logits.shape
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        am, t = 0, np.float64(0.0)
+        for j in range(k):
+            if logits[i, j] > logits[i, am]:
+                am = j
+            term, g = sqhinge(logits[i, j], j == labels[i], k, scale)
+            dlogits[i, j] = g
+            t += term
+        loss[i] = t
+        hit[i] = am == labels[i]
+
+
+@cuda.jit
+def _sum_into_cuda(loss, hit, acc):
+    # one block: thread t sums samples t, t + THREADS, ...; then a fixed tree over the threads
+    sl = cuda.shared.array(THREADS, numba.float64)
+    sh = cuda.shared.array(THREADS, numba.int64)
+    t = cuda.threadIdx.x
+    a, b = np.float64(0.0), 0
+    for i in range(t, loss.size, THREADS):
+        a += loss[i]
+        b += hit[i]
+    sl[t], sh[t] = a, b
+    cuda.syncthreads()
+    half = THREADS // 2
+    while half > 0:
+        if t < half:
+            sl[t] += sl[t + half]
+            sh[t] += sh[t + half]
+        cuda.syncthreads()
+        half //= 2
+    if t == 0:
+        acc[0] += sl[0]
+        acc[1] += np.float64(sh[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,13 +130,21 @@ LOSSES = ("xent", "sqhinge")
 def loss_forward_backward(dlogits, logits, labels, kind, acc=None):
     """Overwrites dlogits with the gradient of the batch-mean loss; adds the sum of per-sample
     losses to acc[0] and the number of correct argmax predictions to acc[1] (acc float64 (2,),
-    on the logits' side, so a GPU step needs no host round trip). logits float32 (N, K), labels
+    on the logits' side, so a GPU step needs no host round trip; the device adds the per-sample
+    values in a fixed order, so equal inputs give equal bits). logits float32 (N, K), labels
     int32 (N,). Returns (loss sum, correct) on the host path, None on the device path."""
     check(kind in LOSSES, f"unknown loss {kind!r}; choose one of {LOSSES}")
     check(dlogits.shape == logits.shape and labels.shape == (logits.shape[0],), "loss: shape mismatch")
     if on_device(dlogits, logits, labels, acc):
-        from .loss_cuda import loss_forward_backward_cuda
-        return loss_forward_backward_cuda(dlogits, logits, labels, kind, acc)
+        n, k = logits.shape
+        loss, hit = empty(n, np.float64, True), empty(n, np.int32, True)
+        if kind == "xent":
+            _xent_rows_cuda[grid1d(n)](logits, labels, np.float32(1.0 / n), dlogits, loss, hit)
+        else:
+            _sqhinge_rows_cuda[grid1d(n)](logits, labels, np.float32(2.0 / (n * k)), dlogits, loss, hit)
+        if acc is not None:
+            _sum_into_cuda[1, THREADS](loss, hit, acc)
+        return None
     fn = _softmax_xent if kind == "xent" else _sq_hinge
     total, correct = fn(logits, labels, dlogits)
     if acc is not None:

@@ -1,11 +1,13 @@
 """Pooling on NHWC: max pooling (argmax kept as the window position, uint8), average pooling
 (padding counted as zeros, divisor k*k) and global average pooling.
-Exercise: pytest tests/test_ops.py -k pool.
+Exercise: pytest tests/test_ops.py -k pool, tests/test_cuda_pool.py.
 """
 import numba
 import numpy as np
 
-from . import check, on_device
+from numba import cuda
+
+from . import check, grid1d, on_device
 from .conv import out_size
 
 
@@ -75,6 +77,8 @@ def _avgpool_fwd(x, k, stride, pad, out):
 
 @numba.njit(parallel=True, cache=True)
 def _avgpool_bwd(dout, k, stride, pad, dx):
+    # each input element sums the dout of the windows covering it, in (oh, ow) order, then scales
+    # once: the GPU gathers the same sums in the same order, so the paths agree to the bit
     n_img, oh_n, ow_n, c = dout.shape
     _, h, w, _ = dx.shape
     inv = np.float32(1.0 / (k * k))
@@ -88,7 +92,141 @@ def _avgpool_bwd(dout, k, stride, pad, dx):
                         iw = ow * stride - pad + j
                         if 0 <= ih < h and 0 <= iw < w:
                             for ch in range(c):
-                                dx[n, ih, iw, ch] += dout[n, oh, ow, ch] * inv
+                                dx[n, ih, iw, ch] += dout[n, oh, ow, ch]
+        dx[n] *= inv
+
+
+@numba.njit(parallel=True, cache=True)
+def _gap_fwd(x, out):
+    # float32 sums over (h, w) in row-major order, as the GPU kernel
+    n_img, h, w, c = x.shape
+    inv = np.float32(1.0 / (h * w))
+    for n in numba.prange(n_img):
+        out[n] = 0
+        for ih in range(h):
+            for iw in range(w):
+                out[n] += x[n, ih, iw]
+        out[n] *= inv
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA kernels
+#
+# One thread per output element in the forwards. The backwards gather instead of scattering:
+# one thread per INPUT element visits the output windows that cover it (overlapping windows
+# included) in (oh, ow) order, so no two threads write one element, no atomics are needed, and
+# the float32 sums are the CPU's, in the CPU's order.
+
+@cuda.jit(device=True)
+def _unravel(o, b, c):
+    """(n, row, col, ch) of flat index o into an NHWC array with b columns and c channels."""
+    ch = o % c
+    t = o // c
+    col = t % b
+    t = t // b
+    return t, col, ch
+
+
+@cuda.jit(device=True)
+def _covering(i, k, stride, pad, n_out):
+    """range(lo, hi) of the output positions whose window (k, stride, pad) covers input i."""
+    top = i + pad - k + 1                      # first window start that still reaches i
+    lo = 0 if top <= 0 else (top + stride - 1) // stride
+    hi = min(n_out, (i + pad) // stride + 1)
+    return lo, hi
+
+
+@cuda.jit
+def _maxpool_fwd_cuda(x, k, stride, pad, out, arg):
+    _, h, w, c = x.shape
+    _, oh_n, ow_n, _ = out.shape
+    for o in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        t, ow, ch = _unravel(o, ow_n, c)
+        n, oh = t // oh_n, t % oh_n
+        best, pos, first = x[n, 0, 0, ch], 0, True
+        for i in range(k):
+            ih = oh * stride - pad + i
+            if ih < 0 or ih >= h:
+                continue
+            for j in range(k):
+                iw = ow * stride - pad + j
+                if iw < 0 or iw >= w:
+                    continue
+                v = x[n, ih, iw, ch]
+                if first or v > best:              # first maximum wins, as the CPU path
+                    best, pos, first = v, i * k + j, False
+        out[n, oh, ow, ch] = best
+        arg[n, oh, ow, ch] = pos
+
+
+@cuda.jit
+def _maxpool_bwd_cuda(dout, arg, k, stride, pad, dx):
+    _, h, w, c = dx.shape
+    _, oh_n, ow_n, _ = dout.shape
+    for e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        t, iw, ch = _unravel(e, w, c)
+        n, ih = t // h, t % h
+        oh0, oh1 = _covering(ih, k, stride, pad, oh_n)
+        ow0, ow1 = _covering(iw, k, stride, pad, ow_n)
+        s = np.float32(0.0)
+        for oh in range(oh0, oh1):
+            for ow in range(ow0, ow1):
+                if arg[n, oh, ow, ch] == (ih - oh * stride + pad) * k + (iw - ow * stride + pad):
+                    s += dout[n, oh, ow, ch]
+        dx[n, ih, iw, ch] = s
+
+
+@cuda.jit
+def _avgpool_fwd_cuda(x, k, stride, pad, inv, out):
+    _, h, w, c = x.shape
+    _, oh_n, ow_n, _ = out.shape
+    for o in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        t, ow, ch = _unravel(o, ow_n, c)
+        n, oh = t // oh_n, t % oh_n
+        s = np.float32(0.0)
+        for i in range(k):
+            ih = oh * stride - pad + i
+            for j in range(k):
+                iw = ow * stride - pad + j
+                if 0 <= ih < h and 0 <= iw < w:
+                    s += np.float32(x[n, ih, iw, ch])
+        out[n, oh, ow, ch] = s * inv
+
+
+@cuda.jit
+def _avgpool_bwd_cuda(dout, k, stride, pad, inv, dx):
+    _, h, w, c = dx.shape
+    _, oh_n, ow_n, _ = dout.shape
+    for e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        t, iw, ch = _unravel(e, w, c)
+        n, ih = t // h, t % h
+        oh0, oh1 = _covering(ih, k, stride, pad, oh_n)
+        ow0, ow1 = _covering(iw, k, stride, pad, ow_n)
+        s = np.float32(0.0)
+        for oh in range(oh0, oh1):
+            for ow in range(ow0, ow1):
+                s += dout[n, oh, ow, ch]
+        dx[n, ih, iw, ch] = s * inv
+
+
+@cuda.jit
+def _gap_fwd_cuda(x, inv, out):
+    n_img, h, w, c = x.shape
+    for o in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        n, ch = o // c, o % c
+        s = np.float32(0.0)
+        for ih in range(h):
+            for iw in range(w):
+                s += np.float32(x[n, ih, iw, ch])
+        out[n, ch] = s * inv
+
+
+@cuda.jit
+def _gap_bwd_cuda(dout, inv, hwc, dx):
+    # dx flat (N * H * W * C,)
+    c = dout.shape[1]
+    for e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        dx[e] = dout[e // hwc, e % c] * inv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,20 +238,23 @@ def pool_out_shape(shape, k, stride, pad):
 
 
 def maxpool_forward(out, arg, inp, k, stride, pad):
-    """out = max over each window (same dtype as inp); arg (uint8) = window position of the max."""
+    """out = max over each window (same dtype as inp: int8 or float32); arg (uint8) = window
+    position i * k + j of the first maximum. Overwrites out and arg."""
     check(out.shape == pool_out_shape(inp.shape, k, stride, pad), "maxpool: bad out shape")
     check(pad < k, "maxpool: padding must be smaller than the window")
+    check(k * k <= 256, "maxpool: window positions must fit in uint8")
     if on_device(out, inp):
-        from .pool_cuda import maxpool_forward_cuda
-        return maxpool_forward_cuda(out, arg, inp, k, stride, pad)
+        _maxpool_fwd_cuda[grid1d(out.size)](inp, k, stride, pad, out, arg)
+        return
     _maxpool_fwd(inp, k, stride, pad, out, arg)
 
 
 def maxpool_backward(dinp, dout, arg, k, stride, pad):
-    """dinp = scatter of dout to each window's argmax; overwrites dinp (float32)."""
+    """dinp = each window's dout routed to its argmax (summed where windows overlap); overwrites
+    dinp (float32)."""
     if on_device(dinp, dout, arg):
-        from .pool_cuda import maxpool_backward_cuda
-        return maxpool_backward_cuda(dinp, dout, arg, k, stride, pad)
+        _maxpool_bwd_cuda[grid1d(dinp.size)](dout, arg, k, stride, pad, dinp)
+        return
     _maxpool_bwd(dout, arg, k, stride, pad, dinp)
 
 
@@ -121,33 +262,33 @@ def avgpool_forward(out, inp, k, stride, pad):
     """out = sum over each window / (k*k) (zero padding counted); overwrites out (float32)."""
     check(out.shape == pool_out_shape(inp.shape, k, stride, pad), "avgpool: bad out shape")
     if on_device(out, inp):
-        from .pool_cuda import avgpool_forward_cuda
-        return avgpool_forward_cuda(out, inp, k, stride, pad)
+        _avgpool_fwd_cuda[grid1d(out.size)](inp, k, stride, pad, np.float32(1.0 / (k * k)), out)
+        return
     _avgpool_fwd(inp, k, stride, pad, out)
 
 
 def avgpool_backward(dinp, dout, k, stride, pad):
     """dinp = dout spread evenly over each window; overwrites dinp."""
     if on_device(dinp, dout):
-        from .pool_cuda import avgpool_backward_cuda
-        return avgpool_backward_cuda(dinp, dout, k, stride, pad)
+        _avgpool_bwd_cuda[grid1d(dinp.size)](dout, k, stride, pad, np.float32(1.0 / (k * k)), dinp)
+        return
     _avgpool_bwd(dout, k, stride, pad, dinp)
 
 
 def global_avgpool_forward(out, inp):
     """out (N, C) = mean over H and W of inp (N, H, W, C); overwrites out."""
     n, h, w, c = inp.shape
+    check(tuple(out.shape) == (n, c), "global_avgpool: bad out shape")
     if on_device(out, inp):
-        from .pool_cuda import global_avgpool_forward_cuda
-        return global_avgpool_forward_cuda(out, inp)
-    np.sum(inp.reshape(n, h * w, c), axis=1, dtype=np.float32, out=out)
-    out *= np.float32(1.0 / (h * w))
+        _gap_fwd_cuda[grid1d(out.size)](inp, np.float32(1.0 / (h * w)), out)
+        return
+    _gap_fwd(inp, out)
 
 
 def global_avgpool_backward(dinp, dout):
     """dinp (N, H, W, C) = dout (N, C) / (H*W) broadcast; overwrites dinp."""
     n, h, w, c = dinp.shape
     if on_device(dinp, dout):
-        from .pool_cuda import global_avgpool_backward_cuda
-        return global_avgpool_backward_cuda(dinp, dout)
+        _gap_bwd_cuda[grid1d(dinp.size)](dout, np.float32(1.0 / (h * w)), h * w * c, dinp.reshape(dinp.size))
+        return
     dinp[:] = (dout * np.float32(1.0 / (h * w)))[:, None, None, :]

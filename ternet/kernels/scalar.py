@@ -98,3 +98,77 @@ def dst_prob(q, dw, qmax, m):
     rho = min(max(dw, F32(-1.0) - w), F32(1.0) - w)
     s = rho * F32(qmax)
     return math.tanh(m * abs(s - math.trunc(s)))
+
+
+# ----------------------------------------------------------------------------------------------
+# batch-norm arithmetic
+#
+# NVVM contracts a float multiply followed by an add into one FMA by default (one rounding
+# instead of two); numba's CPU target does not. An affine step computed in float32 would then
+# differ by an ulp between the paths, enough to flip a ternary output sitting on the threshold.
+# affine() does it in float64 instead: a product of two float32 values is exact in float64, so
+# FMA or not the result rounds the same way, and both paths give the same bits.
+
+@numba.njit(inline="always")
+def affine(x, scale, shift):
+    """float32(x * scale + shift), identical on the CPU and the GPU (x, scale, shift float32)."""
+    return F32(np.float64(x) * np.float64(scale) + np.float64(shift))
+
+
+@numba.njit(inline="always")
+def normalize(x, mean, invstd):
+    """xhat = (x - mean) * invstd in float32 (no multiply-add, so nothing to contract)."""
+    return (x - mean) * invstd
+
+
+@numba.njit(inline="always")
+def ema(run, new, momentum):
+    """run + momentum * (new - run), the running-statistics update, in float32 (via affine)."""
+    return affine(new - run, momentum, run)
+
+
+@numba.njit(inline="always")
+def bn_stats(mean, sqdev, m, eps, momentum, run_mean, run_var):
+    """One channel's batch statistics from its float64 mean and sum of squared deviations over
+    m (float64) elements: (mean, invstd, new running mean, new running var), all float32.
+    The batch variance is biased; the running variance gets the unbiased one (as PyTorch)."""
+    var = sqdev / m
+    mean32 = F32(mean)
+    unbiased = F32(var * m / max(m - 1.0, 1.0))
+    invstd = F32(1.0 / math.sqrt(var + eps))
+    return mean32, invstd, ema(run_mean, mean32, momentum), ema(run_var, unbiased, momentum)
+
+
+@numba.njit(inline="always")
+def bn_eval_coeffs(gamma, beta, run_mean, run_var, eps):
+    """(scale, shift) with BN_eval(x) = affine(x, scale, shift), from the running statistics."""
+    scale = F32(gamma / math.sqrt(np.float64(run_var) + eps))
+    return scale, affine(run_mean, -scale, beta)
+
+
+@numba.njit(inline="always")
+def bn_dx(dy, xhat, gamma, invstd, sdy, sdyx, m):
+    """Batch norm's input gradient at one element: gamma * invstd * (dy - (sdy + xhat*sdyx) / m),
+    sdy = sum(dy), sdyx = sum(dy * xhat) over the channel (float32), m float64."""
+    return F32(gamma * invstd * (dy - affine(xhat, sdyx, sdy) / m))
+
+
+# ----------------------------------------------------------------------------------------------
+# losses (per logit; the loops over a row live in kernels/loss.py, once per path)
+
+@numba.njit(inline="always")
+def xent_dlogit(z, mx, s, is_label, inv_n):
+    """d(mean softmax cross-entropy)/d z for one logit z of a row with maximum mx and
+    s = sum(exp(z_j - mx)) (float64); inv_n = 1/N (float32)."""
+    p = math.exp(z - mx) / s
+    return F32((p - (1.0 if is_label else 0.0)) * inv_n)
+
+
+@numba.njit(inline="always")
+def sqhinge(z, is_label, k, scale):
+    """Squared hinge at one logit z of a row of k: (loss term max(0, 1 - t z)^2 / k as float64,
+    dlogit = -t * max(0, 1 - t z) * scale as float32), t = +1 for the label and -1 otherwise;
+    scale = 2 / (N k) makes dlogit the gradient of the mean over samples and classes."""
+    t = 1.0 if is_label else -1.0
+    mgn = max(0.0, 1.0 - t * z)
+    return mgn * mgn / k, F32(-t * mgn * scale)
