@@ -39,9 +39,10 @@ class _Builder:
         self.first = False
         self.push(layers, layer)
 
-    def int_scale(self):
-        # a discrete layer on ternary inputs yields multiples of 1/qmax (exact integers x qmax)
-        return self.qmax if self.integral else 0
+    def int_scale(self, fan_in):
+        # a discrete layer on ternary inputs yields multiples of 1/qmax, exact integers x qmax of
+        # magnitude <= fan_in * qmax: the device keeps them as int16 when that bound fits
+        return self.qmax if self.integral and fan_in * self.qmax <= 32767 else 0
 
     def bn_act(self, layers, act=True, int_scale=0):
         if act:
@@ -61,7 +62,7 @@ class _Builder:
         cin, main, short = self.shape[-1], [], None
         start = self.shape
         self.push(main, self.conv(s.out, 3, s.stride, 1, f"{name}.conv1"))
-        self.push(main, BNAct(f"{name}.bn1", s.out, int_scale=self.int_scale(), **self.act_kw))
+        self.push(main, BNAct(f"{name}.bn1", s.out, int_scale=self.int_scale(9 * cin), **self.act_kw))
         self.push(main, self.conv(s.out, 3, 1, 1, f"{name}.conv2"))
         self.push(main, BatchNorm(f"{name}.bn2", s.out))
         if s.stride != 1 or cin != s.out:
@@ -86,18 +87,19 @@ def build_layers(specs, in_shape, num_classes, qmax, act_kw, rng):
         if s.kind in ("conv", "stem"):
             if len(b.shape) != 3:
                 raise archmod.ArchError(f"convolution token #{i + 1} comes after a fully connected layer")
-            scale = b.int_scale()
+            scale = b.int_scale(s.k * s.k * b.shape[-1])
             b.push(layers, b.conv(s.out, s.k, s.stride, s.pad))
             if s.kind == "conv" and i + 1 < len(specs) and specs[i + 1].kind == "pool":
                 i += 1
                 b.pool(layers, specs[i])
+                scale = scale if specs[i].op == "max" else 0     # an average is no integer
             b.bn_act(layers, int_scale=scale)
             if s.kind == "stem":
                 b.pool(layers, archmod.Spec("pool", 0, 3, 2, 1, "max"))
         elif s.kind == "pool":
             b.pool(layers, s)
         elif s.kind == "fc":
-            scale = b.int_scale()
+            scale = b.int_scale(int(np.prod(b.shape)))
             b.linear(layers, s.out)
             b.bn_act(layers, int_scale=scale)
         elif s.kind == "rb":
