@@ -1,4 +1,4 @@
-"""The `ternet` command: prep, train, eval, inspect (export and sweep join later).
+"""The `ternet` command: prep, train, eval, inspect, sweep (export joins later).
 Run `ternet --help`, `ternet train --help`."""
 import dataclasses
 import json
@@ -204,6 +204,27 @@ def inspect(run_path, png, as_json):
         inspect_run(run_path, png=png, as_json=as_json, echo=click.echo)
     except (FileNotFoundError, ValueError) as e:
         raise click.UsageError(str(e)) from None
+
+
+@cli.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="The sweep's folder is RUNS_DIR/<name>: one run folder per algorithm and seed, and the results.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Override the config's device for new runs.")
+@click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1), help="Runs at a time.")
+@click.option("--only", multiple=True, help="Run only this algorithm (repeatable).")
+@click.option("--report-only", is_flag=True, help="Write the table and curves from the runs already there.")
+def sweep(config, runs_dir, device, jobs, only, report_only):
+    """Algorithms x seeds from CONFIG (TOML or JSON; see ternet/sweep.py and docs/samplers.md), selected
+    on the val split: results.md, results.json and curves.png. Restartable: finished runs are skipped."""
+    from .sweep import sweep as run_sweep
+    try:
+        failed = run_sweep(config, runs_dir, device, jobs, only, report_only, echo=click.echo)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if failed:
+        raise click.ClickException(f"{len(failed)} run(s) failed: {', '.join(failed)} (see their .log files)")
 
 
 def main():

@@ -23,23 +23,32 @@ def collect(run_path):
             rows.append(dict(epoch="init", layers=rec["layers"], partial=False))
         elif rec["type"] == "epoch":
             rows.append(dict(epoch=rec["epoch"] + 1, layers=rec["layers"], partial=False,
-                             **{k: rec[k] for k in rec if k.endswith(("_acc", "_loss"))}))
+                             **{k: rec[k] for k in rec if k.endswith(("_acc", "_loss")) or k in HPARAMS}))
             latest_step = None
         elif rec["type"] == "step":
             latest_step = rec
     if latest_step is not None:
         rows.append(dict(epoch=latest_step["epoch"] + 1, layers=latest_step["layers"], partial=True,
-                         step=latest_step["step"]))
+                         step=latest_step["step"], **{k: latest_step[k] for k in HPARAMS if k in latest_step}))
     layers = {}
     for row in rows:
         for name, st in row["layers"].items():
             total = sum(st["counts"]) or 1
             entry = {"epoch": row["epoch"], "partial": row["partial"], "counts": st["counts"],
                      "fractions": [c / total for c in st["counts"]]}
-            entry.update({k: v for k, v in st.items() if k.endswith("_rate") or k in ("temperature",)})
+            entry.update({k: v for k, v in st.items() if k.endswith("_rate") or k in LAYER_EXTRA})
+            if "temperature" not in entry and "temperature" in row:    # one schedule for all layers
+                entry["temperature"] = row["temperature"]
             layers.setdefault(name, []).append(entry)
     epochs = [{k: v for k, v in row.items() if k != "layers"} for row in rows]
     return {"run": str(run.path), "arch": cfg.arch, "states": states, "epochs": epochs, "layers": layers}
+
+
+HPARAMS = ("temperature", "target", "m", "lr", "gamma", "act_a")
+LAYER_EXTRA = ("temperature", "uphill_acceptance")
+# optional per-layer columns: (key, header, format)
+COLUMNS = [("acceptance_rate", "accept", "{:.3f}"), ("uphill_acceptance", "uphill acc", "{:.3f}"),
+           ("temperature", "T", "{:.2e}")]
 
 
 def _fmt_state(v):
@@ -55,13 +64,15 @@ def render_text(info):
     for name, rows in info["layers"].items():
         lines.append("")
         lines.append(f"{name}  ({sum(rows[0]['counts']):,} weights)")
-        head = f"  {'epoch':>7} " + " ".join(f"{_fmt_state(s):>7}" for s in states) + "   flip rate   histogram"
-        lines.append(head)
+        cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+        head = f"  {'epoch':>7} " + " ".join(f"{_fmt_state(s):>7}" for s in states) + "   flip rate"
+        lines.append(head + "".join(f" {h:>10}" for _, h, _ in cols) + "   histogram")
         for r in rows:
             ep = f"{r['epoch']}{'*' if r['partial'] else ''}"
             fr = f"{r['flip_rate']:.2e}" if "flip_rate" in r else "-"
+            extra = "".join(f" {fmt.format(r[k]) if k in r else '-':>10}" for k, _, fmt in cols)
             bar = "".join(ch * round(20 * f) for ch, f in zip(_bar_chars(len(states)), r["fractions"]))
-            lines.append(f"  {ep:>7} " + " ".join(f"{f:7.1%}" for f in r["fractions"]) + f"   {fr:>9}   {bar}")
+            lines.append(f"  {ep:>7} " + " ".join(f"{f:7.1%}" for f in r["fractions"]) + f"   {fr:>9}{extra}   {bar}")
     if any(r["partial"] for rows in info["layers"].values() for r in rows):
         lines.append("\n* epoch not finished (newest step record)")
     return "\n".join(lines)

@@ -3,17 +3,26 @@
 One interface, step(states, grads, t) -> stats (tinygrad's _step, larq's Bop): `states` are the
 model's TernaryParams (int8 states plus any per-weight slots), `grads` their gradients, t the
 0-based global step. stats is the sampler's counter array (int64, (layers, len(COUNTERS)), on
-the weights' side): step() adds to it, the trainer reads and clears it every log interval, so a
-GPU step never waits for the host. Every random draw comes from the counter-based stream
-("transition", t, layer index), so a resumed run and every data-parallel replica move the same
-weights. Exercise: pytest tests/test_dst.py.
+the weights' side): step() adds to it, the trainer reads and clears it every log interval (and
+hands the totals to observe(), where adaptive rules update themselves), so a GPU step never
+waits for the host. Sampler settings arrive as `--set key=value` (OPTIONS of each class).
+
+Randomness: every draw is the counter-based uniform(key, weight index) of kernels.scalar, with
+keys from rng.stream_key(seed, stream, t, layer index): "transition" for the move itself (DST's
+extra step, the proposal), "transition-mix" (which proposal component) and "transition-accept"
+(the Metropolis test) for the second and third independent draws per weight per step. A resumed
+run, every data-parallel replica and the CPU and CUDA kernels therefore make identical moves —
+this replaces per-thread xoroshiro128p states (no 16-byte generator state per weight).
+Exercise: pytest tests/test_dst.py tests/test_samplers.py; docs/samplers.md.
 """
+import math
+
 import numpy as np
 
 from .kernels import on_device, zeros
-from .kernels.transitions import dst_adam, dst_sgd
+from .kernels.transitions import bop, dst_adam, dst_sgd, metropolis
 from .rng import stream_key
-from .schedules import Schedule
+from .schedules import AdaptiveTemperature, Schedule
 
 REGISTRY = {}
 
@@ -27,9 +36,21 @@ class Sampler:
     """Base class: holds the run seed, the schedules and the counters; a subclass holds only its rule."""
     name = ""
     COUNTERS = ("flips",)
+    SOURCES = ("sgd",)
+    OPTIONS = {"m_schedule": ""}     # --set keys and their defaults ("" = m_end decides: linear or constant)
 
-    def __init__(self, seed, lr: Schedule, m: Schedule, **_):
-        self.seed, self.lr, self.m = seed, lr, m
+    def __init__(self, seed, lr: Schedule, m: Schedule, source="sgd", total=1, **opts):
+        unknown = sorted(set(opts) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"sampler {self.name!r}: unknown --set key(s) {', '.join(unknown)}; it takes "
+                             f"{', '.join(sorted(self.OPTIONS))} (docs/samplers.md)")
+        if source not in self.SOURCES:
+            raise ValueError(f"sampler {self.name!r}: unknown step source {source!r}; choose "
+                             f"{' or '.join(self.SOURCES)}")
+        self.seed, self.lr, self.m, self.source, self.total = seed, lr, m, source, total
+        self.opts = {k: type(d)(opts.get(k, d)) for k, d in self.OPTIONS.items()}
+        if self.opts["m_schedule"]:
+            self.m = Schedule(self.opts["m_schedule"], m.start, m.end, m.total)
         self.counts = None
 
     def counters(self, states):
@@ -50,22 +71,32 @@ class Sampler:
             fill(c, 0)
         return host
 
-    def key(self, t, index):
-        return stream_key(self.seed, "transition", t, index)
+    def key(self, t, index, stream="transition"):
+        return stream_key(self.seed, stream, t, index)
+
+    def slot(self, p, name):
+        """The per-weight float32 buffer `name` of p, created as zeros on p's side at first use."""
+        if name not in p.slots:
+            p.slots[name] = zeros(p.q.shape, np.float32, on_device(p.q))
+        return p.slots[name]
 
     def step(self, states, grads, t):
-        """Move every weight of `states` given `grads` at step t; returns {param name: stats}."""
+        """Move every weight of `states` given `grads` at step t; returns the counter array."""
         raise NotImplementedError
 
-    def summarize(self, row, n_weights, steps):
+    def summarize(self, row, n_weights, steps, layer=None):
         """Per-layer rates for the metrics from one layer's counters over `steps` steps."""
         return {"flip_rate": row[0] / (n_weights * steps)}
+
+    def observe(self, counters, steps, t):
+        """The counters of a finished logging interval that ended at step t (adaptive rules)."""
 
     def hparams(self, t):
         """The schedule values at step t (logged in metrics)."""
         return {"lr": self.lr(t), "m": self.m(t)}
 
     def state_dict(self):
+        """JSON-able state beyond the per-weight slots (saved in every checkpoint)."""
         return {}
 
     def load_state_dict(self, state, device=False):
@@ -87,15 +118,10 @@ class DST(Sampler):
     lr sets the expected move per step; too small and (with tau ~ m |nu| / dz) nearly nothing flips,
     too large and kappa >= 1 makes weights jump deterministically every step (a random walk
     between the extremes). m sharpens tau: large m makes small steps flip more often than their
-    size warrants (m = 3 in the paper).
+    size warrants (m = 3 in the paper). --set m_schedule=linear|cosine|exp anneals m to --m-end.
     """
     name = "dst"
-
-    def __init__(self, seed, lr, m, source="sgd", **kw):
-        super().__init__(seed, lr, m, **kw)
-        if source not in ("sgd", "adam"):
-            raise ValueError(f"unknown DST step source {source!r}; choose sgd or adam")
-        self.source = source
+    SOURCES = ("sgd", "adam")
 
     def step(self, states, grads, t):
         lr, m, counts = self.lr(t), self.m(t), self.counters(states)
@@ -104,12 +130,164 @@ class DST(Sampler):
             if self.source == "sgd":
                 dst_sgd(p.q, g, lr, p.qmax, m, key, counts[i])
             else:
-                if "adam_m" not in p.slots:
-                    dev = on_device(p.q)
-                    p.slots["adam_m"] = zeros(p.q.shape, np.float32, dev)
-                    p.slots["adam_v"] = zeros(p.q.shape, np.float32, dev)
-                dst_adam(p.q, g, p.slots["adam_m"], p.slots["adam_v"], lr, t + 1, p.qmax, m, key, counts[i])
+                dst_adam(p.q, g, self.slot(p, "adam_m"), self.slot(p, "adam_v"), lr, t + 1, p.qmax, m, key,
+                         counts[i])
         return counts
+
+
+@register
+class Metropolis(Sampler):
+    """Metropolis-Hastings transitions with simulated annealing of the temperature T.
+
+    Each weight proposes y from Q(x -> .) and accepts it with
+        A = min(1, exp(-dE / T) Q(y -> x) / Q(x -> y)),   dE = g dv + h dv^2 / 2,
+    dv = (y - x) / qmax the change of its value, g the minibatch gradient, h = curvature (a diagonal
+    curvature guess; 0 = first order). proposal='dst': Q = (1 - mix) DST(dW) + mix Nb, DST's move
+    with dW = -lr g (source sgd) or the Adam step (source adam), mixed with a symmetric neighbour
+    move Nb (one state down or up, 1/2 each) so that every move can be undone; the reverse
+    Q(y -> x) is the same proposal made from y with its gradient estimated as g + h dv (the Hastings
+    correction). proposal='neighbour': Q = rate Nb + (1 - rate) stay, symmetric (ratio 1).
+    Each weight's rule satisfies detailed balance for exp(-E / T) of the local quadratic energy; all
+    weights move at once on one minibatch gradient, so on a network it is a stochastic, parallel
+    approximation of MCMC on the loss, not an exact one. T <= 0 is greedy: only moves with dE <= 0.
+
+    Temperature (in units of the mean minibatch loss): t_schedule constant | exp | linear | cosine
+    from `temperature` to t_end (exp needs t_end > 0; linear/cosine to 0 end greedy), or adaptive:
+    per-layer T steered toward the uphill acceptance `target` (annealed linearly to target_end when
+    that is >= 0), see schedules.AdaptiveTemperature. lr and m schedule as for DST.
+
+    Mis-set: T far above |g| dz accepts uphill moves freely (a random walk) and, with the DST
+    proposal, rejects most DST moves (the Hastings ratio ~ mix / (2 tau) < 1); T = 0 with the
+    neighbour proposal accepts every downhill coordinate at the rate `rate` (greedy coordinate
+    descent). mix = 0 makes a first-order DST proposal irreversible: nothing is accepted at T > 0.
+    Memory: none per weight for source sgd, two float32 moments for adam (as DST-adam).
+    Refs: Metropolis et al. 1953; Hastings 1970; Kirkpatrick et al. 1983 (annealing); a discrete
+    gradient-informed proposal as in Zhang, Liu & Liu, "A Langevin-like sampler for discrete
+    distributions", ICML 2022.
+    """
+    name = "metropolis"
+    SOURCES = ("sgd", "adam")
+    COUNTERS = ("flips", "proposals", "accepts", "uphill_proposals", "uphill_accepts")
+    OPTIONS = {**Sampler.OPTIONS, "proposal": "dst", "mix": 0.05, "rate": 0.01, "curvature": 0.0,
+               "temperature": 1e-5, "t_end": 0.0, "t_schedule": "constant",
+               "target": 0.1, "target_end": -1.0, "gain": 1.0, "t_min": 1e-12, "t_max": 1.0}
+
+    def __init__(self, seed, lr, m, source="sgd", total=1, **opts):
+        super().__init__(seed, lr, m, source, total, **opts)
+        o = self.opts
+        if o["proposal"] not in ("dst", "neighbour"):
+            raise ValueError(f"metropolis: proposal {o['proposal']!r}; choose dst or neighbour")
+        self.eps = o["mix"] if o["proposal"] == "dst" else o["rate"]
+        if not 0 <= self.eps <= 1 or o["curvature"] < 0 or o["temperature"] < 0:
+            raise ValueError("metropolis: need 0 <= mix, rate <= 1, curvature >= 0, temperature >= 0")
+        self.adaptive = None
+        if o["t_schedule"] == "adaptive":
+            end = o["target"] if o["target_end"] < 0 else o["target_end"]
+            target = Schedule("linear", o["target"], end, total)
+            self.adaptive = AdaptiveTemperature(o["temperature"], target, o["gain"], o["t_min"], o["t_max"])
+        else:
+            self.temperature = Schedule(o["t_schedule"], o["temperature"], o["t_end"], total)
+
+    def temp(self, t, layer):
+        return self.adaptive(layer) if self.adaptive else self.temperature(t)
+
+    def step(self, states, grads, t):
+        lr, m, counts, o = self.lr(t), self.m(t), self.counters(states), self.opts
+        for i, (p, g) in enumerate(zip(states, grads)):
+            keys = (self.key(t, i, "transition-mix"), self.key(t, i), self.key(t, i, "transition-accept"))
+            adam = self.source == "adam"
+            mom = self.slot(p, "adam_m") if adam else None
+            vel = self.slot(p, "adam_v") if adam else None
+            metropolis(p.q, g, mom, vel, keys, counts[i], lr=lr, qmax=p.qmax, m=m, eps=self.eps,
+                       dst_on=o["proposal"] == "dst", h=o["curvature"], temp=self.temp(t, i), t=t + 1)
+        return counts
+
+    def summarize(self, row, n_weights, steps, layer=None):
+        flips, props, accs, up_props, up_accs = row
+        out = {"flip_rate": flips / (n_weights * steps), "proposal_rate": props / (n_weights * steps)}
+        if props:
+            out["acceptance_rate"] = accs / props
+        if up_props:
+            out["uphill_acceptance"] = up_accs / up_props
+        if layer is not None and self.adaptive:     # a fixed schedule's T is one number, in hparams
+            out["temperature"] = self.adaptive(layer)
+        return out
+
+    def observe(self, counters, steps, t):
+        if self.adaptive and counters is not None:
+            self.adaptive.update([r[3] for r in counters], [r[4] for r in counters], t)
+
+    def hparams(self, t):
+        out = super().hparams(t)
+        if self.adaptive:
+            vals = self.adaptive.values or [self.adaptive.start]
+            out["temperature"] = math.exp(sum(math.log(v) for v in vals) / len(vals))   # geometric mean
+            out["target"] = self.adaptive.target(t)
+        else:
+            out["temperature"] = self.temperature(t)
+        return out
+
+    def state_dict(self):
+        return {"temperature": self.adaptive.state_dict()} if self.adaptive else {}
+
+    def load_state_dict(self, state, device=False):
+        if self.adaptive and "temperature" in state:
+            self.adaptive.load_state_dict(state["temperature"])
+
+
+@register
+class BopTernary(Sampler):
+    """Latent-free momentum threshold for Z_N: the ternary analogue of Bop.
+
+    Bop (Helwegen et al., "Latent weights do not exist: rethinking binarized neural network
+    optimization", NeurIPS 2019) keeps an exponential moving average of the gradient per binary
+    weight and flips the weight when the average is strong enough and points against it. Here,
+    for the 2^N + 1 states of Z_N:
+        m <- (1 - gamma) m + gamma g                         (momentum, float32 per weight)
+        s = m                     (norm='none')
+        s = m / (sqrt(v) + 1e-8), v <- (1 - gamma2) v + gamma2 g^2        (norm='rms')
+        if |s| > threshold:  q <- q - sign(s)  unless that leaves Z_N,  and then m <- 0 (reset=1)
+    "Against the gradient" means one state down the descent direction: a positive signal walks a
+    ternary weight +1 -> 0 -> -1, one state per move, so every weight passes through 0. Without the
+    reset, a momentum past the threshold keeps walking the weight to the end of Z_N on
+    consecutive steps (ternary collapses to binary with a transient 0); with it, every further
+    move needs fresh evidence (a hysteresis of about ln(1 / (1 - threshold / |g|)) / gamma steps).
+    A weight at the end of Z_N keeps its momentum (the move is blocked, not spent).
+
+    norm='none' is Bop's rule: threshold is in gradient units, so one value cannot suit layers
+    whose gradients differ by 100x (Bop's defaults: threshold 1e-8..1e-6, gamma 1e-4..1e-3).
+    norm='rms' divides by the root-mean-square gradient (as Bop2ndOrder, Suarez-Ramirez et al.
+    2021): s is a signal-to-noise ratio in [-1, 1] (about 1 for a consistent gradient, about
+    sqrt(gamma / 2) for pure noise), so threshold is dimensionless and shared across layers.
+    gamma sets the memory (1 / gamma steps); gamma_schedule/gamma_end anneal it (gamma -> 0
+    freezes the momentum, and with reset=1 stops the moves). Too small a threshold: flips every
+    few steps on noise; too large: nothing moves. lr and m are unused (lr still scales the
+    batch-norm learning rate). Memory: 4 bytes per weight (norm none), 8 (rms): the momentum is not
+    a latent weight (it is reset and never read as a weight), but it is float state.
+    """
+    name = "bop"
+    OPTIONS = {**Sampler.OPTIONS, "gamma": 1e-2, "gamma_end": 0.0, "gamma_schedule": "constant",
+               "threshold": 0.5, "norm": "rms", "gamma2": 1e-2, "reset": 1}
+
+    def __init__(self, seed, lr, m, source="sgd", total=1, **opts):
+        super().__init__(seed, lr, m, source, total, **opts)
+        o = self.opts
+        if o["norm"] not in ("none", "rms"):
+            raise ValueError(f"bop: norm {o['norm']!r}; choose none or rms")
+        if not (0 < o["gamma"] <= 1 and 0 < o["gamma2"] <= 1 and o["threshold"] >= 0):
+            raise ValueError("bop: need 0 < gamma, gamma2 <= 1 and threshold >= 0")
+        self.gamma = Schedule(o["gamma_schedule"], o["gamma"], o["gamma_end"], total)
+
+    def step(self, states, grads, t):
+        counts, o = self.counters(states), self.opts
+        for i, (p, g) in enumerate(zip(states, grads)):
+            vel = self.slot(p, "bop_v") if o["norm"] == "rms" else None
+            bop(p.q, g, self.slot(p, "bop_m"), vel, counts[i], gamma=self.gamma(t), thr=o["threshold"],
+                qmax=p.qmax, gamma2=o["gamma2"], reset=bool(o["reset"]))
+        return counts
+
+    def hparams(self, t):
+        return {"lr": self.lr(t), "gamma": self.gamma(t), "threshold": self.opts["threshold"]}
 
 
 def make_sampler(name, **kw):

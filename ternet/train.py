@@ -83,8 +83,10 @@ class Trainer:
         total = cfg.epochs * self.spe
         lr = Schedule(cfg.lr_schedule, cfg.lr, cfg.lr_end, total, cfg.lr_every * self.spe, cfg.lr_gamma)
         m = Schedule("linear" if cfg.m_end else "constant", cfg.m, cfg.m_end, total)
+        extra = dict(cfg.extra)
+        self.window = window_schedule(cfg, extra, total)     # pops the trainer-level keys a_end, a_schedule
         self.sampler = make_sampler(cfg.sampler, seed=cfg.seed, lr=lr, m=m, source=cfg.source, total=total,
-                                    **dict(cfg.extra))
+                                    **extra)
         self.optimizer = RealOptimizer(cfg.bn_optim)
         self.tparams = self.model.tparams()
         self.acc = zeros((2,), np.float64, self.device)      # loss sum, correct: summed on the device
@@ -98,6 +100,8 @@ class Trainer:
     # -- one step --------------------------------------------------------------------------------
     def train_step(self, x, y):
         cfg, t = self.cfg, self.state["step"]
+        if self.window is not None:
+            set_window(self.model, self.window(t))
         logits = self.model.forward(to_side(x, self.device), train=True)
         dlogits = empty(logits.shape, np.float32, self.device)
         loss_forward_backward(dlogits, logits, to_side(y, self.device), cfg.loss, self.acc)
@@ -121,8 +125,14 @@ class Trainer:
         for i, p in enumerate(self.tparams):
             rec = {"counts": [int(c) for c in state_counts(p.q, p.qmax)]}
             if counters is not None and steps:
-                rec.update(self.sampler.summarize(counters[i], p.size, steps))
+                rec.update(self.sampler.summarize(counters[i], p.size, steps, layer=i))
             out[p.name] = rec
+        return out
+
+    def hparams(self, t):
+        out = self.sampler.hparams(t)
+        if self.window is not None:
+            out["act_a"] = self.window(t)
         return out
 
     def log_interval(self, bar):
@@ -139,9 +149,10 @@ class Trainer:
             tot["counters"] = counters if tot["counters"] is None else [
                 [a + b for a, b in zip(r0, r1)] for r0, r1 in zip(tot["counters"], counters)]
         rec = {"type": "step", "epoch": st["epoch"], "step": st["step"], "loss": loss_sum / iv["count"],
-               "acc": correct / iv["count"], **self.sampler.hparams(st["step"] - 1),
+               "acc": correct / iv["count"], **self.hparams(st["step"] - 1),
                "layers": self._layer_stats(counters, iv["steps"])}
         st["metrics_bytes"] = self.run.append(self.run.metrics_path, rec)
+        self.sampler.observe(counters, iv["steps"], st["step"] - 1)   # adaptive rules update here
         now = time.perf_counter()
         self.run.append(self.run.timing_path, {"step": st["step"], "epoch": st["epoch"], "seconds": now - self._t0,
                                                "img_per_s": iv["count"] / max(now - self._t_iv, 1e-9)})
@@ -154,7 +165,7 @@ class Trainer:
         cfg, st, ep = self.cfg, self.state, self.state["epoch_totals"]
         rec = {"type": "epoch", "epoch": st["epoch"], "step": st["step"],
                "train_loss": ep["loss"] / ep["count"], "train_acc": ep["correct"] / ep["count"],
-               **self.sampler.hparams(st["step"] - 1)}
+               **self.hparams(st["step"] - 1)}
         for split, loader in self.eval_loaders.items():
             rec[f"{split}_loss"], rec[f"{split}_acc"] = evaluate(self.model, loader, cfg.loss)
         rec["layers"] = self._layer_stats(ep["counters"], ep["steps"])
@@ -172,6 +183,7 @@ class Trainer:
         if counters is not None:   # fold the unread counters into the interval, exactly (integers)
             iv["counters"] = counters if iv["counters"] is None else [
                 [a + b for a, b in zip(r0, r1)] for r0, r1 in zip(iv["counters"], counters)]
+        self.state["sampler"] = self.sampler.state_dict()
         path = self.run.checkpoint_path(self.state["step"])
         checkpoint.save(path, self.cfg.to_json(), self.model, self.optimizer, self.state)
         self.run.prune(self.cfg.keep_last)
@@ -193,6 +205,7 @@ class Trainer:
         checkpoint.restore(ck, self.model, self.optimizer)
         self.tparams = self.model.tparams()
         self.state = ck["trainer"]
+        self.sampler.load_state_dict(self.state.get("sampler", {}), self.device)
         self._set_acc(self.state["acc"])
         self._restore_counters()
         self.run.truncate_metrics(self.state["metrics_bytes"])
@@ -236,6 +249,28 @@ class Trainer:
 
     def _on_signal(self, signum, frame):
         self._stop = True
+
+
+def window_schedule(cfg, extra, total):
+    """Annealing of the activation window half-width a (trainer-level, not a sampler setting):
+    --set a_end=A [--set a_schedule=linear|cosine|exp] takes a from --act-a to A over the run.
+    Removes those keys from `extra`; None when a stays constant."""
+    a_end, kind = extra.pop("a_end", None), extra.pop("a_schedule", "linear")
+    if a_end is None:
+        return None
+    if float(a_end) <= 0:
+        raise ValueError(f"--set a_end={a_end}: the window half-width must stay > 0")
+    return Schedule(kind, cfg.act_a, float(a_end), total)
+
+
+def set_window(model, a):
+    """Set the surrogate-window half-width of every ternary activation (fused ones too)."""
+    from .layers import BNAct, TernaryAct
+    for layer in model.layers():
+        if isinstance(layer, TernaryAct):
+            layer.a = a
+        elif isinstance(layer, BNAct):
+            layer.act.a = a
 
 
 def _epoch_line(rec, epochs):

@@ -172,3 +172,156 @@ def sqhinge(z, is_label, k, scale):
     t = 1.0 if is_label else -1.0
     mgn = max(0.0, 1.0 - t * z)
     return mgn * mgn / k, F32(-t * mgn * scale)
+
+# Adam step (the DST 'adam' source and the Metropolis proposal drift share it)
+
+@numba.njit(inline="always")
+def adam_moments(g, mo, ve, b1, b2):
+    """The moments after one more gradient: (b1 mo + (1 - b1) g, b2 ve + (1 - b2) g^2)."""
+    return b1 * mo + (1 - b1) * g, b2 * ve + (1 - b2) * g * g
+
+
+@numba.njit(inline="always")
+def adam_dw(mo, ve, lr, c1, c2, eps):
+    """The Adam step -lr (mo / c1) / (sqrt(ve / c2) + eps) (c1, c2: bias corrections)."""
+    return -lr * (mo / c1) / (math.sqrt(ve / c2) + eps)
+
+
+@numba.njit(inline="always")
+def drift(g, mo, ve, adam, lr, b1, b2, c1, c2, eps):
+    """The proposal step dW for gradient g: -lr g (adam=0), or the Adam step that g would make
+    from the previous moments (mo, ve) (adam=1). Used for the forward and the reverse proposal."""
+    if adam == 0:
+        return -lr * g
+    m1, v1 = adam_moments(g, mo, ve, b1, b2)
+    return adam_dw(m1, v1, lr, c1, c2, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metropolis-Hastings transitions (ternet.samplers.Metropolis; docs/samplers.md)
+#
+# Proposal Q = (1 - eps) K + eps Nb: with probability eps a symmetric move to a neighbouring
+# state (Nb: one state down or up, 1/2 each; a move off the grid proposes staying), otherwise K,
+# which is the DST transition with step dW (dst_on=1) or staying put (dst_on=0, the pure
+# neighbour proposal with proposal rate eps). The energy change of a move by dv in value is
+# estimated from the minibatch gradient g and a diagonal curvature h: dE = g dv + h dv^2 / 2.
+
+@numba.njit(inline="always")
+def dst_kernel_prob(q, y, dw, qmax, m):
+    """Probability that dst_target(q, dw, qmax, m, u) lands on state y, u uniform."""
+    w = F32(q) / F32(qmax)
+    rho = min(max(dw, F32(-1.0) - w), F32(1.0) - w)
+    s = rho * F32(qmax)
+    kappa = math.trunc(s)
+    tau = math.tanh(m * abs(s - kappa))
+    base = min(max(q + int(kappa), -qmax), qmax)
+    extra = min(max(base + (1 if s > 0 else -1), -qmax), qmax)
+    p = F32(0.0)
+    if y == base:
+        p += F32(1.0) - tau
+    if y == extra:
+        p += tau
+    return p
+
+
+@numba.njit(inline="always")
+def neighbour_target(q, qmax, u):
+    """Symmetric neighbour move: q - 1 if u < 1/2, else q + 1; a move off Z_N stays at q."""
+    y = q - 1 if u < F32(0.5) else q + 1
+    if y < -qmax or y > qmax:
+        return q
+    return y
+
+
+@numba.njit(inline="always")
+def mh_propose(q, dw, qmax, m, eps, dst_on, u_mix, u_prop):
+    """A state drawn from Q(q -> .) with the uniforms u_mix (which component) and u_prop."""
+    if u_mix < eps:
+        return neighbour_target(q, qmax, u_prop)
+    if dst_on != 0:
+        return dst_target(q, dw, qmax, m, u_prop)
+    return q
+
+
+@numba.njit(inline="always")
+def mh_proposal_prob(q, y, dw, qmax, m, eps, dst_on):
+    """Q(q -> y) for y != q: eps [|y - q| = 1] / 2 + (1 - eps) P_DST(q -> y; dW) [dst_on]."""
+    p = eps * F32(0.5) if abs(y - q) == 1 else F32(0.0)
+    if dst_on != 0:
+        p += (F32(1.0) - eps) * dst_kernel_prob(q, y, dw, qmax, m)
+    return p
+
+
+@numba.njit(inline="always")
+def energy_delta(g, h, dv):
+    """Estimated energy change of moving a weight's value by dv: g dv + h dv^2 / 2."""
+    return g * dv + F32(0.5) * h * dv * dv
+
+
+@numba.njit(inline="always")
+def mh_accept_prob(de, temp, ratio):
+    """Metropolis-Hastings acceptance min(1, exp(-dE / T) ratio), ratio = Q(y -> x) / Q(x -> y).
+
+    T <= 0 is the greedy limit: a move that lowers the energy is always accepted, one that raises
+    it never, and one that leaves it unchanged with probability min(1, ratio).
+    """
+    if temp <= 0:
+        if de < 0:
+            return F32(1.0)
+        if de > 0:
+            return F32(0.0)
+        return min(F32(1.0), ratio)
+    if ratio <= 0:
+        return F32(0.0)
+    a = -de / temp + math.log(ratio)
+    if a >= 0:
+        return F32(1.0)
+    return math.exp(a)
+
+
+@numba.njit(inline="always")
+def mh_step(q, g, mo, ve, adam, lr, b1, b2, c1, c2, aeps, qmax, m, eps, dst_on, h, temp,
+            u_mix, u_prop, u_acc):
+    """One Metropolis-Hastings transition of one weight: (new state, proposed state, dE).
+
+    mo, ve are the Adam moments before this step (ignored for adam=0). The reverse proposal
+    Q(y -> q) is the same proposal made from y, whose gradient is estimated as g + h dv.
+    """
+    dw = drift(g, mo, ve, adam, lr, b1, b2, c1, c2, aeps)
+    y = mh_propose(q, dw, qmax, m, eps, dst_on, u_mix, u_prop)
+    if y == q:
+        return q, q, F32(0.0)
+    dv = F32(y - q) / F32(qmax)
+    de = energy_delta(g, h, dv)
+    fwd = mh_proposal_prob(q, y, dw, qmax, m, eps, dst_on)
+    dw_rev = drift(g + h * dv, mo, ve, adam, lr, b1, b2, c1, c2, aeps)
+    rev = mh_proposal_prob(y, q, dw_rev, qmax, m, eps, dst_on)
+    if u_acc < mh_accept_prob(de, temp, rev / fwd):
+        return y, y, de
+    return q, y, de
+
+
+# ----------------------------------------------------------------------------------------------
+# latent-free momentum threshold for Z_N (the ternary analogue of Bop, Helwegen et al. 2019)
+
+@numba.njit(inline="always")
+def bop_step(q, g, mo, ve, gamma, gamma2, thr, norm, reset, qmax):
+    """One Bop-ternary update of one weight: (new state, new momentum, new second moment).
+
+    mo <- (1 - gamma) mo + gamma g; with norm=1 also ve <- (1 - gamma2) ve + gamma2 g^2 and the
+    signal is s = mo / (sqrt(ve) + 1e-8), else s = mo. When |s| > thr the weight moves one state
+    against the sign of s (the descent direction: +1 -> 0 -> -1 for s > 0), unless that leaves
+    Z_N; after a move the momentum is zeroed when reset=1.
+    """
+    mo = (F32(1.0) - gamma) * mo + gamma * g
+    s = mo
+    if norm != 0:
+        ve = (F32(1.0) - gamma2) * ve + gamma2 * g * g
+        s = mo / (math.sqrt(ve) + F32(1e-8))
+    if abs(s) > thr:
+        y = q - 1 if s > 0 else q + 1
+        if -qmax <= y <= qmax:
+            q = y
+            if reset != 0:
+                mo = F32(0.0)
+    return q, mo, ve
