@@ -4,6 +4,7 @@ configurations of docs/performance.md. Prints one JSON line per configuration, t
 
     python bench/bench_gpu.py                 # all three configurations
     python bench/bench_gpu.py vgg resnet18-64 # a subset
+    python bench/bench_gpu.py --profile       # also milliseconds per layer (synchronised)
 """
 import json
 import sys
@@ -18,7 +19,43 @@ CONFIGS = {
 }
 
 
-def bench(name, steps=20, warm=3):
+def profile(model, step, t0):
+    """Milliseconds per top-level layer (forward and backward, each synchronised) for one step."""
+    from numba import cuda
+    times = {}
+    for layer in model.net.layers:
+        f0, b0 = layer.forward, layer.backward
+
+        def wf(x, train, f0=f0, n=layer.name):
+            cuda.synchronize()
+            t = time.perf_counter()
+            r = f0(x, train)
+            cuda.synchronize()
+            times[n + ".fwd"] = (time.perf_counter() - t) * 1e3
+            return r
+
+        def wb(d, b0=b0, n=layer.name):
+            cuda.synchronize()
+            t = time.perf_counter()
+            r = b0(d)
+            cuda.synchronize()
+            times[n + ".bwd"] = (time.perf_counter() - t) * 1e3
+            return r
+
+        layer.forward, layer.backward = wf, wb
+    cuda.synchronize()
+    t = time.perf_counter()
+    step(t0)
+    cuda.synchronize()
+    total = (time.perf_counter() - t) * 1e3
+    for layer in model.net.layers:
+        del layer.forward, layer.backward
+    layers = sum(times.values())
+    return total, {"layers": round(layers, 2), "rest (loss, sampler, optimizer)": round(total - layers, 2),
+                   **{k: round(v, 2) for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:14]}}
+
+
+def bench(name, steps=20, warm=3, prof=False):
     from numba import cuda
 
     from ternet import cuda_memory
@@ -61,16 +98,20 @@ def bench(name, steps=20, warm=3):
         times.append(cuda.event_elapsed_time(e0, e1))
     times.sort()
     med = times[len(times) // 2]
+    if prof:
+        total, parts = profile(model, step, warm + steps)
+        print(json.dumps({"profile": name, "synced_step_ms": round(total, 2), **parts}), flush=True)
     return dict(impl="ternet", model=name, batch=batch, step_ms=round(med, 3), img_per_s=round(batch / med * 1e3, 1),
                 peak_gib=round(cuda_memory.peak_bytes() / 2 ** 30, 3))
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or list(CONFIGS)
+    prof = "--profile" in sys.argv
+    which = [a for a in sys.argv[1:] if not a.startswith("--")] or list(CONFIGS)
     rows = []
     for name in which:
         t0 = time.time()
-        rec = bench(name)
+        rec = bench(name, prof=prof)
         rec["wall_s"] = round(time.time() - t0, 1)
         print(json.dumps(rec), flush=True)
         rows.append(rec)

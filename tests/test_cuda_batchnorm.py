@@ -108,8 +108,11 @@ def test_bn_act_matches_cpu_composition(shape, int_scale, window):
     assert saved.s == int_scale and (saved.xq if int_scale else saved.xf).size == n
 
 
-def test_bn_act_falls_back_to_float32():
-    # int_scale promises integers; a non-integer value, or one beyond int16, keeps float32
+def test_bn_act_falls_back_to_float32(monkeypatch):
+    # int_scale promises integers; with the check on (TERNET_CHECK_INT16=1: a host read per
+    # layer, so off by default) a non-integer value, or one beyond int16, keeps float32
+    import ternet.kernels.batchnorm as bn
+    monkeypatch.setattr(bn, "CHECK_INT16", True)
     rng = np.random.default_rng(5)
     x = (rng.integers(-30, 31, (2, 3, 3, 5)) / 2).astype(np.float32)
     for bad in (0.3, 20000.0):

@@ -6,7 +6,7 @@
 //
 //   conv_fwd_s8:   out[m, k]  = scale * sum_r x[patch(m, r)] * w[k, r]      int8 x int8 -> int32
 //   conv_fwd_bf16: the same on bf16 operands, fp32 accumulation (used for the input gradient:
-//                  dx = conv(dy, flipped transposed w), stride 1)
+//                  dx = conv(dy dilated by the stride, flipped transposed w), stride 1)
 //   conv_dw_bf16:  part[z, k, r] = sum over rows m of split z of dy[m, k] * x[patch(m, r)]
 //
 // Data are NHWC. m = (n, oh, ow) and r = (i, j, c) as in conv.py. Block tile 128 (m) x BN (k),
@@ -18,8 +18,8 @@ typedef unsigned short bf16_t;
 template <bool B, class T, class F> struct pick { typedef T type; };
 template <class T, class F> struct pick<false, T, F> { typedef F type; };
 
-struct Geom {        // mirrors conv_fast.GEOM
-    int n, h, w, c, k, kh, kw, oh, ow, stride, pad, m, r, chunk;
+struct Geom {        // mirrors conv_tc.GEOM
+    int n, h, w, c, k, kh, kw, oh, ow, stride, pad, m, r, chunk, dil;
 };
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
@@ -96,8 +96,16 @@ __device__ __forceinline__ void conv_fwd(const char* x, const char* w, float* ou
         #pragma unroll
         for (int h = 0; h < 2; ++h) {
             int row = (tid >> 2) + h * 64;
+            // dil > 1: the input is seen dilated (dil - 1 zeros between its pixels), which turns
+            // the input gradient of a strided convolution into a stride-1 one
             int ih = oy[h] + i, iw = ox[h] + j;
-            bool ok = live[h] && ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
+            bool ok = live[h] && ih >= 0 && iw >= 0;
+            if (g.dil > 1) {
+                ok = ok && ih % g.dil == 0 && iw % g.dil == 0;
+                ih /= g.dil;
+                iw /= g.dil;
+            }
+            ok = ok && ih < g.h && iw < g.w;
             const char* src = ok ? x + ((((long)img[h] * g.h + ih) * g.w + iw) * g.c + c0) * E + chunk * 16 : x;
             cp_async16(&As[stage][swz64(row, chunk)], src, ok);
         }

@@ -11,7 +11,7 @@ import numpy as np
 from numba import cuda, types
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conv_mma.cu")
-GEOM = ("n", "h", "w", "c", "k", "kh", "kw", "oh", "ow", "stride", "pad", "m", "r", "chunk")
+GEOM = ("n", "h", "w", "c", "k", "kh", "kw", "oh", "ow", "stride", "pad", "m", "r", "chunk", "dil")
 DW_CHUNK = 4096
 
 
@@ -71,6 +71,7 @@ _GEOMS = {}
 def _geom(**kw):
     # one small device array per layer geometry, copied once: a host-to-device copy inside the
     # step would make the host wait for every queued kernel
+    kw.setdefault("dil", 1)
     key = tuple(kw.get(k, 0) for k in GEOM)
     if key not in _GEOMS:
         _GEOMS[key] = cuda.to_device(np.array(key, np.int32))
@@ -133,18 +134,19 @@ def forward(out, x, w, scale, stride, pad):
 
 
 def backward_input(dx, dy, w, scale, stride, pad, dy16=None):
-    """dx = transposed conv of dy, as a bf16 convolution of dy with the flipped, transposed
-    weights (stride 1 only); returns False when the shapes do not fit."""
+    """dx = transposed conv of dy: a stride-1 bf16 convolution of dy, dilated by the stride
+    (zeros skipped by the loader, not stored), with the flipped, transposed weights; returns
+    False when the shapes do not fit. A stride-s layer does s^2 times the useful work here."""
     n, h, wd, c = dx.shape
     k, kh, kw, _ = w.shape
     _, oh, ow, _ = dy.shape
-    if stride != 1 or k % 32 or not available():
+    if k % 32 or not available():
         return False
     dy16 = bf16(dy) if dy16 is None else dy16
     wf = cuda.device_array((c, kh, kw, k), np.uint16)
     _flip_weight_bf16[min(4096, (w.size + 255) // 256), 256](w, _bf16_table(float(scale)), wf)
     g = _geom(n=n, h=oh, w=ow, c=k, k=c, kh=kh, kw=kw, oh=h, ow=wd, stride=1, pad=kh - 1 - pad, m=n * h * wd,
-              r=kh * kw * k)
+              r=kh * kw * k, dil=stride)
     bn = 64 if c <= 64 else 128
     kern = _kernels()[f"conv_fwd_bf16_{bn}"]
     kern[((n * h * wd + 127) // 128, (c + bn - 1) // bn), 256](_ptr(dy16), _ptr(wf), _ptr(dx), _ptr(g), np.float32(1.0))
