@@ -22,7 +22,7 @@ import numpy as np
 from .kernels import on_device, zeros
 from .kernels.transitions import bop, dst_adam, dst_sgd, metropolis
 from .rng import stream_key
-from .schedules import AdaptiveTemperature, Schedule
+from .schedules import KINDS, AdaptiveTemperature, Schedule
 
 REGISTRY = {}
 
@@ -163,7 +163,7 @@ class Metropolis(Sampler):
     neighbour proposal accepts every downhill coordinate at the rate `rate` (greedy coordinate
     descent). mix = 0 makes a first-order DST proposal irreversible: nothing is accepted at T > 0;
     a large mix floods the run with neighbour moves (at T ~ 0 about mix / 4 flips per weight per
-    step, against ~3e-4 for DST-adam at lr 0.01: mix = 0.05 cost several points in the pilot probe).
+    step, against ~4e-3 falling to ~1e-4 for DST-adam at lr 0.01: mix = 0.05 cost 5-8 points in a probe).
     Memory: none per weight for source sgd, two float32 moments for adam (as DST-adam).
     Refs: Metropolis et al. 1953; Hastings 1970; Kirkpatrick et al. 1983 (annealing); a discrete
     gradient-informed proposal as in Zhang, Liu & Liu, "A Langevin-like sampler for discrete
@@ -173,7 +173,7 @@ class Metropolis(Sampler):
     SOURCES = ("sgd", "adam")
     COUNTERS = ("flips", "proposals", "accepts", "uphill_proposals", "uphill_accepts")
     OPTIONS = {**Sampler.OPTIONS, "proposal": "dst", "mix": 1e-3, "rate": 0.01, "follow_lr": 1, "curvature": 0.0,
-               "temperature": 1e-5, "t_end": 0.0, "t_schedule": "constant",
+               "temperature": 1e-6, "t_end": 0.0, "t_schedule": "constant",
                "target": 0.1, "target_end": -1.0, "gain": 1.0, "t_min": 1e-12, "t_max": 1.0}
 
     def __init__(self, seed, lr, m, source="sgd", total=1, **opts):
@@ -184,6 +184,8 @@ class Metropolis(Sampler):
         self.eps = o["mix"] if o["proposal"] == "dst" else o["rate"]
         if not 0 <= self.eps <= 1 or o["curvature"] < 0 or o["temperature"] < 0:
             raise ValueError("metropolis: need 0 <= mix, rate <= 1, curvature >= 0, temperature >= 0")
+        if o["t_schedule"] not in KINDS + ("adaptive",):
+            raise ValueError(f"metropolis: t_schedule {o['t_schedule']!r}; choose {', '.join(KINDS)} or adaptive")
         self.adaptive = None
         if o["t_schedule"] == "adaptive":
             end = o["target"] if o["target_end"] < 0 else o["target_end"]
@@ -276,7 +278,7 @@ class BopTernary(Sampler):
     a latent weight (it is reset and never read as a weight), but it is float state.
     """
     name = "bop"
-    OPTIONS = {**Sampler.OPTIONS, "gamma": 1e-2, "gamma_end": 0.0, "gamma_schedule": "constant",
+    OPTIONS = {**Sampler.OPTIONS, "gamma": 0.05, "gamma_end": 0.0, "gamma_schedule": "constant",
                "threshold": 0.5, "norm": "rms", "gamma2": 1e-2, "reset": 1}
 
     def __init__(self, seed, lr, m, source="sgd", total=1, **opts):
