@@ -22,7 +22,7 @@ import numpy as np
 from .kernels import on_device, zeros
 from .kernels.transitions import bop, dst_adam, dst_sgd, metropolis
 from .rng import stream_key
-from .schedules import AdaptiveTemperature, Schedule
+from .schedules import KINDS, AdaptiveTemperature, Schedule
 
 REGISTRY = {}
 
@@ -150,6 +150,8 @@ class Metropolis(Sampler):
     Each weight's rule satisfies detailed balance for exp(-E / T) of the local quadratic energy; all
     weights move at once on one minibatch gradient, so on a network it is a stochastic, parallel
     approximation of MCMC on the loss, not an exact one. T <= 0 is greedy: only moves with dE <= 0.
+    follow_lr=1 scales mix / rate by lr(t) / lr(0) (the proposal kernel may change with t; each
+    step stays reversible), so the neighbour moves anneal with the lr schedule.
 
     Temperature (in units of the mean minibatch loss): t_schedule constant | exp | linear | cosine
     from `temperature` to t_end (exp needs t_end > 0; linear/cosine to 0 end greedy), or adaptive:
@@ -159,7 +161,9 @@ class Metropolis(Sampler):
     Mis-set: T far above |g| dz accepts uphill moves freely (a random walk) and, with the DST
     proposal, rejects most DST moves (the Hastings ratio ~ mix / (2 tau) < 1); T = 0 with the
     neighbour proposal accepts every downhill coordinate at the rate `rate` (greedy coordinate
-    descent). mix = 0 makes a first-order DST proposal irreversible: nothing is accepted at T > 0.
+    descent). mix = 0 makes a first-order DST proposal irreversible: nothing is accepted at T > 0;
+    a large mix floods the run with neighbour moves (at T ~ 0 about mix / 4 flips per weight per
+    step, against ~4e-3 falling to ~1e-4 for DST-adam at lr 0.01: mix = 0.05 cost 5-8 points in a probe).
     Memory: none per weight for source sgd, two float32 moments for adam (as DST-adam).
     Refs: Metropolis et al. 1953; Hastings 1970; Kirkpatrick et al. 1983 (annealing); a discrete
     gradient-informed proposal as in Zhang, Liu & Liu, "A Langevin-like sampler for discrete
@@ -168,8 +172,8 @@ class Metropolis(Sampler):
     name = "metropolis"
     SOURCES = ("sgd", "adam")
     COUNTERS = ("flips", "proposals", "accepts", "uphill_proposals", "uphill_accepts")
-    OPTIONS = {**Sampler.OPTIONS, "proposal": "dst", "mix": 0.05, "rate": 0.01, "curvature": 0.0,
-               "temperature": 1e-5, "t_end": 0.0, "t_schedule": "constant",
+    OPTIONS = {**Sampler.OPTIONS, "proposal": "dst", "mix": 1e-3, "rate": 0.01, "follow_lr": 1, "curvature": 0.0,
+               "temperature": 1e-6, "t_end": 0.0, "t_schedule": "constant",
                "target": 0.1, "target_end": -1.0, "gain": 1.0, "t_min": 1e-12, "t_max": 1.0}
 
     def __init__(self, seed, lr, m, source="sgd", total=1, **opts):
@@ -180,6 +184,8 @@ class Metropolis(Sampler):
         self.eps = o["mix"] if o["proposal"] == "dst" else o["rate"]
         if not 0 <= self.eps <= 1 or o["curvature"] < 0 or o["temperature"] < 0:
             raise ValueError("metropolis: need 0 <= mix, rate <= 1, curvature >= 0, temperature >= 0")
+        if o["t_schedule"] not in KINDS + ("adaptive",):
+            raise ValueError(f"metropolis: t_schedule {o['t_schedule']!r}; choose {', '.join(KINDS)} or adaptive")
         self.adaptive = None
         if o["t_schedule"] == "adaptive":
             end = o["target"] if o["target_end"] < 0 else o["target_end"]
@@ -191,6 +197,12 @@ class Metropolis(Sampler):
     def temp(self, t, layer):
         return self.adaptive(layer) if self.adaptive else self.temperature(t)
 
+    def eps_at(self, t):
+        """mix (dst proposal) or rate (neighbour) at step t: scaled by lr(t) / lr(0) when follow_lr,
+        so the neighbour moves anneal with the DST moves instead of outlasting them."""
+        lr0 = self.lr(0)
+        return self.eps * (self.lr(t) / lr0 if self.opts["follow_lr"] and lr0 > 0 else 1.0)
+
     def step(self, states, grads, t):
         lr, m, counts, o = self.lr(t), self.m(t), self.counters(states), self.opts
         for i, (p, g) in enumerate(zip(states, grads)):
@@ -198,7 +210,7 @@ class Metropolis(Sampler):
             adam = self.source == "adam"
             mom = self.slot(p, "adam_m") if adam else None
             vel = self.slot(p, "adam_v") if adam else None
-            metropolis(p.q, g, mom, vel, keys, counts[i], lr=lr, qmax=p.qmax, m=m, eps=self.eps,
+            metropolis(p.q, g, mom, vel, keys, counts[i], lr=lr, qmax=p.qmax, m=m, eps=self.eps_at(t),
                        dst_on=o["proposal"] == "dst", h=o["curvature"], temp=self.temp(t, i), t=t + 1)
         return counts
 
@@ -266,7 +278,7 @@ class BopTernary(Sampler):
     a latent weight (it is reset and never read as a weight), but it is float state.
     """
     name = "bop"
-    OPTIONS = {**Sampler.OPTIONS, "gamma": 1e-2, "gamma_end": 0.0, "gamma_schedule": "constant",
+    OPTIONS = {**Sampler.OPTIONS, "gamma": 0.05, "gamma_end": 0.0, "gamma_schedule": "constant",
                "threshold": 0.5, "norm": "rms", "gamma2": 1e-2, "reset": 1}
 
     def __init__(self, seed, lr, m, source="sgd", total=1, **opts):
