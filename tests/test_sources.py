@@ -127,3 +127,20 @@ def test_idx_errors_name_the_file(tmp_path):
 def test_every_command_has_help(cmd):
     r = prep_cli(cmd, "--help")
     assert r.exit_code == 0 and "Usage:" in r.output and len(r.output) > 250
+
+
+def test_idx_val_fraction_carves_from_train(fashion_mnist_dir, tmp_path):
+    from click.testing import CliRunner
+    from ternet.cli import cli
+    from ternet.shards import open_dataset
+    out = tmp_path / "fm"
+    res = CliRunner().invoke(cli, ["prep", "mnist", str(fashion_mnist_dir), str(out), "--per-class-limit",
+                                   "train=50,test=10", "--val-fraction", "0.2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    ds = open_dataset(out)
+    assert ds.splits == {"train": 400, "test": 100, "val": 100}
+    train, _ = ds.load_split("train")
+    val, yval = ds.load_split("val")
+    seen = {bytes(a) for a in train.reshape(len(train), -1)}
+    assert not any(bytes(a) in seen for a in val.reshape(len(val), -1))   # disjoint from train
+    assert (np.bincount(yval, minlength=10) == 10).all()                  # stratified per class

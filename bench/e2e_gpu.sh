@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# End to end on the GPU (docs/performance.md, acceptance of the GPU path): prepare CIFAR-10 from
+# the JPEG archive and train vgg-gxnor; prepare MNIST from its PNG folders and train lenet.
+# Wall time is measured from the start of preparation. Usage (in a device call, after
+#   the numpy wheel install of gpu_session.sh):
+#   bash bench/e2e_gpu.sh cifar|mnist [extra ternet train options...]
+set -u
+OUT=${OUT:-/tmp/ternet-e2e}
+what=$1; shift
+t0=$(date +%s.%N)
+src=/tmp/src-$what
+mkdir -p "$src" "$OUT"
+if [ "$what" = cifar ]; then
+    tar -xzf .data/cifar10-jpg.tar.gz -C "$src"
+    python3 -m ternet prep cifar10 "$src" /tmp/data-cifar --quiet
+    args=(--data /tmp/data-cifar --arch vgg-gxnor)
+else
+    tar -xzf .data/mnist-png.tar.gz -C "$src"
+    python3 -m ternet prep folder "$src" /tmp/data-mnist --channels 1 --name mnist --quiet
+    args=(--data /tmp/data-mnist --arch lenet)
+fi
+t1=$(date +%s.%N)
+python3 -m ternet train "${args[@]}" --device cuda --quiet --runs-dir "$OUT/runs" --name "$what" "$@"
+t2=$(date +%s.%N)
+python3 - "$OUT/runs/$what" "$t0" "$t1" "$t2" <<'PY'
+import json, sys
+run, t0, t1, t2 = sys.argv[1], *map(float, sys.argv[2:])
+ep = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if '"epoch"' in l and '"type": "epoch"' in l]
+best = max(ep, key=lambda r: r["test_acc"])
+print(json.dumps(dict(e2e=run, prep_s=round(t1 - t0, 1), train_s=round(t2 - t1, 1), total_s=round(t2 - t0, 1),
+                      epochs=len(ep), final_test_acc=ep[-1]["test_acc"], best_test_acc=best["test_acc"],
+                      best_epoch=best["epoch"] + 1)))
+PY
