@@ -114,6 +114,7 @@ class DST(Sampler):
     source='sgd': dW = -lr(t) * g. No full-precision memory per weight at all (the paper's claim).
     source='adam': dW = the Adam step of g with lr(t), which is what the authors' reference code
     ran; it keeps two float32 moments per weight (8 bytes per weight, 64x an int8 state).
+    --set beta1=, beta2= set its decay rates (0.9, 0.999 as in Adam).
 
     lr sets the expected move per step; too small and (with tau ~ m |nu| / dz) nearly nothing flips,
     too large and kappa >= 1 makes weights jump deterministically every step (a random walk
@@ -122,16 +123,19 @@ class DST(Sampler):
     """
     name = "dst"
     SOURCES = ("sgd", "adam")
+    # adam source: the moments' decay rates. A slower first moment (beta1 = 0.99) averages the
+    # gradient over ~100 steps instead of ~10, so fewer weights flip on minibatch noise.
+    OPTIONS = {**Sampler.OPTIONS, "beta1": 0.9, "beta2": 0.999}
 
     def step(self, states, grads, t):
-        lr, m, counts = self.lr(t), self.m(t), self.counters(states)
+        lr, m, counts, o = self.lr(t), self.m(t), self.counters(states), self.opts
         for i, (p, g) in enumerate(zip(states, grads)):
             key = self.key(t, i)
             if self.source == "sgd":
                 dst_sgd(p.q, g, lr, p.qmax, m, key, counts[i])
             else:
                 dst_adam(p.q, g, self.slot(p, "adam_m"), self.slot(p, "adam_v"), lr, t + 1, p.qmax, m, key,
-                         counts[i])
+                         counts[i], b1=o["beta1"], b2=o["beta2"])
         return counts
 
 
