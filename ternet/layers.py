@@ -7,7 +7,7 @@ parameters are real (RealParam). Exercise: pytest tests/test_layers.py.
 """
 import numpy as np
 
-from .kernels import empty, on_device
+from .kernels import empty, on_device, workspace
 from .kernels.activation import ternary_backward, ternary_forward
 from .kernels.batchnorm import (batchnorm_backward, batchnorm_forward_eval, batchnorm_forward_train,
                                 bn_act_backward, bn_act_forward_eval, bn_act_forward_train)
@@ -93,10 +93,17 @@ class Conv2d(Layer):
         h, w, _ = shape
         return (out_size(h, self.k, self.stride, self.pad), out_size(w, self.k, self.stride, self.pad), self.cout)
 
+    def _cols(self, name, x):
+        # host path: the im2col matrix lives in a scratch buffer reused from step to step
+        if on_device(x):
+            return None
+        n, oh, ow, _ = (x.shape[0],) + self.out_shape(x.shape[1:])
+        return workspace(self, name, (n * oh * ow, self.k * self.k * self.cin), np.float32)
+
     def forward(self, x, train):
         n = x.shape[0]
         y = empty((n,) + self.out_shape(x.shape[1:]), np.float32, on_device(x))
-        cols = conv2d_forward(y, x, self.w.q, self.w.scale, self.stride, self.pad)
+        cols = conv2d_forward(y, x, self.w.q, self.w.scale, self.stride, self.pad, self._cols("cols", x))
         if train:
             self.ctx = (x, cols)
         return y
@@ -110,7 +117,7 @@ class Conv2d(Layer):
         if not self.needs_dinput:
             return None
         dx = empty(x.shape, np.float32, on_device(dy))
-        conv2d_backward_input(dx, dy, self.w.q, self.w.scale, self.stride, self.pad)
+        conv2d_backward_input(dx, dy, self.w.q, self.w.scale, self.stride, self.pad, self._cols("dcols", x))
         return dx
 
     def tparams(self):

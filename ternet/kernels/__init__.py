@@ -63,6 +63,20 @@ def empty(shape, dtype, device):
     return np.empty(shape, dtype=dtype)
 
 
+_WORKSPACE = {}
+
+
+def workspace(owner, name, shape, dtype):
+    """A host scratch array kept between calls for (owner, name, shape, dtype): for temporaries a
+    launcher fills and consumes within one call (im2col matrices). Allocating tens of MB afresh
+    each step costs page faults on every first touch (glibc returns large blocks to the OS)."""
+    key = (id(owner), name, tuple(shape), np.dtype(dtype).str)
+    a = _WORKSPACE.get(key)
+    if a is None:
+        a = _WORKSPACE[key] = np.empty(shape, dtype)
+    return a
+
+
 def zeros(shape, dtype, device):
     """Zero-filled array on the host or the GPU."""
     if device:

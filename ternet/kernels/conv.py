@@ -328,14 +328,17 @@ def conv2d_forward(out, inp, weight, scale, stride, pad, cols=None):
     return cols
 
 
-def conv2d_backward_input(dinp, dout, weight, scale, stride, pad):
-    """dinp = conv_transpose(dout, scale * weight); overwrites dinp (N, H, W, C) float32."""
+def conv2d_backward_input(dinp, dout, weight, scale, stride, pad, dcols=None):
+    """dinp = conv_transpose(dout, scale * weight); overwrites dinp (N, H, W, C) float32.
+    dcols: optional (N*OH*OW, KH*KW*C) float32 scratch for the host path."""
     n, oh, ow, k = dout.shape
     _, kh, kw, c = weight.shape
     check(dinp.shape[0] == n and dinp.shape[3] == c, "conv2d_backward_input: shape mismatch")
     if on_device(dinp, dout, weight):
         return _conv2d_backward_input_cuda(dinp, dout, weight, scale, stride, pad)
-    dcols = dout.reshape(n * oh * ow, k) @ _as_float_weight(weight, scale)
+    if dcols is None:
+        dcols = np.empty((n * oh * ow, kh * kw * c), np.float32)
+    np.matmul(dout.reshape(n * oh * ow, k), _as_float_weight(weight, scale), out=dcols)
     _col2im(dcols, kh, kw, stride, pad, oh, ow, dinp)
 
 
