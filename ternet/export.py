@@ -89,7 +89,8 @@ def _log2(n):
 def thresholds(decide, bound, shape):
     """(lo, hi) int64 arrays of `shape` with decide(A) = +1 iff A > hi, -1 iff A < lo, for every
     integer A in [-bound, bound]. decide maps int64 candidates of `shape` to int8 and must be
-    non-decreasing in A elementwise. Out-of-range thresholds are clamped to -(bound+1), bound+1."""
+    non-decreasing in A elementwise. lo <= hi + 1 (equality: no zero band); a step outside the
+    range is clamped just outside it (-(bound+1) <= hi, lo <= bound+1)."""
     def first(pred):        # smallest A in [-bound, bound + 1] with pred(decide(A))
         lo = np.full(shape, -bound - 1, np.int64)
         hi = np.full(shape, bound + 1, np.int64)
