@@ -56,10 +56,23 @@ def open_integer(path, ckpt=None):
     return net, None, net.meta.get("data", "")
 
 
+def _float_forward(model, x):
+    """Float logits and the ternary outputs of the top-level batch norm + activation layers,
+    keyed by the integer network's threshold node names."""
+    from .layers import BNAct
+    acts = {}
+    for layer in model.net.layers:
+        x = layer.forward(x, False)
+        if isinstance(layer, BNAct):
+            acts[layer.name.replace("bn", "act")] = np.asarray(x)
+    return np.asarray(x), acts
+
+
 def evaluate_integer(net, data, split, model=None, engine="int", limit=0, batch=200, progress=None):
     """Run the integer network over a split: {"n", "correct_int"} and, with the float model, its
-    "correct_float", "agree" and the disagreements (index, float class, integer class, whether
-    the float logits of the two classes are an exact tie, their gap in float32 ulps)."""
+    "correct_float", "agree", the disagreements (index, float class, integer class, whether
+    the float logits of the two classes are an exact tie, their gap in float32 ulps) and, per
+    threshold node, how many activations differ from the float path's (act_mismatch / act_total)."""
     from .shards import EMBEDDED_DEFAULT, open_dataset
     ds = open_dataset(data or EMBEDDED_DEFAULT)
     if ds.num_classes != net.meta["num_classes"]:
@@ -68,19 +81,29 @@ def evaluate_integer(net, data, split, model=None, engine="int", limit=0, batch=
     flt = _loader(ds, split, batch) if model is not None else None
     res = {"n": 0, "correct_int": 0, "split": split, "engine": engine}
     if model is not None:
-        res.update(correct_float=0, agree=0, disagreements=[])
+        res.update(correct_float=0, agree=0, disagreements=[], act_mismatch={}, act_total={})
     floats = flt.batches(0) if flt else None
     for px, y in raw.batches(0, raw=True):
         if limit and res["n"] >= limit:
             break
         if limit:
             px, y = px[:limit - res["n"]], y[:limit - res["n"]]
-        ipred = intref.predict(net, px, engine)
+        if model is None:
+            ipred = intref.predict(net, px, engine)
+        else:
+            acts = [n["name"] for n in net.nodes if n["op"] == "threshold"]
+            out = intref.run(net, px, engine, keep=acts)
+            ipred = np.argmax(out[None], axis=1)     # key None: the last node, the logits
+            x = next(floats)[0][:len(y)]
+            logits, facts = _float_forward(model, x)
+            for name, f in facts.items():
+                i = out[name].astype(np.int64)
+                i[..., net.by_name[name].get("negated", [])] *= -1
+                res["act_mismatch"][name] = res["act_mismatch"].get(name, 0) + int((i != f).sum())
+                res["act_total"][name] = res["act_total"].get(name, 0) + f.size
+            fpred = np.argmax(logits, axis=1)
         res["correct_int"] += int((ipred == y).sum())
         if model is not None:
-            x = next(floats)[0][:len(y)]
-            logits = np.asarray(model.forward(x, train=False))
-            fpred = np.argmax(logits, axis=1)
             res["correct_float"] += int((fpred == y).sum())
             res["agree"] += int((fpred == ipred).sum())
             for i in np.flatnonzero(fpred != ipred):
@@ -118,6 +141,9 @@ def integer_eval_cli(path, data, split, compare, engine, limit, echo):
             line += (f"; float accuracy {r['correct_float'] / r['n']:.4f}; same class {r['agree']}/{r['n']}"
                      f" ({len(r['disagreements'])} disagreements, {ties} of them exact float ties)")
         echo(line)
-        for d in r["disagreements"][:20]:
+        if compare:
+            echo("  activations that differ from the float path: " + ", ".join(
+                f"{k} {r['act_mismatch'][k]}/{r['act_total'][k]}" for k in r["act_total"]))
+        for d in r.get("disagreements", [])[:20]:
             why = "exact tie" if d["float_tie"] else f"float gap {d['gap_ulps']:.1f} ulp"
             echo(f"  image {d['index']}: float class {d['float_class']}, integer {d['int_class']} ({why})")

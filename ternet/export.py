@@ -301,6 +301,7 @@ class _Folder:
                     c = len(sign)
                     chan = np.arange(w.shape[-1]) % c if flat or cur["op"] == "linear" else np.arange(c)
                     w[..., sign[chan] < 0] *= -1
+                    node["negated"] = np.flatnonzero(sign < 0).tolist()   # outputs are -phi there
                     sign[:] = 1
                     break
                 if cur["op"] not in ("flatten", "sumpool", "gsum"):
