@@ -171,6 +171,16 @@ def test_integer_predictions_match_float(arch, shape, engine):
     np.testing.assert_allclose(real, fl, rtol=1e-5, atol=1e-5)   # float32 rounding of the logits only
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+def test_more_weight_states_fold_exactly(bits):
+    m = randomize(Model("8C3-MP2-16C3-MP2-16FC-10", (12, 12, 3), 10, bits=bits, seed=13))
+    net = fold(m, NORM3)
+    assert np.abs(net.arr("conv2", "weight")).max() == 2 ** (bits - 1)
+    px = images((12, 12, 3))
+    np.testing.assert_array_equal(np.argmax(intref.run(net, px), 1), np.argmax(float_logits(m, px, NORM3), 1))
+    _exhaustive(m, "bn3", "act3")
+
+
 def test_engines_agree_bit_for_bit():
     m = randomize(Model("8C3-MP2-16C3-MP2-16FC-10", (12, 12, 3), 10, seed=8))
     net = fold(m, NORM3)
