@@ -156,6 +156,8 @@ def write_cutie(net, path, name="net", pack=(), findings=None):
     _thresh_hi.npy, _config.json (+ _weights_2bit.npy / _weights_5trit.npy with pack), and
     {name}_graph.json + {name}_extra.npz: the rest of the IntNet, so the folder reads back whole."""
     path = pathlib.Path(path)
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or any(path.glob("*_graph.json")))):
+        raise IntNetError(f"{path} exists and is not an earlier CUTIE export; pick another --out")
     tmp = pathlib.Path(f"{path}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

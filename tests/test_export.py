@@ -252,6 +252,16 @@ def test_cutie_folder_layout(tmp_path):
     assert last["fp_out"] and last["conv_type"] == "dense"
 
 
+def test_cutie_export_never_replaces_an_unrelated_folder(tmp_path):
+    net = fold(Model("4C3-MP2-3", (6, 6, 1), 3), NORM1)
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(intref.IntNetError, match="not an earlier CUTIE export"):
+        exportio.write(net, tmp_path, "cutie")
+    exportio.write(net, tmp_path / "c", "cutie")
+    exportio.write(net, tmp_path / "c", "cutie")        # an earlier export is replaced
+    assert (tmp_path / "keep.txt").exists() and exportio.read(tmp_path / "c").same_as(net)
+
+
 def test_wrong_format_version_says_what_to_do(tmp_path):
     net = fold(Model("4C3-MP2-3", (6, 6, 1), 3), NORM1)
     p = tmp_path / "old.npz"

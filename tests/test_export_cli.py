@@ -13,14 +13,24 @@ from ternet.run import RunDir
 from ternet.train import Trainer
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_data, tmp_path_factory):
-    cfg = Config(data=str(tiny_data), arch="8C5p0-MP2-16C5p0-MP2-32FC", epochs=1, batch_size=50,
-                 log_every=4, ckpt_every=0, keep_last=1).resolve()
-    run = RunDir(tmp_path_factory.mktemp("exp") / "run")
+def train_tiny(data, folder, arch):
+    cfg = Config(data=str(data), arch=arch, epochs=1, batch_size=50, log_every=4, ckpt_every=0,
+                 keep_last=1).resolve()
+    run = RunDir(folder)
     run.create(cfg)
     Trainer(cfg, run, progress=False).fit()
     return run.path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
+    return train_tiny(tiny_data, tmp_path_factory.mktemp("exp") / "run", "8C5p0-MP2-16C5p0-MP2-32FC")
+
+
+def test_cutie_sized_run_passes_the_target_check(tiny_data, tmp_path):
+    run = train_tiny(tiny_data, tmp_path / "run", "8C3-MP2-16C3-MP2-24C3-MP2")     # 28 -> 14 -> 7 -> 3
+    r = invoke("export", run, "--format", "cutie", "--target", "cutie", "--out", tmp_path / "c")
+    assert r.exit_code == 0 and "target cutie: 0 finding(s) in 4 layer(s) -- the network fits" in r.output
 
 
 def invoke(*args):
