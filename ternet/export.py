@@ -51,6 +51,7 @@ class _T:
     match: str = "bitwise"  # bitwise | rounding (input layer: exact sums vs float32 GEMM) | approx
     producer: str = ""      # conv/linear node behind an accumulator
     maxpooled: bool = False
+    f32sums: bool = False   # sums rounded to float32 after every add, as the float path does
 
 
 def bn_eval_affine(bn):
@@ -106,8 +107,8 @@ def thresholds(decide, bound, shape):
 
 
 class _Folder:
-    def __init__(self, model):
-        self.model, self.qmax = model, model.qmax
+    def __init__(self, model, input_sums):
+        self.model, self.qmax, self.input_sums = model, model.qmax, input_sums
         self.nodes, self.arrays, self.names = [], {}, set()
 
     def add(self, name, op, inputs, arrays=None, **attrs):
@@ -150,27 +151,35 @@ class _Folder:
 
     def weighted(self, layer, t):
         q = np.array(layer.w.q, np.int8)
+        fan = layer.k * layer.k * t.shape[-1] if isinstance(layer, Conv2d) else layer.fin
+        bound = t.bound * fan * self.qmax
+        f32 = t.kind == "pixels" and self.input_sums == "float32"
+        # first layer: the float GEMM sums the taps in order, rounding after every add (see
+        # intref._conv_f32seq); rounding may step one float32 ulp past the exact bound
+        extra = {"accumulate": "float32"} if f32 else {}
+        bound = bound + (bound >> 22) + 1 if f32 else bound
         if isinstance(layer, Conv2d):
             if len(t.shape) != 3:
                 raise ExportError(f"{layer.name}: convolution on a flat input")
-            fan = layer.k * layer.k * t.shape[-1]
             name = self.add(layer.name, "conv", [t.name], {"weight": q}, k=layer.k, stride=layer.stride,
-                            pad=layer.pad, bound=t.bound * fan * self.qmax)
+                            pad=layer.pad, bound=bound, **extra)
             shape = layer.out_shape(t.shape)
         else:
-            name = self.add(layer.name, "linear", [t.name], {"weight": q}, bound=t.bound * layer.fin * self.qmax)
+            name = self.add(layer.name, "linear", [t.name], {"weight": q}, bound=bound, **extra)
             shape = (layer.fout,)
-        if self.node(name)["bound"] >= INT64_SAFE:
-            raise ExportError(f"{layer.name}: accumulators could reach {self.node(name)['bound']}, beyond int64")
-        match = "approx" if t.divs else t.match
-        return _T(name, shape, "acc", self.node(name)["bound"], fe=t.fe + _log2(self.qmax), divs=t.divs,
-                  match=match, producer=name)
+        if bound >= INT64_SAFE:
+            raise ExportError(f"{layer.name}: accumulators could reach {bound}, beyond int64")
+        match = "approx" if t.divs else "bitwise" if f32 and t.match == "rounding" else t.match
+        return _T(name, shape, "acc", bound, fe=t.fe + _log2(self.qmax), divs=t.divs, match=match,
+                  producer=name, f32sums=f32)
 
     def pool(self, layer, t):
         op = "maxpool" if not isinstance(layer, AvgPool) else "sumpool"
         area = layer.k * layer.k
         bound = t.bound if op == "maxpool" else t.bound * area
-        name = self.add(layer.name, op, [t.name], k=layer.k, stride=layer.stride, pad=layer.pad, bound=bound)
+        extra = {"accumulate": "float32"} if op == "sumpool" and t.f32sums else {}
+        name = self.add(layer.name, op, [t.name], k=layer.k, stride=layer.stride, pad=layer.pad, bound=bound,
+                        **extra)
         t = replace(t, name=name, shape=layer.out_shape(t.shape), bound=bound)
         if op == "maxpool":
             return replace(t, maxpooled=t.maxpooled or t.kind == "acc")
@@ -308,12 +317,21 @@ class _Folder:
                     break
 
 
-def fold(model, norm, meta=None):
+def fold(model, norm, meta=None, input_sums="float32"):
     """IntNet of a host Model in eval mode. norm = (scale, shift), the loader's per-channel
-    float32 normalisation x = pixel * scale + shift (Loader.scale, Loader.shift)."""
+    float32 normalisation x = pixel * scale + shift (Loader.scale, Loader.shift).
+
+    input_sums: how the first layer (8-bit pixels, real-valued inputs) sums its taps. "float32"
+    reproduces the float evaluator bit for bit: its GEMM adds the taps in im2col order and rounds
+    after every add (OpenBLAS accumulates along k in order; `eval --compare` counts any platform
+    where this differs). "exact": exact integer sums, thresholds for their float32 rounding --
+    what an accelerator would do; a sum within a few ulps of a boundary may then decide
+    differently from the float path (rare: see docs/export.md)."""
     if model.device:
         raise ExportError("fold a host model (model.to(False) first)")
-    f = _Folder(model)
+    if input_sums not in ("float32", "exact"):
+        raise ExportError(f"input_sums={input_sums!r}: float32 or exact")
+    f = _Folder(model, input_sums)
     t = f.input(norm[0], norm[1], model.in_shape)
     for layer in model.net.layers:
         if isinstance(layer, (Conv2d, Linear)):
@@ -337,6 +355,6 @@ def fold(model, norm, meta=None):
         raise ExportError("the network must end in a classifier (linear + batch norm)")
     f.propagate_signs()
     meta = dict(meta or {})
-    meta.update(arch=model.arch, qmax=model.qmax, num_classes=model.num_classes, input_shape=list(model.in_shape),
+    meta.update(arch=model.arch, qmax=model.qmax, input_sums=input_sums, num_classes=model.num_classes, input_shape=list(model.in_shape),
                 norm={"scale": [float(x) for x in norm[0]], "shift": [float(x) for x in norm[1]]})
     return IntNet(f.nodes, f.arrays, meta)

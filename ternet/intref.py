@@ -6,11 +6,13 @@ Exercise: pytest tests/test_export.py; `ternet eval RUN --integer`.
 Ops (per-sample shapes; every node has "name", "op" and "inputs", a list of node names):
   input      uint8 pixels (H, W, C) -> int64 fixed point lut[c, pixel] (the loader's float32
              normalisation times 2^frac_bits, exact when the node says "exact": true)
-  conv       int8 weight (K, KH, KW, C), "stride", "pad" (zeros) -> (OH, OW, K) accumulators
+  conv       int8 weight (K, KH, KW, C), "stride", "pad" (zeros) -> (OH, OW, K) accumulators;
+             "accumulate": "float32" (first layer): taps summed in (i, j, c) order, rounded to
+             float32's 24 significant bits after each add, as the float evaluator's GEMM does
   linear     int8 weight (K, F) on the flattened input -> (K,)
   maxpool    "k", "stride", "pad" (padded taps are skipped, i.e. -inf)
   sumpool    "k", "stride", "pad": window sums (zero padding counted); the 1/k^2 of average
-             pooling is folded into the thresholds downstream
+             pooling is folded into the thresholds downstream ("accumulate" as for conv)
   gsum       sum over H and W -> (C,)  (global average pooling without the 1/(H W))
   flatten    (H, W, C) -> (H*W*C,), channels fastest (NHWC)
   threshold  lo, hi (C,) int: t = +1 if acc > hi, -1 if acc < lo, else 0; out = sign[c] * t (int8)
@@ -24,6 +26,7 @@ import json
 
 import numba
 import numpy as np
+from numba.cpython.unsafe.numbers import leading_zeros
 
 FORMAT = "ternet-intnet"
 VERSION = 1
@@ -103,6 +106,49 @@ def _gemm_int(a, bt, out):
                         o[kk] += v * row[kk]
 
 
+@numba.njit(inline="always")
+def round_f32(v):
+    """A fixed-point int64 value rounded to float32's 24 significant bits, ties to even: what
+    float32 addition does to the same value (any power-of-two scale keeps the significant bits)."""
+    a = v if v >= 0 else -v
+    if a < F32_EXACT:
+        return v
+    s = 40 - leading_zeros(a)           # bit length - 24
+    q = a >> s
+    rem = a - (q << s)
+    half = np.int64(1) << (s - 1)
+    if rem > half or (rem == half and (q & 1) == 1):
+        q += 1
+    return q << s if v >= 0 else -(q << s)
+
+
+@numba.njit(parallel=True, cache=True)
+def _conv_f32seq(x, w, stride, pad, out):
+    # out[n, oh, ow, k] = sum over taps in (i, j, c) order of x * w, rounded to float32 after every
+    # add: how a float32 GEMM on the im2col matrix accumulates (zero taps add exactly nothing)
+    n_img, h, wd, c = x.shape
+    k_n, kh, kw, _ = w.shape
+    _, oh_n, ow_n, _ = out.shape
+    for n in numba.prange(n_img):
+        for oh in range(oh_n):
+            for ow in range(ow_n):
+                for k in range(k_n):
+                    acc = np.int64(0)
+                    for i in range(kh):
+                        ih = oh * stride - pad + i
+                        if ih < 0 or ih >= h:
+                            continue
+                        for j in range(kw):
+                            iw = ow * stride - pad + j
+                            if iw < 0 or iw >= wd:
+                                continue
+                            for ch in range(c):
+                                q = w[k, i, j, ch]
+                                if q != 0:
+                                    acc = round_f32(acc + x[n, ih, iw, ch] * np.int64(q))
+                    out[n, oh, ow, k] = acc
+
+
 @numba.njit(parallel=True, cache=True)
 def _im2col_int(x, kh, kw, stride, pad, oh_n, ow_n, cols):
     # x (N, H, W, C) -> cols (N*OH*OW, KH*KW*C), zeros outside the image; order (i, j, c)
@@ -122,7 +168,8 @@ def _im2col_int(x, kh, kw, stride, pad, oh_n, ow_n, cols):
 
 
 @numba.njit(parallel=True, cache=True)
-def _pool_int(x, k, stride, pad, is_max, out):
+def _pool_int(x, k, stride, pad, mode, out):
+    # mode 0: max (padded taps skipped); 1: sum; 2: sum rounded to float32 after every add
     n_img, h, w, c = x.shape
     _, oh_n, ow_n, _ = out.shape
     for n in numba.prange(n_img):
@@ -139,8 +186,10 @@ def _pool_int(x, k, stride, pad, is_max, out):
                             if iw < 0 or iw >= w:
                                 continue
                             v = x[n, ih, iw, ch]
-                            if not is_max:
+                            if mode == 1:
                                 acc += v
+                            elif mode == 2:
+                                acc = round_f32(acc + v)
                             elif first or v > acc:
                                 acc = v
                             first = False
@@ -169,6 +218,10 @@ def _conv(x, node, w, engine):
     k, kh, kw, _ = w.shape
     s, p = node["stride"], node["pad"]
     oh, ow = _out(h, kh, s, p), _out(wd, kw, s, p)
+    if node.get("accumulate") == "float32":
+        out = np.empty((n, oh, ow, k), np.int64)
+        _conv_f32seq(x.astype(np.int64), w, s, p, out)
+        return out
     cols = np.empty((n * oh * ow, kh * kw * c), x.dtype)
     _im2col_int(x, kh, kw, s, p, oh, ow, cols)
     return _gemm(cols, w.reshape(k, -1), acc_dtype(node["bound"]), engine).reshape(n, oh, ow, k)
@@ -178,7 +231,8 @@ def _pool(x, node, is_max):
     n, h, w, c = x.shape
     k, s, p = node["k"], node["stride"], node["pad"]
     out = np.empty((n, _out(h, k, s, p), _out(w, k, s, p), c), x.dtype if is_max else acc_dtype(node["bound"]))
-    _pool_int(x if is_max else x.astype(out.dtype), k, s, p, is_max, out)
+    mode = 0 if is_max else 2 if node.get("accumulate") == "float32" else 1
+    _pool_int(x if is_max else x.astype(out.dtype), k, s, p, mode, out)
     return out
 
 
@@ -196,6 +250,12 @@ def _node_forward(net, node, ins, engine):
     if op == "conv":
         eng = engine if node["bound"] < F32_EXACT and ins[0].dtype != np.int64 else "int"
         return _conv(ins[0], node, a("weight"), eng)
+    if op == "linear" and node.get("accumulate") == "float32":
+        x = ins[0].reshape(len(ins[0]), 1, 1, -1).astype(np.int64)
+        w = a("weight")
+        out = np.empty((len(x), 1, 1, len(w)), np.int64)
+        _conv_f32seq(x, w.reshape(len(w), 1, 1, -1), 1, 0, out)
+        return out.reshape(len(x), -1)
     if op == "linear":
         eng = engine if node["bound"] < F32_EXACT and ins[0].dtype != np.int64 else "int"
         return _gemm(ins[0].reshape(len(ins[0]), -1), a("weight"), acc_dtype(node["bound"]), eng)

@@ -171,6 +171,34 @@ def test_integer_predictions_match_float(arch, shape, engine):
     np.testing.assert_allclose(real, fl, rtol=1e-5, atol=1e-5)   # float32 rounding of the logits only
 
 
+@pytest.mark.parametrize("arch,shape", [
+    ("16C3-MP2-10", (16, 16, 3)),            # 27 taps with zero padding
+    ("16C3-AP3-10", (15, 15, 3)),            # average pooling of the first layer's float sums
+    ("64FC-10", (28, 28, 1)),                # 784 taps: a GEMM long enough to be blocked along k
+    ("stem16-GAP-10", (32, 32, 3)),          # 7x7 stride 2, 147 taps
+])
+def test_first_layer_is_bitwise_the_float_path(arch, shape):
+    """The first layer sums real-valued inputs; the integer path reproduces the float32 GEMM's
+    rounding (taps in order), so its activations equal the float path's everywhere."""
+    norm = NORM1 if shape[-1] == 1 else NORM3
+    m = randomize(Model(arch, shape, 10, seed=14))
+    net = fold(m, norm)
+    assert net.by_name["act1"]["match"] == "bitwise"
+    px = images(shape, 64)
+    x = input_lut(*norm)[np.arange(shape[-1]), px]
+    for layer in m.net.layers:
+        x = layer.forward(x, False)
+        if isinstance(layer, BNAct):
+            break
+    got = intref.run(net, px, keep=["act1"])["act1"].astype(np.int64)
+    got[..., net.by_name["act1"].get("negated", [])] *= -1
+    np.testing.assert_array_equal(got, x)
+    exact = fold(m, norm, input_sums="exact")
+    first = lambda n: next(x for x in n.nodes if x["op"] in ("conv", "linear"))    # noqa: E731
+    assert exact.by_name["act1"]["match"] == "rounding" and "accumulate" not in first(exact)
+    assert first(net)["accumulate"] == "float32"
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_more_weight_states_fold_exactly(bits):
     m = randomize(Model("8C3-MP2-16C3-MP2-16FC-10", (12, 12, 3), 10, bits=bits, seed=13))
