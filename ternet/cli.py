@@ -218,11 +218,15 @@ def eval_cmd(run_path, data, split, device, integer, compare, engine, limit):
 @click.option("--name", default="net", show_default=True, help="cutie: file name prefix.")
 @click.option("--ckpt", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Checkpoint to export (default: the run's newest).")
-def export_cmd(run_path, fmt, out, target, pack, name, ckpt):
+@click.option("--rounding", type=click.Choice(["float32", "exact"]), default="float32", show_default=True,
+              help="Sums of real values (first layer, classifier logits): float32 = round them as the float "
+                   "evaluator does (same predictions, ties included); exact = exact integer sums, as an "
+                   "accelerator computes them.")
+def export_cmd(run_path, fmt, out, target, pack, name, ckpt, rounding):
     """Export a trained run for ternary accelerators: integer weights and thresholds."""
     from .deploy import export_run
     try:
-        path, net, report = export_run(run_path, fmt, out, target, pack, name, ckpt)
+        path, net, report = export_run(run_path, fmt, out, target, pack, name, ckpt, rounding)
     except (FileNotFoundError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     if report:

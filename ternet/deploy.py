@@ -17,7 +17,7 @@ def _loader(ds, split, batch):
     return Loader(ds, split, batch, shuffle=False, augment="none", in_memory=False, prefetch=1)
 
 
-def fold_run(run_path, ckpt=None):
+def fold_run(run_path, ckpt=None, rounding="float32"):
     """(cfg, model, net): the run's newest (or given) checkpoint on the host, and its IntNet."""
     from .evaluate import load_model
     from .train import open_data
@@ -27,13 +27,13 @@ def fold_run(run_path, ckpt=None):
     ld = _loader(ds, split, 1)
     meta = {"source": {"run": str(pathlib.Path(run_path).resolve()), "checkpoint": str(ckpt or "newest")},
             "data": cfg.data, "class_names": list(ds.class_names), "act_r": cfg.act_r}
-    return cfg, model, fold(model, (ld.scale, ld.shift), meta)
+    return cfg, model, fold(model, (ld.scale, ld.shift), meta, rounding)
 
 
-def export_run(run_path, fmt, out=None, target=None, pack=(), name="net", ckpt=None):
+def export_run(run_path, fmt, out=None, target=None, pack=(), name="net", ckpt=None, rounding="float32"):
     """Fold and write; returns (out path, IntNet, target report text or None)."""
     from .targets import check_cutie, format_report
-    _, _, net = fold_run(run_path, ckpt)
+    _, _, net = fold_run(run_path, ckpt, rounding)
     out = pathlib.Path(out or pathlib.Path(run_path) / ("export-cutie" if fmt == "cutie" else f"export.{fmt}"))
     report, found = None, []
     if target == "cutie" or fmt == "cutie":

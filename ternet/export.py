@@ -107,8 +107,8 @@ def thresholds(decide, bound, shape):
 
 
 class _Folder:
-    def __init__(self, model, input_sums):
-        self.model, self.qmax, self.input_sums = model, model.qmax, input_sums
+    def __init__(self, model, rounding):
+        self.model, self.qmax, self.rounding = model, model.qmax, rounding
         self.nodes, self.arrays, self.names = [], {}, set()
 
     def add(self, name, op, inputs, arrays=None, **attrs):
@@ -153,7 +153,7 @@ class _Folder:
         q = np.array(layer.w.q, np.int8)
         fan = layer.k * layer.k * t.shape[-1] if isinstance(layer, Conv2d) else layer.fin
         bound = t.bound * fan * self.qmax
-        f32 = t.kind == "pixels" and self.input_sums == "float32"
+        f32 = t.kind == "pixels" and self.rounding == "float32"
         # first layer: the float GEMM sums the taps in order, rounding after every add (see
         # intref._conv_f32seq); rounding may step one float32 ulp past the exact bound
         extra = {"accumulate": "float32"} if f32 else {}
@@ -243,8 +243,9 @@ class _Folder:
         im = np.array([round(m * Fraction(2) ** e) for m in mult], np.int64)
         io = np.array([round(o * Fraction(2) ** e) for o in off], np.int64)
         match = t.match if exact else "approx"
+        extra = {"rounding": "float32"} if self.rounding == "float32" else {}
         return self.add("logits", "affine", [t.name], {"mult": im, "offset": io}, frac_bits=e,
-                        bound=int(top * Fraction(2) ** e), match=match)
+                        bound=int(top * Fraction(2) ** e), match=match, **extra)
 
     def residual(self, block, t):
         conv1, bn1, conv2, bn2 = block.main.layers
@@ -317,21 +318,24 @@ class _Folder:
                     break
 
 
-def fold(model, norm, meta=None, input_sums="float32"):
+def fold(model, norm, meta=None, rounding="float32"):
     """IntNet of a host Model in eval mode. norm = (scale, shift), the loader's per-channel
     float32 normalisation x = pixel * scale + shift (Loader.scale, Loader.shift).
 
-    input_sums: how the first layer (8-bit pixels, real-valued inputs) sums its taps. "float32"
-    reproduces the float evaluator bit for bit: its GEMM adds the taps in im2col order and rounds
-    after every add (OpenBLAS accumulates along k in order; `eval --compare` counts any platform
-    where this differs). "exact": exact integer sums, thresholds for their float32 rounding --
-    what an accelerator would do; a sum within a few ulps of a boundary may then decide
-    differently from the float path (rare: see docs/export.md)."""
+    rounding: where the float path forms sums of real values -- the first layer (real-valued
+    inputs) and the classifier's logits -- "float32" reproduces its float32 rounding with integer
+    ops: the first layer's taps are summed in im2col order with a rounding after every add (as its
+    GEMM does: OpenBLAS accumulates along k in order; `eval --compare` counts any platform where
+    this differs), and the logits are rounded after the scale and after the shift, so the
+    integer network predicts what the float path predicts, exact ties included. "exact": exact
+    integer sums and logits, as an accelerator computes them; then a first-layer sum within a few
+    ulps of a boundary, or two logits within an ulp, may decide differently (see docs/export.md).
+    """
     if model.device:
         raise ExportError("fold a host model (model.to(False) first)")
-    if input_sums not in ("float32", "exact"):
-        raise ExportError(f"input_sums={input_sums!r}: float32 or exact")
-    f = _Folder(model, input_sums)
+    if rounding not in ("float32", "exact"):
+        raise ExportError(f"rounding={rounding!r}: float32 or exact")
+    f = _Folder(model, rounding)
     t = f.input(norm[0], norm[1], model.in_shape)
     for layer in model.net.layers:
         if isinstance(layer, (Conv2d, Linear)):
@@ -355,6 +359,6 @@ def fold(model, norm, meta=None, input_sums="float32"):
         raise ExportError("the network must end in a classifier (linear + batch norm)")
     f.propagate_signs()
     meta = dict(meta or {})
-    meta.update(arch=model.arch, qmax=model.qmax, input_sums=input_sums, num_classes=model.num_classes, input_shape=list(model.in_shape),
+    meta.update(arch=model.arch, qmax=model.qmax, rounding=rounding, num_classes=model.num_classes, input_shape=list(model.in_shape),
                 norm={"scale": [float(x) for x in norm[0]], "shift": [float(x) for x in norm[1]]})
     return IntNet(f.nodes, f.arrays, meta)

@@ -19,7 +19,8 @@ Ops (per-sample shapes; every node has "name", "op" and "inputs", a list of node
   threshold2 residual: inputs [main, short]; lo, hi (C, V) int, "vmin": the shortcut value v
              selects column v - vmin, then as threshold on the main accumulator (sign is +1)
   affine     the classifier: logits = acc * mult[k] + offset[k] (int64), real logits times
-             2^frac_bits; the prediction is the first maximum
+             2^frac_bits; "rounding": "float32" rounds the product and the sum to 24 significant
+             bits as the float path's float32 batch norm does; the prediction is the first maximum
 Each node also records "bound", the largest reachable |value| of its output.
 """
 import json
@@ -149,6 +150,16 @@ def _conv_f32seq(x, w, stride, pad, out):
                     out[n, oh, ow, k] = acc
 
 
+@numba.njit(cache=True)
+def _affine_f32(acc, mult, offset, out):
+    # out = fl(fl(acc * mult) + offset): the float path's batch norm y = x * scale + shift in
+    # float32, on fixed-point integers (x * scale is exact in int64, then rounded like float32)
+    n, k = out.shape
+    for i in range(n):
+        for j in range(k):
+            out[i, j] = round_f32(round_f32(acc[i, j] * mult[j]) + offset[j])
+
+
 @numba.njit(parallel=True, cache=True)
 def _im2col_int(x, kh, kw, stride, pad, oh_n, ow_n, cols):
     # x (N, H, W, C) -> cols (N*OH*OW, KH*KW*C), zeros outside the image; order (i, j, c)
@@ -273,7 +284,12 @@ def _node_forward(net, node, ins, engine):
         ch = np.broadcast_to(np.arange(main.shape[-1]), main.shape)
         return _tern(main, a("lo")[ch, col], a("hi")[ch, col])
     if op == "affine":
-        return ins[0].astype(np.int64) * a("mult") + a("offset")
+        acc = ins[0].astype(np.int64)
+        if node.get("rounding") == "float32":
+            out = np.empty((len(acc), len(a("mult"))), np.int64)
+            _affine_f32(acc, a("mult"), a("offset"), out)
+            return out
+        return acc * a("mult") + a("offset")
     raise IntNetError(f"node {node['name']}: unknown op {op!r}")
 
 
