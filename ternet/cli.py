@@ -187,8 +187,8 @@ def _describe(trainer, run, quiet):
 @click.option("--compare", is_flag=True, help="With --integer on a run: also run the float path and count the "
                                               "images where both predict the same class.")
 @click.option("--engine", type=click.Choice(["int", "f32"]), default="int", show_default=True,
-              help="--integer: int = integer kernels; f32 = float32 BLAS on the integer values (exact: every "
-                   "sum stays an integer below 2^24), much faster.")
+              help="--integer: int = integer kernels; f32 = float32 BLAS on the same integer values (exact: "
+                   "every sum stays an integer below 2^24), where BLAS is faster.")
 @click.option("--limit", type=int, default=0, help="--integer: only the first N images of the split.")
 def eval_cmd(run_path, data, split, device, integer, compare, engine, limit):
     """Evaluate a run's newest checkpoint on a prepared dataset."""

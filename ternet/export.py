@@ -359,6 +359,7 @@ def fold(model, norm, meta=None, rounding="float32"):
         raise ExportError("the network must end in a classifier (linear + batch norm)")
     f.propagate_signs()
     meta = dict(meta or {})
-    meta.update(arch=model.arch, qmax=model.qmax, rounding=rounding, num_classes=model.num_classes, input_shape=list(model.in_shape),
+    meta.update(arch=model.arch, qmax=model.qmax, rounding=rounding, num_classes=model.num_classes,
+                input_shape=list(model.in_shape),
                 norm={"scale": [float(x) for x in norm[0]], "shift": [float(x) for x in norm[1]]})
     return IntNet(f.nodes, f.arrays, meta)

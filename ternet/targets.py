@@ -37,7 +37,7 @@ class HwLayer:
 @dataclass
 class Finding:
     layer: object                    # layer index, or None for the network as a whole
-    rule: str                        # channels | kernel | feature_map | layers | padding | pooling | residual | sign | weights | input
+    rule: str   # channels | kernel | feature_map | layers | padding | pooling | residual | sign | weights | input
     message: str
 
 
