@@ -112,15 +112,12 @@ def round_f32(v):
     """A fixed-point int64 value rounded to float32's 24 significant bits, ties to even: what
     float32 addition does to the same value (any power-of-two scale keeps the significant bits)."""
     a = v if v >= 0 else -v
-    if a < F32_EXACT:
+    s = 40 - leading_zeros(a)           # bit length - 24: the bits float32 cannot keep
+    if s <= 0:
         return v
-    s = 40 - leading_zeros(a)           # bit length - 24
-    q = a >> s
-    rem = a - (q << s)
-    half = np.int64(1) << (s - 1)
-    if rem > half or (rem == half and (q & 1) == 1):
-        q += 1
-    return q << s if v >= 0 else -(q << s)
+    # add just under half an ulp, plus one when the kept part is odd (ties to even), truncate
+    a = ((a + (np.int64(1) << (s - 1)) - 1 + ((a >> s) & 1)) >> s) << s
+    return a if v >= 0 else -a
 
 
 @numba.njit(parallel=True, cache=True)
@@ -130,23 +127,31 @@ def _conv_f32seq(x, w, stride, pad, out):
     n_img, h, wd, c = x.shape
     k_n, kh, kw, _ = w.shape
     _, oh_n, ow_n, _ = out.shape
+    taps = kh * kw * c
+    wf = w.reshape(k_n, taps)
+    nnz = np.zeros(k_n, np.int64)           # each filter's non-zero taps, in order
+    idx = np.zeros((k_n, taps), np.int64)
+    val = np.zeros((k_n, taps), np.int64)
+    for k in range(k_n):
+        for e in range(taps):
+            if wf[k, e] != 0:
+                idx[k, nnz[k]], val[k, nnz[k]] = e, wf[k, e]
+                nnz[k] += 1
     for n in numba.prange(n_img):
+        patch = np.zeros(taps, np.int64)
         for oh in range(oh_n):
             for ow in range(ow_n):
+                for i in range(kh):
+                    ih = oh * stride - pad + i
+                    for j in range(kw):
+                        iw = ow * stride - pad + j
+                        inside = 0 <= ih < h and 0 <= iw < wd
+                        for ch in range(c):
+                            patch[(i * kw + j) * c + ch] = x[n, ih, iw, ch] if inside else 0
                 for k in range(k_n):
                     acc = np.int64(0)
-                    for i in range(kh):
-                        ih = oh * stride - pad + i
-                        if ih < 0 or ih >= h:
-                            continue
-                        for j in range(kw):
-                            iw = ow * stride - pad + j
-                            if iw < 0 or iw >= wd:
-                                continue
-                            for ch in range(c):
-                                q = w[k, i, j, ch]
-                                if q != 0:
-                                    acc = round_f32(acc + x[n, ih, iw, ch] * np.int64(q))
+                    for t in range(nnz[k]):
+                        acc = round_f32(acc + patch[idx[k, t]] * val[k, t])
                     out[n, oh, ow, k] = acc
 
 

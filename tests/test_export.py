@@ -55,6 +55,16 @@ def bn_of(model, name):
 # ----------------------------------------------------------------------------------------------
 # the threshold search
 
+def test_round_f32_is_float32_rounding():
+    g = np.random.default_rng(0)
+    v = g.integers(-2 ** 52, 2 ** 52, 20000) >> g.integers(0, 50, 20000)
+    ties = (g.integers(1, 2 ** 24, 2000) << 6) | 32          # exactly half an ulp above 24 bits
+    v = np.concatenate([v, ties, -ties, [0, 1, -1, 2 ** 24 - 1, 2 ** 24 + 1, 2 ** 25 + 3]]).astype(np.int64)
+    got = np.array([intref.round_f32(int(x)) for x in v], np.int64)
+    want = np.ldexp(v.astype(np.float64), -30).astype(np.float32).astype(np.float64)   # float64 holds v exactly
+    np.testing.assert_array_equal(np.ldexp(got.astype(np.float64), -30), want)
+
+
 def test_thresholds_step_function_with_clamping():
     # decide = +1 above 5, -1 below -3 (inclusive steps), one channel constant +1, one constant -1
     def decide(a):
