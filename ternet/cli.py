@@ -190,12 +190,14 @@ def _describe(trainer, run, quiet):
               help="--integer: int = integer kernels; f32 = float32 BLAS on the same integer values (exact: "
                    "every sum stays an integer below 2^24), where BLAS is faster.")
 @click.option("--limit", type=int, default=0, help="--integer: only the first N images of the split.")
-def eval_cmd(run_path, data, split, device, integer, compare, engine, limit):
+@click.option("--rounding", type=click.Choice(["float32", "exact"]), default="float32", show_default=True,
+              help="--integer on a run: fold as `ternet export --rounding` does.")
+def eval_cmd(run_path, data, split, device, integer, compare, engine, limit, rounding):
     """Evaluate a run's newest checkpoint on a prepared dataset."""
     from .evaluate import evaluate_run
     if integer:
         from .deploy import integer_eval_cli
-        return integer_eval_cli(run_path, data, split, compare, engine, limit, click.echo)
+        return integer_eval_cli(run_path, data, split, compare, engine, limit, click.echo, rounding)
     try:
         results = evaluate_run(run_path, data=data, split=split, device=device)
     except (FileNotFoundError, ValueError) as e:

@@ -45,12 +45,12 @@ def export_run(run_path, fmt, out=None, target=None, pack=(), name="net", ckpt=N
     return out, net, report
 
 
-def open_integer(path, ckpt=None):
+def open_integer(path, ckpt=None, rounding="float32"):
     """(IntNet, model or None, data path): a run folder is folded (its model kept for
     comparisons); an export (npz, h5 or CUTIE folder) is read."""
     p = pathlib.Path(path)
     if (p / "config.json").exists():
-        cfg, model, net = fold_run(p, ckpt)
+        cfg, model, net = fold_run(p, ckpt, rounding)
         return net, model, cfg.data
     net = exportio.read(p)
     return net, None, net.meta.get("data", "")
@@ -119,12 +119,12 @@ def evaluate_integer(net, data, split, model=None, engine="int", limit=0, batch=
     return res
 
 
-def integer_eval_cli(path, data, split, compare, engine, limit, echo):
+def integer_eval_cli(path, data, split, compare, engine, limit, echo, rounding="float32"):
     """`ternet eval PATH --integer [--compare]`: accuracy of the integer network (and agreement)."""
     import click
     from .shards import EMBEDDED_DEFAULT, open_dataset
     try:
-        net, model, run_data = open_integer(path)
+        net, model, run_data = open_integer(path, rounding=rounding)
         ds = open_dataset(data or run_data or EMBEDDED_DEFAULT)
     except (FileNotFoundError, ValueError) as e:
         raise click.UsageError(str(e)) from None

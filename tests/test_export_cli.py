@@ -57,6 +57,8 @@ def test_eval_integer_matches_float_on_the_run_and_on_exports(tiny_run, tmp_path
     m = re.search(r"integer accuracy ([0-9.]+) \(200 images.*float accuracy ([0-9.]+); same class 200/200", r.output)
     assert m and m.group(1) == m.group(2), r.output
     assert re.search(r"act1 0/\d+, act2 0/\d+, act3 0/\d+", r.output), r.output
+    r = invoke("eval", tiny_run, "--integer", "--compare", "--rounding", "exact")   # exact sums: agree here too
+    assert r.exit_code == 0 and "same class 200/200" in r.output, r.output
     for fmt, out in (("npz", tmp_path / "n.npz"), ("h5", tmp_path / "n.h5"), ("cutie", tmp_path / "c")):
         assert invoke("export", tiny_run, "--format", fmt, "--out", out).exit_code == 0
         r2 = invoke("eval", out, "--integer", "--engine", "f32")
