@@ -1,4 +1,4 @@
-"""The `ternet` command: prep, train, eval, inspect, sweep (export joins later).
+"""The `ternet` command: prep, train, eval, inspect, export, sweep.
 Run `ternet --help`, `ternet train --help`."""
 import dataclasses
 import json
@@ -183,15 +183,58 @@ def _describe(trainer, run, quiet):
 @click.option("--data", default=None, help="Prepared dataset to evaluate on (default: the run's own).")
 @click.option("--split", default=None, help="Split to evaluate (default: every val/test split present).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def eval_cmd(run_path, data, split, device):
+@click.option("--integer", is_flag=True, help="Run the exported integer network (integer arithmetic only, CPU). "
+                                              "RUN may also be an export (npz, h5 or CUTIE folder).")
+@click.option("--compare", is_flag=True, help="With --integer on a run: also run the float path and count the "
+                                              "images where both predict the same class.")
+@click.option("--engine", type=click.Choice(["int", "f32"]), default="int", show_default=True,
+              help="--integer: int = integer kernels; f32 = float32 BLAS on the same integer values (exact: "
+                   "every sum stays an integer below 2^24), where BLAS is faster.")
+@click.option("--limit", type=int, default=0, help="--integer: only the first N images of the split.")
+@click.option("--rounding", type=click.Choice(["float32", "exact"]), default="float32", show_default=True,
+              help="--integer on a run: fold as `ternet export --rounding` does.")
+def eval_cmd(run_path, data, split, device, integer, compare, engine, limit, rounding):
     """Evaluate a run's newest checkpoint on a prepared dataset."""
     from .evaluate import evaluate_run
+    if integer:
+        from .deploy import integer_eval_cli
+        return integer_eval_cli(run_path, data, split, compare, engine, limit, click.echo, rounding)
     try:
         results = evaluate_run(run_path, data=data, split=split, device=device)
     except (FileNotFoundError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     for s, (loss, acc) in results.items():
         click.echo(f"{s}: loss {loss:.4f} accuracy {acc:.4f}")
+
+
+@cli.command("export")
+@click.argument("run_path", metavar="RUN", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["npz", "h5", "cutie"]), default="npz", show_default=True,
+              help="npz/h5: ternet's integer network (int8 weights, integer thresholds, graph as JSON); "
+                   "cutie: a folder with per-layer .npy files and _config.json (see docs/export.md).")
+@click.option("--out", default=None, type=click.Path(), help="Output file or folder (default: inside RUN).")
+@click.option("--target", type=click.Choice(["cutie"]), default=None,
+              help="Check the network against an accelerator's limits and list, layer by layer, what it "
+                   "cannot take; everything is still exported for simulation.")
+@click.option("--pack", type=click.Choice(["2bit", "5trit"]), multiple=True,
+              help="cutie: also write packed weights (2 bits per trit, or 5 trits per byte). Repeatable.")
+@click.option("--name", default="net", show_default=True, help="cutie: file name prefix.")
+@click.option("--ckpt", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Checkpoint to export (default: the run's newest).")
+@click.option("--rounding", type=click.Choice(["float32", "exact"]), default="float32", show_default=True,
+              help="Sums of real values (first layer, classifier logits): float32 = round them as the float "
+                   "evaluator does (same predictions, ties included); exact = exact integer sums, as an "
+                   "accelerator computes them.")
+def export_cmd(run_path, fmt, out, target, pack, name, ckpt, rounding):
+    """Export a trained run for ternary accelerators: integer weights and thresholds."""
+    from .deploy import export_run
+    try:
+        path, net, report = export_run(run_path, fmt, out, target, pack, name, ckpt, rounding)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    if report:
+        click.echo(report)
+    click.echo(f"wrote {path} ({fmt}, {len(net.nodes)} nodes)")
 
 
 @cli.command()
