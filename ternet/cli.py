@@ -40,8 +40,9 @@ TRAIN_OPTIONS = [
     ("act_a", float, "Half-width a of the surrogate-derivative window r-a <= |x| <= r+a (the authors' code: 0.5)."),
     ("window", click.Choice(["rect", "tri"]), "Shape of the surrogate-derivative window."),
     ("loss", click.Choice(["xent", "sqhinge"]), "Softmax cross-entropy, or the squared hinge loss of the authors' code."),
-    ("sampler", str, "Transition rule for the discrete weights: dst (GXNOR's discrete state transition), "
-                     "metropolis, bop (docs/samplers.md)."),
+    ("sampler", str, "Transition rule for the discrete weights: bop (momentum threshold, the default), dst "
+                     "(GXNOR's discrete state transition; with --source sgd it keeps no per-weight memory), "
+                     "metropolis (docs/samplers.md)."),
     ("source", click.Choice(["sgd", "adam"]), "DST step: sgd (dW = -lr g, no per-weight memory) or adam (two fp32 "
                                               "moments per weight, as the authors' code)."),
     ("lr", float, "Learning rate of the discrete weights (0: 20 for sgd, 0.01 for adam)."),

@@ -18,7 +18,7 @@ class Config:
     window: str = "rect"            # rect | tri
     loss: str = "xent"              # xent | sqhinge (the authors' squared hinge)
     # transitions of the discrete weights
-    sampler: str = "dst"
+    sampler: str = "bop"            # bop (momentum threshold) | dst (GXNOR) | metropolis, see docs/samplers.md
     source: str = "sgd"             # DST step source: sgd (no per-weight memory) | adam (two fp32 moments)
     lr: float = 0.0                 # 0 = the default for the source (see resolve())
     lr_end: float = 0.0             # final lr for cosine / exp / linear schedules

@@ -78,8 +78,7 @@ class DeviceLoader:
         self.pixels, self.offs = cuda.to_device(src.pixels), cuda.to_device(src.offs)
         self.hs, self.ws = cuda.to_device(src.hs), cuda.to_device(src.ws)
         self.labels = cuda.to_device(loader.labels.astype(np.int32))
-        scale, shift = loader._norm           # x = pixel * scale + shift, as the host kernels
-        self.scale, self.shift = cuda.to_device(scale), cuda.to_device(shift)
+        self.scale, self.shift = cuda.to_device(loader.scale), cuda.to_device(loader.shift)
         self.output_shape = loader.output_shape
 
     def __len__(self):

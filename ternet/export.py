@@ -55,10 +55,11 @@ class _T:
 
 
 def bn_eval_affine(bn):
-    """(scale, shift) float32 exactly as batchnorm_forward_eval computes them."""
-    scale = (bn.gamma.value / np.sqrt(bn.running_var.astype(np.float64) + bn.eps)).astype(np.float32)
-    shift = (bn.beta.value - bn.running_mean * scale).astype(np.float32)
-    return scale, shift
+    """(scale, shift) float32 exactly as batchnorm_forward_eval computes them (scalar.bn_eval_coeffs)."""
+    from .kernels.scalar import bn_eval_coeffs
+    pairs = [bn_eval_coeffs(g, b, m, v, np.float64(bn.eps)) for g, b, m, v in
+             zip(bn.gamma.value, bn.beta.value, bn.running_mean, bn.running_var)]
+    return (np.array([p[0] for p in pairs], np.float32), np.array([p[1] for p in pairs], np.float32))
 
 
 def input_lut(scale, shift):
@@ -70,7 +71,7 @@ def input_lut(scale, shift):
     out = np.empty((1, 1, 256, c), np.float32)
     z = np.zeros(1, np.int64)
     crop_flip(src, z, np.ones(1, np.int32), np.full(1, 256, np.int32), z, z, z, z, np.zeros(1, np.bool_),
-              np.asarray(scale, np.float32), np.asarray(shift, np.float32), False, out)
+              np.asarray(scale, np.float32), np.asarray(shift, np.float32), out)
     return out[0, 0].T.copy()
 
 
@@ -279,7 +280,7 @@ class _Folder:
             s = np.empty(acc.shape, np.float32)
             add_forward(s, y, yshort(v))
             out = np.empty(acc.shape, np.int8)
-            ternary_forward(out, None, s, block.act.r, 0.5, 0)
+            ternary_forward(out, s, block.act.r, 0.5, 0, train=False)
             return out
         lo, hi = thresholds(decide, main.bound, v.shape)
         dt = np.int32 if main.bound + 1 <= INT32_MAX else np.int64

@@ -19,7 +19,7 @@ Ops (per-sample shapes; every node has "name", "op" and "inputs", a list of node
   threshold2 residual: inputs [main, short]; lo, hi (C, V) int, "vmin": the shortcut value v
              selects column v - vmin, then as threshold on the main accumulator (sign is +1)
   affine     the classifier: logits = acc * mult[k] + offset[k] (int64), real logits times
-             2^frac_bits; "rounding": "float32" rounds the product and the sum to 24 significant
+             2^frac_bits; "rounding": "float32" rounds the sum to 53, then to 24 significant
              bits as the float path's float32 batch norm does; the prediction is the first maximum
 Each node also records "bound", the largest reachable |value| of its output.
 """
@@ -108,6 +108,18 @@ def _gemm_int(a, bt, out):
 
 
 @numba.njit(inline="always")
+def round_sig(v, bits):
+    """A fixed-point int64 value rounded to `bits` significant bits, ties to even: what a float
+    with that many significant bits does to the same value (a power-of-two scale keeps them)."""
+    a = v if v >= 0 else -v
+    s = 64 - bits - leading_zeros(a)    # bit length - bits: the bits the float cannot keep
+    if s <= 0:
+        return v
+    a = ((a + (np.int64(1) << (s - 1)) - 1 + ((a >> s) & 1)) >> s) << s
+    return a if v >= 0 else -a
+
+
+@numba.njit(inline="always")
 def round_f32(v):
     """A fixed-point int64 value rounded to float32's 24 significant bits, ties to even: what
     float32 addition does to the same value (any power-of-two scale keeps the significant bits)."""
@@ -157,12 +169,13 @@ def _conv_f32seq(x, w, stride, pad, out):
 
 @numba.njit(cache=True)
 def _affine_f32(acc, mult, offset, out):
-    # out = fl(fl(acc * mult) + offset): the float path's batch norm y = x * scale + shift in
-    # float32, on fixed-point integers (x * scale is exact in int64, then rounded like float32)
+    # out = f32(f64(x) * f64(scale) + f64(shift)): the float path's batch norm (scalar.affine),
+    # on fixed-point integers -- the product is exact in float64 and in int64 alike, the sum is
+    # rounded to float64's 53 significant bits, then to float32's 24
     n, k = out.shape
     for i in range(n):
         for j in range(k):
-            out[i, j] = round_f32(round_f32(acc[i, j] * mult[j]) + offset[j])
+            out[i, j] = round_f32(round_sig(acc[i, j] * mult[j] + offset[j], 53))
 
 
 @numba.njit(parallel=True, cache=True)

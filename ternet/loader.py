@@ -83,6 +83,15 @@ class Loader:
         self._raw_half = (np.ones(c, np.float32), np.full(c, 0.5, np.float32))
         self._pool = None
 
+    @property
+    def scale(self):
+        """Normalisation: x = pixel * scale + shift (float32 (C,)), as the augmentation kernels do."""
+        return self._norm[0]
+
+    @property
+    def shift(self):
+        return self._norm[1]
+
     def __len__(self):
         n, b = self.num_images, self.batch_size
         return n // b if self.drop_last else -(-n // b)

@@ -276,14 +276,18 @@ class BopTernary(Sampler):
     2021): s is a signal-to-noise ratio in [-1, 1] (about 1 for a consistent gradient, about
     sqrt(gamma / 2) for pure noise), so threshold is dimensionless and shared across layers.
     gamma sets the memory (1 / gamma steps); gamma_schedule/gamma_end anneal it (gamma -> 0
-    freezes the momentum, and with reset=1 stops the moves). Too small a threshold: flips every
+    freezes the momentum, and with reset=1 stops the moves). threshold_schedule/threshold_end
+    anneal the threshold: raising it towards the end freezes the weights while the momentum still
+    tracks the gradient, so the last epochs stop flipping on noise. Too small a threshold: flips every
     few steps on noise; too large: nothing moves. lr and m are unused (lr still scales the
     batch-norm learning rate). Memory: 4 bytes per weight (norm none), 8 (rms): the momentum is not
     a latent weight (it is reset and never read as a weight), but it is float state.
     """
     name = "bop"
-    OPTIONS = {**Sampler.OPTIONS, "gamma": 0.05, "gamma_end": 0.0, "gamma_schedule": "constant",
-               "threshold": 0.5, "norm": "rms", "gamma2": 1e-2, "reset": 1}
+    # gamma anneals (cosine) to 0.02 by default: the last epochs flip less on minibatch noise
+    OPTIONS = {**Sampler.OPTIONS, "gamma": 0.05, "gamma_end": 0.02, "gamma_schedule": "cosine",
+               "threshold": 0.5, "threshold_end": 0.0, "threshold_schedule": "constant",
+               "norm": "rms", "gamma2": 1e-2, "reset": 1}
 
     def __init__(self, seed, lr, m, source="sgd", total=1, **opts):
         super().__init__(seed, lr, m, source, total, **opts)
@@ -293,17 +297,18 @@ class BopTernary(Sampler):
         if not (0 < o["gamma"] <= 1 and 0 < o["gamma2"] <= 1 and o["threshold"] >= 0):
             raise ValueError("bop: need 0 < gamma, gamma2 <= 1 and threshold >= 0")
         self.gamma = Schedule(o["gamma_schedule"], o["gamma"], o["gamma_end"], total)
+        self.threshold = Schedule(o["threshold_schedule"], o["threshold"], o["threshold_end"], total)
 
     def step(self, states, grads, t):
         counts, o = self.counters(states), self.opts
         for i, (p, g) in enumerate(zip(states, grads)):
             vel = self.slot(p, "bop_v") if o["norm"] == "rms" else None
-            bop(p.q, g, self.slot(p, "bop_m"), vel, counts[i], gamma=self.gamma(t), thr=o["threshold"],
+            bop(p.q, g, self.slot(p, "bop_m"), vel, counts[i], gamma=self.gamma(t), thr=self.threshold(t),
                 qmax=p.qmax, gamma2=o["gamma2"], reset=bool(o["reset"]))
         return counts
 
     def hparams(self, t):
-        return {"lr": self.lr(t), "gamma": self.gamma(t), "threshold": self.opts["threshold"]}
+        return {"lr": self.lr(t), "gamma": self.gamma(t), "threshold": self.threshold(t)}
 
 
 def make_sampler(name, **kw):

@@ -25,7 +25,7 @@ def micro_data(tmp_path_factory):
 def test_device_training_runs_and_repeats(micro_data, tmp_path):
     states = []
     for i in range(2):
-        cfg = Config(data=str(micro_data), arch="4C3-MP2-8FC", epochs=2, batch_size=16, log_every=1,
+        cfg = Config(data=str(micro_data), arch="4C3-MP2-8FC", sampler="dst", epochs=2, batch_size=16, log_every=1,
                      device="cuda", eval_batch_size=8).resolve()
         run = RunDir(tmp_path / f"r{i}")
         run.create(cfg)

@@ -259,7 +259,9 @@ def test_bn_eval_affine_is_the_kernels_affine():
     y = np.empty_like(x)
     batchnorm_forward_eval(y, x, bn.gamma.value, bn.beta.value, bn.running_mean, bn.running_var, bn.eps)
     s, b = bn_eval_affine(bn)
-    np.testing.assert_array_equal(y, x * s + b)
+    # the kernels' affine step: f32(f64(x) * f64(scale) + f64(shift)), FMA-proof on both paths
+    want = (x.astype(np.float64) * s.astype(np.float64) + b.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(y, want)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from ternet.train import Trainer
 
 
 def train_tiny(data, folder, arch):
-    cfg = Config(data=str(data), arch=arch, epochs=1, batch_size=50, log_every=4, ckpt_every=0,
+    cfg = Config(data=str(data), arch=arch, sampler="dst", epochs=1, batch_size=50, log_every=4, ckpt_every=0,
                  keep_last=1).resolve()
     run = RunDir(folder)
     run.create(cfg)

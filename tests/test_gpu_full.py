@@ -79,7 +79,7 @@ def test_training_steps_are_deterministic(tiny_data, tmp_path):
     from ternet.train import Trainer
     weights = []
     for i in range(2):
-        cfg = Config(data=str(tiny_data), arch="64C3-MP2-64C3-MP2-64FC", epochs=1, batch_size=50,
+        cfg = Config(data=str(tiny_data), arch="64C3-MP2-64C3-MP2-64FC", sampler="dst", epochs=1, batch_size=50,
                      device="cuda").resolve()
         run = RunDir(tmp_path / f"r{i}")
         run.create(cfg)

@@ -32,7 +32,7 @@ def tiny_val_data(tmp_path_factory):
 
 def make(data, path, **kw):
     base = dict(data=str(data), arch=SMALL, epochs=2, batch_size=50, log_every=3, ckpt_every=5, keep_last=2,
-                device="cpu")
+                device="cpu", sampler="dst")
     base.update(kw)
     return Config(**base).resolve(), RunDir(path)
 

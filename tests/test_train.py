@@ -19,7 +19,8 @@ SMALL = "8C5p0-MP2-16C5p0-MP2-32FC"
 
 
 def make(tiny_data, path, **kw):
-    base = dict(data=str(tiny_data), arch=SMALL, epochs=2, batch_size=50, log_every=3, ckpt_every=5, keep_last=2)
+    base = dict(data=str(tiny_data), arch=SMALL, epochs=2, batch_size=50, log_every=3, ckpt_every=5, keep_last=2,
+                sampler="dst")
     base.update(kw)
     cfg = Config(**base).resolve()
     run = RunDir(path)
