@@ -8,10 +8,11 @@ K processes (K divides R; rank r runs shards r R/K .. (r+1) R/K - 1, one after t
     loss sum, correct count: summed over shards
 
 then the sampler and the optimizer step once on g, identically on every rank (same g, same
-counter-based random stream). One process with grad_shards = R runs the same shards in turn, so
-on the CPU `--procs R` and `--grad-shards R` compute the same bits. Sums run in shard order inside
-a rank, then over ranks in rank order: K = 1 and K = R both add shard 0, 1, ..., R-1 strictly in
-turn; for 1 < K < R the per-rank partial sums group the terms differently (equal up to rounding).
+counter-based random stream). One process with grad_shards = R runs the same shards in turn.
+On the CPU the shm collective adds the shards' arrays strictly in shard order 0, 1, ..., R-1
+whatever K, so every K dividing R computes the same bits as one process (and a run may resume
+with another K). On GPUs NCCL adds in its own order: identical on every rank, but equal to other
+process counts only up to float rounding.
 Exercise: pytest tests/test_distributed.py; docs/distributed.md.
 """
 import numpy as np
@@ -26,9 +27,9 @@ from .layers import BatchNorm
 def validate_world(cfg, world):
     """Raise ValueError unless `world` processes can run the config's grad_shards shards."""
     if cfg.grad_shards % world:
-        raise ValueError(f"{world} processes cannot share the run's --grad-shards {cfg.grad_shards} equally: use a "
-                         f"process count that divides it ({cfg.grad_shards} or 1 reproduce the run bit for bit on "
-                         "the CPU; other divisors add the shard gradients in another grouping)")
+        raise ValueError(f"{world} processes cannot share --grad-shards {cfg.grad_shards} equally: use a process "
+                         f"count that divides it (a run keeps its grad_shards, so that any such count reproduces "
+                         "it; on the CPU bit for bit)")
 
 
 class ShardedStep:
@@ -40,49 +41,47 @@ class ShardedStep:
         self.bns = [layer for layer in model.layers() if isinstance(layer, BatchNorm)]
         for layer in self.bns:
             layer.track_running = False      # moved once per step, from the shards' mean (below)
-        self.sums = None
+        self.kept = {}                       # shard j < local - 1 -> copies of its arrays
 
-    def _current(self):
-        """What a step reduces: every gradient, then every BN layer's batch statistics."""
+    def _live(self, acc):
+        """What a step reduces: every gradient, every BN layer's batch statistics, the loss sums."""
         m = self.model
         return ([p.grad for p in m.tparams()] + [p.grad for p in m.rparams()]
-                + [layer.batch_stats for layer in self.bns])
+                + [layer.batch_stats for layer in self.bns] + [acc])
 
-    def _accumulate(self, j):
-        # several shards on this rank: keep their sum apart (the next backward overwrites p.grad)
-        cur = self._current()
-        if self.sums is None:
-            self.sums = [empty(a.shape, a.dtype, self.device) for a in cur]
-        for s, a in zip(self.sums, cur):
-            if j > 0:
-                add_forward(s, s, a)
-            elif isinstance(s, np.ndarray):
-                np.copyto(s, a)
+    def _keep(self, j, live):
+        # the next shard's backward overwrites p.grad and batch_stats: copy this shard's aside
+        if j not in self.kept:
+            self.kept[j] = [empty(a.shape, a.dtype, self.device) for a in live]
+        for k, a in zip(self.kept[j], live):
+            if isinstance(k, np.ndarray):
+                np.copyto(k, a)
             else:
-                s.copy_to_device(a)
+                k.copy_to_device(a)
+        return self.kept[j]
 
     def __call__(self, x, y, acc):
         """x, y: this rank's part of the global batch (its shards back to back, host or device).
         Leaves the mean gradients in p.grad, moves the running statistics and adds the step's loss
         sum and correct count (over all shards) to acc."""
-        dev, n = self.device, len(y) // self.local
-        step_acc = zeros((2,), np.float64, dev)
+        dev, n, parts = self.device, len(y) // self.local, []
         for j in range(self.local):
+            shard_acc = zeros((2,), np.float64, dev)
             logits = self.model.forward(to_side(x[j * n:(j + 1) * n], dev), train=True)
             dlogits = empty(logits.shape, np.float32, dev)
-            loss_forward_backward(dlogits, logits, to_side(y[j * n:(j + 1) * n], dev), self.loss, step_acc)
+            loss_forward_backward(dlogits, logits, to_side(y[j * n:(j + 1) * n], dev), self.loss, shard_acc)
             self.model.backward(dlogits)
-            if self.local > 1:
-                self._accumulate(j)
-        bufs = self._current() if self.local == 1 else list(self.sums)
-        self.coll.allreduce_sum(bufs + [step_acc])
+            live = self._live(shard_acc)
+            parts.append(live if j == self.local - 1 else self._keep(j, live))
+        self.coll.reduce_shards(parts)
+        total = parts[0]
         if self.shards > 1:
-            for a in bufs:
+            for a in total[:-1]:
                 divide(a, a, self.shards)
         params = self.model.tparams() + self.model.rparams()
-        if self.local > 1:                   # hand the sums to the sampler / optimizer by swapping
-            for i, p in enumerate(params):
-                p.grad, self.sums[i] = self.sums[i], p.grad
-        for layer, stats in zip(self.bns, bufs[len(params):]):
+        for i, p in enumerate(params):       # several local shards: the sums sit in kept[0]; swap them in
+            if p.grad is not total[i]:
+                p.grad, self.kept[0][i] = total[i], p.grad
+        for layer, stats in zip(self.bns, total[len(params):-1]):
             layer.update_running(stats)
-        add_forward(acc, acc, step_acc)
+        add_forward(acc, acc, total[-1])

@@ -27,14 +27,24 @@ class Collective:
     """Rank r of `world` processes that train one model on shards of one global batch.
 
     allreduce_sum(arrays): in place, every array becomes the sum over ranks, added in rank order
-    (for nccl: in NCCL's order, the same result on every rank). broadcast(arrays, root): in place,
-    every rank gets root's values. Arrays live where the backend works: host arrays for local
-    and shm, device arrays for nccl (`device`).
+    (for nccl: in NCCL's order, the same result on every rank). reduce_shards(parts): the same
+    over this rank's consecutive shards (each a list of arrays), into parts[0]. broadcast(arrays,
+    root): in place, every rank gets root's values. Arrays live where the backend works: host
+    arrays for local and shm, device arrays for nccl (`device`).
     """
     rank, world, local_world, device = 0, 1, 1, False
 
     def allreduce_sum(self, arrays):
         raise NotImplementedError
+
+    def reduce_shards(self, parts):
+        """parts[j]: the arrays of this rank's j-th shard. Leaves in parts[0] the sum over all
+        shards of all ranks: this rank's in order, then (allreduce_sum) over ranks."""
+        from .kernels.elementwise import add_forward
+        for part in parts[1:]:
+            for a, b in zip(parts[0], part):
+                add_forward(a, a, b)
+        self.allreduce_sum(parts[0])
 
     def broadcast(self, arrays, root=0):
         raise NotImplementedError
@@ -118,6 +128,8 @@ class ShmCollective(Collective):
     """CPU ranks of one host over a shared-memory segment of two halves, each with one slot per
     rank. A call writes this rank's arrays into its slot of the next half, waits at the barrier,
     then reads every slot: out = slot 0 + slot 1 + ... in rank order (identical on every rank).
+    reduce_shards writes each shard apart and adds them all in shard order, so the sum is the
+    same for every process count that divides the shard count (and equals one process's).
     Alternating halves make one barrier per call enough: a rank can only start writing a half
     again after every rank has passed the barrier of the call in between, i.e. finished reading.
     """
@@ -173,15 +185,20 @@ class ShmCollective(Collective):
         return half[r, off:off + a.nbytes].view(a.dtype).reshape(a.shape)
 
     def allreduce_sum(self, arrays):
-        offs, total = self._layout(arrays)
-        half = self._half(total)
-        for a, o in zip(arrays, offs):
-            self._view(half, self.rank, o, a)[...] = a
+        self.reduce_shards([arrays])
+
+    def reduce_shards(self, parts):
+        offs, total = self._layout(parts[0])
+        half = self._half(total * len(parts))
+        for j, part in enumerate(parts):
+            for a, o in zip(part, offs):
+                self._view(half, self.rank, j * total + o, a)[...] = a
         self.barrier()
-        for a, o in zip(arrays, offs):
+        order = [(r, j) for r in range(self.world) for j in range(len(parts))]   # shard order
+        for a, o in zip(parts[0], offs):
             np.copyto(a, self._view(half, 0, o, a))
-            for r in range(1, self.world):
-                np.add(a, self._view(half, r, o, a), out=a)
+            for r, j in order[1:]:
+                np.add(a, self._view(half, r, j * total + o, a), out=a)
 
     def broadcast(self, arrays, root=0):
         offs, total = self._layout(arrays)
