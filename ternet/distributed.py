@@ -285,7 +285,7 @@ def _rank_main(rank, spec, target, args):
 
 
 def make_collective(backend, rank=0, world=1, *, barrier=None, prefix=None, id_file=None, local_rank=0,
-                    local_world=1):
+                    local_world=None):
     """The collective of rank `rank` of `world` (world 1: local, whatever the backend)."""
     if backend == "local" or world == 1:
         return LocalCollective()
@@ -315,10 +315,11 @@ def _first_env(names, default=None):
 
 def env_rank_world():
     """(rank, world, local_rank, local_world) from the launcher's environment variables
-    (TERNET_*, Open MPI, MPICH/PMI, Slurm); (0, 1, 0, 1) outside such a job."""
+    (TERNET_*, Open MPI, MPICH/PMI, Slurm); (0, 1, 0, 1) outside such a job. local_world is
+    None when the launcher does not say (the nccl collective then assumes one rank per GPU)."""
     rank, world = _first_env(RANK_VARS, 0), _first_env(WORLD_VARS, 1)
     local_rank = _first_env(LOCAL_RANK_VARS, rank)
-    return rank, world, local_rank, _first_env(LOCAL_WORLD_VARS, min(world, local_rank + 1))
+    return rank, world, local_rank, _first_env(LOCAL_WORLD_VARS, None if world > 1 else 1)
 
 
 def from_env():

@@ -28,7 +28,7 @@ class NcclCollective(Collective):
     """Rank `rank` of `world` GPU processes; this process uses GPU `local_rank` of its host."""
     device = True
 
-    def __init__(self, rank, world, id_file, local_rank=0, local_world=1, timeout=600.0):
+    def __init__(self, rank, world, id_file, local_rank=0, local_world=None, timeout=600.0):
         try:
             import cupy
             from cupy.cuda import nccl
@@ -38,13 +38,17 @@ class NcclCollective(Collective):
         from numba import cuda
 
         from . import cuda_memory
-        self.rank, self.world, self.local_world = rank, world, local_world
         cuda_memory.install()                 # before the context exists (select_device creates it)
-        if local_rank >= len(cuda.gpus):
-            raise RuntimeError(f"rank {rank} wants GPU {local_rank}, but this host shows {len(cuda.gpus)} GPU(s)")
+        gpus = len(cuda.gpus)
+        if local_rank >= gpus:
+            raise RuntimeError(f"rank {rank} wants GPU {local_rank}, but this host shows {gpus} GPU(s)")
+        self.rank, self.world, self.local_world = rank, world, local_world or min(world, gpus)
         cuda.select_device(local_rank)
         cupy.cuda.Device(local_rank).use()    # numba and cupy share the device's primary context
         self._nccl, self._cuda = nccl, cuda
+        # NVLink SHARP (multicast) stays off unless asked for: on shared hosts a program using it can
+        # put every GPU of the host out of service; gradients of ternet's size do not need it
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         uid = _rendezvous(id_file, rank, nccl.get_unique_id, timeout)
         self.comm = nccl.NcclCommunicator(world, uid, rank)   # returns once every rank has joined
         if rank == 0:
