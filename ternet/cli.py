@@ -244,8 +244,8 @@ def _default_name(cfg):
 def _describe(trainer, run, quiet):
     if quiet:
         return
-    m, d, k = trainer.model, trainer.data, trainer.coll.world
-    where = ("cuda" if trainer.device else "cpu") + (f" x {k} processes" if k > 1 else "")
+    m, d, procs = trainer.model, trainer.data, trainer.coll.world
+    where = ("cuda" if trainer.device else "cpu") + (f" x {procs} processes" if procs > 1 else "")
     shards = f", {trainer.cfg.grad_shards} shards per batch" if trainer.cfg.grad_shards > 1 else ""
     click.echo(f"run {run.path}: {trainer.cfg.arch} ({m.num_weights():,} discrete weights, {2 * m.qmax + 1} states) "
                f"on {d.path} ({', '.join(f'{k} {v}' for k, v in d.splits.items())}), "

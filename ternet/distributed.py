@@ -237,11 +237,11 @@ def spawn(world, backend, target, args=()):
             "id_file": os.path.join(_tmpdir(), f"ternet-nccl-{tag}.id") if backend == "nccl" else None}
     procs = [ctx.Process(target=_rank_main, args=(r, spec, target, args), name=f"ternet-rank{r}")
              for r in range(world)]
+    for p in procs:               # (started before SIGINT is ignored here: children inherit an ignore)
+        p.start()
     old = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
            signal.SIGTERM: signal.signal(signal.SIGTERM, lambda s, f: [p.terminate() for p in procs if p.is_alive()])}
     try:
-        for p in procs:
-            p.start()
         return _wait(procs, spec["barrier"])
     finally:
         for s, h in old.items():
