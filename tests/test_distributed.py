@@ -29,19 +29,19 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "ternet", "train", *args], capture_output=True, text=True, env=env)
 
 
-def _procs_run(tiny_data, path, source, procs=2):
+def _procs_run(tiny_data, path, source, procs=2, **kw):
     args = ["--data", str(tiny_data), "--source", source, "--runs-dir", str(path.parent), "--name", path.name,
             "--quiet", "--procs", str(procs)]
-    for k, v in OPTS.items():
-        if k != "grad_shards":         # left to its default: the process count
+    for k, v in dict(OPTS, **kw).items():
+        if k != "grad_shards" or "grad_shards" in kw:     # by default: the process count
             args += [f"--{k.replace('_', '-')}", str(v)]
     res = _cli(*args)
     assert res.returncode == 0, res.stdout + res.stderr
     return RunDir(path)
 
 
-def _one_process(tiny_data, path, source):
-    cfg = Config(data=str(tiny_data), source=source, **OPTS).resolve()
+def _one_process(tiny_data, path, source, **kw):
+    cfg = Config(data=str(tiny_data), source=source, **dict(OPTS, **kw)).resolve()
     run = RunDir(path)
     run.create(cfg)
     Trainer(cfg, run, progress=False).fit()
@@ -89,6 +89,14 @@ def test_two_processes_equal_one_adam_source(tiny_data, tmp_path):
     one = _one_process(tiny_data, tmp_path / "one", "adam")
     assert_same_run(procs, one)
     assert any(n.endswith("/adam_m") for n in _state(one.checkpoints()[-1]))   # the moments were compared
+
+
+def test_two_shards_per_process_add_in_shard_order(tiny_data, tmp_path):
+    # 2 processes x 2 shards: each process's shards are reduced apart, so the sum runs over shards
+    # 0, 1, 2, 3 in turn, as in one process (a per-process partial sum would group them differently)
+    kw = dict(grad_shards=4, batch_size=40, epochs=1, ckpt_every=4)
+    assert_same_run(_procs_run(tiny_data, tmp_path / "procs2", "sgd", **kw),
+                    _one_process(tiny_data, tmp_path / "one", "sgd", **kw))
 
 
 def test_resume_two_process_run_in_one_process(two_procs, tmp_path):
