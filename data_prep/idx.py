@@ -81,7 +81,8 @@ def build_job(src, *, command, options, name=None, size=None, crop=True, resampl
     return Job(prep={"command": command, "src": str(src), "options": options},
                name=name or src.resolve().name, splits=splits,
                # a carved-out val split indexes the train arrays
-               readers={k: ArrayReader(arrays.get(k, arrays["train"]), size, crop, resample) for k in splits},
+               readers={k: ArrayReader(arrays[k] if k in arrays else arrays["train"], size, crop, resample)
+                        for k in splits},
                class_ids=class_ids, class_names=class_names,
                layout="fixed" if crop or size is None else "variable",
                image_shape=(size, size, channels) if size else (h, w, channels),

@@ -64,6 +64,11 @@ TRAIN_OPTIONS = [
     ("log_every", int, "Steps between metrics lines."),
     ("ckpt_every", int, "Steps between mid-epoch checkpoints (0: only at epoch ends)."),
     ("keep_last", int, "Checkpoints to keep."),
+    ("grad_shards", int, "Split each (global) batch into this many shards: each gets its own forward, loss, backward "
+                         "and batch-norm statistics, the gradients are averaged. Default: the number of processes "
+                         "(--procs/--gpus); `--grad-shards K` in one process reproduces a K-process run."),
+    ("check_every", int, "With several processes: steps between checks that all replicas hold identical weights "
+                         "(0: never)."),
 ]
 
 
@@ -91,16 +96,56 @@ def _explicit(ctx):
               help="Continue the run in this folder from its newest checkpoint. Other options must match "
                    "the run's config.json (or be left out).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--procs", default=1, show_default=True, type=click.IntRange(1),
+              help="Data-parallel on the CPU: K processes of this host, each on its shards of the batch "
+                   "(shared-memory collective). Bit-identical to one process with --grad-shards K.")
+@click.option("--gpus", default=1, show_default=True, type=click.IntRange(1),
+              help="Data-parallel on K GPUs of this host, one process each (NCCL through cupy; not yet run on "
+                   "real hardware, see docs/distributed.md).")
+@click.option("--launcher", default="spawn", show_default=True, type=click.Choice(["spawn", "env"]),
+              help="spawn: this command starts the --procs/--gpus processes. env: this process is one rank of a "
+                   "job started by mpirun or srun, one per GPU (rank and world from the environment).")
 @click.pass_context
-def train(ctx, extra, name, runs_dir, resume, quiet, **opts):
+def train(ctx, extra, name, runs_dir, resume, quiet, procs, gpus, launcher, **opts):
     """Train a ternary network; writes runs/<name>/ (config, metrics, checkpoints).
 
     With no options: `lenet` on the embedded Fashion-MNIST subset, CPU or GPU.
+    Several processes: --procs K (CPU), --gpus K (GPUs), --launcher env (multi-host, docs/distributed.md).
     """
-    from .arch import ArchError
+    from . import distributed
+    from .config import validate
+    from .data_parallel import validate_world
+    from .train import collective_device
+    if procs > 1 and gpus > 1 or launcher == "env" and max(procs, gpus) > 1:
+        raise click.UsageError("pick one of --procs K, --gpus K and --launcher env")
+    rank, world, backend = 0, max(procs, gpus), "shm" if procs > 1 else "nccl"
+    if launcher == "env":
+        rank, world = distributed.env_rank_world()[:2]
+        backend = "nccl"
+    cfg, run = _resolve_run(ctx, opts, _parse_extra(extra), name, runs_dir, resume, world, rank == 0)
+    try:                                   # fail here, before starting processes
+        validate(cfg)
+        validate_world(cfg, world)
+        if world > 1:
+            collective_device(cfg, backend == "nccl")
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    args = (cfg.to_json(), str(run.path), bool(resume), quiet)
+    if launcher == "spawn" and world > 1:
+        code = distributed.spawn(world, backend, _spawned_rank, args)
+    else:
+        coll = distributed.from_env() if launcher == "env" else distributed.LocalCollective()
+        try:
+            code = _train_rank(coll, *args)
+        finally:
+            coll.close()
+    if code:
+        sys.exit(code)
+
+
+def _resolve_run(ctx, opts, extra, name, runs_dir, resume, world, main):
+    """(config, run folder) from the options, or from the folder being resumed; checks conflicts."""
     from .run import RunDir
-    from .train import Trainer, latest_checkpoint
-    extra = _parse_extra(extra)
     if resume:
         run = RunDir(resume)
         if not run.exists():
@@ -114,35 +159,62 @@ def train(ctx, extra, name, runs_dir, resume, quiet, **opts):
         if extra and tuple(sorted(extra.items())) != cfg.extra:
             raise click.UsageError(f"--set {extra} conflicts with the run's settings {dict(cfg.extra)}")
     else:
+        if "grad_shards" not in _explicit(ctx):
+            opts = dict(opts, grad_shards=world)
         cfg = Config(**opts, extra=tuple(sorted(extra.items()))).resolve()
         _check_data(cfg.data)
         run = RunDir(pathlib.Path(runs_dir) / (name or _default_name(cfg)))
-        if run.exists():
+        if main and run.exists():
             raise click.UsageError(f"{run.path} already holds a run; pick another --name, or continue it with "
                                    f"--resume {run.path}")
+    return cfg, run
+
+
+def _train_rank(coll, cfg_json, run_path, resume, quiet):
+    """Train as rank coll.rank (rank 0 writes the run folder and reports); returns the exit code."""
+    from .arch import ArchError
+    from .distributed import ReplicaDivergence
+    from .run import RunDir
+    from .train import Trainer, latest_checkpoint
+    cfg, run, main = Config.from_dict(json.loads(cfg_json)), RunDir(run_path), coll.rank == 0
     try:
-        trainer = Trainer(cfg, run, progress=not quiet)
+        trainer = Trainer(cfg, run, progress=not quiet, coll=coll)
     except ArchError as e:
         raise click.BadParameter(str(e), param_hint="--arch") from None
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if resume:
-        ck = latest_checkpoint(run)
+        ck = latest_checkpoint(run)      # every rank reads it (multi-host: a shared filesystem)
         if ck is not None:
             trainer.restore(ck)
-            click.echo(f"resuming {run.path} at epoch {trainer.state['epoch'] + 1}, step {trainer.state['step']}")
+            if main:
+                click.echo(f"resuming {run.path} at epoch {trainer.state['epoch'] + 1}, step {trainer.state['step']}")
         else:
-            run.truncate_metrics(0)
+            trainer.run.truncate_metrics(0)
     else:
-        run.create(cfg)
-    _describe(trainer, run, quiet)
+        trainer.run.create(cfg)          # rank 0's; the others' is a NullRunDir
+    if main:
+        _describe(trainer, run, quiet)
     try:
         last = trainer.fit()
     except KeyboardInterrupt as e:
-        click.echo(f"\n{e}", err=True)
-        sys.exit(130)
-    if last and "test_acc" in last:
+        if main:
+            click.echo(f"\n{e}", err=True)
+        return 130
+    except ReplicaDivergence as e:
+        raise click.ClickException(f"rank {coll.rank}: {e}") from None
+    if main and last and "test_acc" in last:
         click.echo(f"done: test accuracy {last['test_acc']:.4f}; run folder {run.path}")
+    return 0
+
+
+def _spawned_rank(coll, *args):
+    """_train_rank in a process started by --procs / --gpus: click's errors are shown, not raised."""
+    try:
+        return _train_rank(coll, *args)
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
 
 
 def _parse_extra(items):
@@ -173,10 +245,12 @@ def _default_name(cfg):
 def _describe(trainer, run, quiet):
     if quiet:
         return
-    m, d = trainer.model, trainer.data
+    m, d, procs = trainer.model, trainer.data, trainer.coll.world
+    where = ("cuda" if trainer.device else "cpu") + (f" x {procs} processes" if procs > 1 else "")
+    shards = f", {trainer.cfg.grad_shards} shards per batch" if trainer.cfg.grad_shards > 1 else ""
     click.echo(f"run {run.path}: {trainer.cfg.arch} ({m.num_weights():,} discrete weights, {2 * m.qmax + 1} states) "
                f"on {d.path} ({', '.join(f'{k} {v}' for k, v in d.splits.items())}), "
-               f"{'cuda' if trainer.device else 'cpu'}, {trainer.cfg.epochs} epochs x {trainer.spe} steps")
+               f"{where}, {trainer.cfg.epochs} epochs x {trainer.spe} steps{shards}")
 
 
 @cli.command("eval")

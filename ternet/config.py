@@ -40,6 +40,9 @@ class Config:
     log_every: int = 50             # steps between metrics lines
     ckpt_every: int = 500           # steps between mid-epoch checkpoints (0 = at epoch ends only)
     keep_last: int = 3              # checkpoints kept
+    # data parallelism (ternet.data_parallel, docs/distributed.md)
+    grad_shards: int = 1            # the global batch is split into this many shards (one per process)
+    check_every: int = 100          # steps between replica checksum comparisons (several processes; 0 = never)
     # sampler extras (temperature, proposals ...), kept as a sorted tuple of (key, value) pairs
     extra: tuple = ()
 
@@ -84,5 +87,8 @@ def validate(cfg):
         raise ValueError(f"--bits must be 1, 2 or 3 (2^N + 1 weight states), got {cfg.bits}")
     if cfg.act_a <= 0 or cfg.act_r < 0:
         raise ValueError(f"--act-a must be > 0 and --act-r >= 0, got a={cfg.act_a}, r={cfg.act_r}")
-    if cfg.lr < 0 or cfg.bn_lr <= 0 or cfg.m <= 0 or cfg.ckpt_every < 0:
-        raise ValueError("--lr, --bn-lr and --m must be positive and --ckpt-every >= 0")
+    if cfg.lr < 0 or cfg.bn_lr <= 0 or cfg.m <= 0 or cfg.ckpt_every < 0 or cfg.check_every < 0:
+        raise ValueError("--lr, --bn-lr and --m must be positive and --ckpt-every, --check-every >= 0")
+    if cfg.grad_shards < 1 or cfg.batch_size % cfg.grad_shards:
+        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must split into --grad-shards "
+                         f"{cfg.grad_shards} equal shards")

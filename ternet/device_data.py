@@ -10,8 +10,6 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from . import augment as aug
-from . import rng
 from .kernels import grid1d
 
 
@@ -84,23 +82,22 @@ class DeviceLoader:
     def __len__(self):
         return len(self.host)
 
-    def batches(self, epoch, start=0):
+    def batches(self, epoch, start=0, part=None):
+        """As Loader.batches (part=(i, k): rows i B/k .. (i+1) B/k of each batch), on the device."""
         ld = self.host
         order = ld._order(epoch)
         oh, ow, c = ld.output_shape
         for b in range(start, len(ld)):
-            idx = ld.batch_indices(epoch, b, order)
-            gen = rng.generator(ld.seed, "augment", epoch, b)
-            hw = ld.hw[idx]
+            idx, params = ld.plan(epoch, b, order, part)
             x = cuda.device_array((len(idx), oh, ow, c), np.float32)
             rows = cuda.to_device(idx.astype(np.int64))
             grid = grid1d(len(idx) * oh * ow)
             if ld.augment == "rrc-flip":
-                boxes, flips = aug.draw_resized_crop(gen, hw, scale=ld.rrc_scale)
+                boxes, flips = params
                 _resized_crop_cuda[grid](self.pixels, self.offs, self.hs, self.ws, rows, cuda.to_device(boxes),
                                          cuda.to_device(flips), self.scale, self.shift, x)
             else:
-                oy, ox, flips = aug.draw_crop_flip(gen, hw, (oh, ow), ld.pad, ld.augment == "crop-flip")
+                oy, ox, flips = params
                 _crop_flip_cuda[grid](self.pixels, self.offs, self.hs, self.ws, rows, cuda.to_device(oy),
                                       cuda.to_device(ox), cuda.to_device(flips), self.scale, self.shift, x)
             yield x, cuda.to_device(ld.labels[idx].astype(np.int32))

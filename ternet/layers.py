@@ -10,7 +10,8 @@ import numpy as np
 from .kernels import empty, on_device, workspace
 from .kernels.activation import ternary_backward, ternary_forward
 from .kernels.batchnorm import (batchnorm_backward, batchnorm_forward_eval, batchnorm_forward_train,
-                                bn_act_backward, bn_act_forward_eval, bn_act_forward_train)
+                                batchnorm_update_running, bn_act_backward, bn_act_forward_eval,
+                                bn_act_forward_train)
 from .kernels.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward, out_size
 from .kernels.elementwise import add_forward
 from .kernels.linear import linear_backward_input, linear_backward_weight, linear_forward
@@ -158,7 +159,13 @@ class Linear(Layer):
 
 
 class BatchNorm(Layer):
-    """Batch normalisation over the last axis (channels); gamma, beta real."""
+    """Batch normalisation over the last axis (channels); gamma, beta real.
+
+    A train-mode forward records its batch mean and unbiased variance in `batch_stats` (float32
+    (2, C)) and, while `track_running` is True (the default), moves the running statistics toward
+    them. The data-parallel step (ternet.data_parallel) turns tracking off, averages the shards'
+    batch_stats and calls update_running once per step instead.
+    """
 
     def __init__(self, name, c, momentum=0.1, eps=1e-4):
         self.name, self.c, self.momentum, self.eps = name, c, momentum, eps
@@ -166,7 +173,19 @@ class BatchNorm(Layer):
         self.beta = RealParam(name + ".beta", np.zeros(c, np.float32))
         self.running_mean = np.zeros(c, np.float32)
         self.running_var = np.ones(c, np.float32)
+        self.track_running, self.batch_stats = True, None
         self.ctx = None
+
+    def _train_args(self, dev):
+        """(running_mean, running_var, stats) for a train forward: None, None when not tracking."""
+        if self.batch_stats is None or on_device(self.batch_stats) != dev:
+            self.batch_stats = empty((2, self.c), np.float32, dev)
+        run = (self.running_mean, self.running_var) if self.track_running else (None, None)
+        return run + (self.batch_stats,)
+
+    def update_running(self, stats):
+        """Running statistics += momentum * (stats - running); stats (2, C) = mean, unbiased var."""
+        batchnorm_update_running(self.running_mean, self.running_var, stats, self.momentum)
 
     def forward(self, x, train):
         dev = on_device(x)
@@ -176,8 +195,9 @@ class BatchNorm(Layer):
                                    self.running_var, self.eps)
             return y
         xhat = empty(x.shape, np.float32, dev)
-        invstd = batchnorm_forward_train(y, xhat, x, self.gamma.value, self.beta.value, self.running_mean,
-                                         self.running_var, self.momentum, self.eps)
+        rm, rv, stats = self._train_args(dev)
+        invstd = batchnorm_forward_train(y, xhat, x, self.gamma.value, self.beta.value, rm, rv, self.momentum,
+                                         self.eps, stats)
         self.ctx = (xhat, invstd)
         return y
 
@@ -219,8 +239,9 @@ class BNAct(BatchNorm):
         if not train:
             bn_act_forward_eval(y, x, g, b, self.running_mean, self.running_var, self.eps, self.act.r)
             return y
-        self.ctx = bn_act_forward_train(y, x, g, b, self.running_mean, self.running_var, self.momentum, self.eps,
-                                        self.act.r, self.act.a, self.act.shape, self.int_scale)
+        rm, rv, stats = self._train_args(dev)
+        self.ctx = bn_act_forward_train(y, x, g, b, rm, rv, self.momentum, self.eps, self.act.r, self.act.a,
+                                        self.act.shape, self.int_scale, stats)
         return y
 
     def backward(self, dy):

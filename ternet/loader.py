@@ -43,7 +43,8 @@ class Loader:
     "crop-flip" (pad ~H/8 - 4 at 32 px - random crop, horizontal flip), "rrc-flip" (random
     resized crop to the output size, flip). "auto" = crop-flip for fixed-size images <= 64 px,
     rrc-flip otherwise. drop_last defaults to shuffle. in_memory None = when the split fits in
-    half the available RAM; otherwise shards are memory-mapped and read on demand. prefetch:
+    half the available RAM (divided by ram_share: processes of one host that each hold a copy);
+    otherwise shards are memory-mapped and read on demand. prefetch:
     batches computed ahead on background threads. output_size: side of x (default: the stored
     size). shuffle_window: images mixed at a time by the shuffle (default: all that fit in 1 GiB;
     it depends on the dataset only, so in-memory and streaming runs give the same batches).
@@ -51,7 +52,7 @@ class Loader:
 
     def __init__(self, dataset, split, batch_size, *, shuffle=True, augment="auto", seed=0,
                  drop_last=None, in_memory=None, prefetch=2, threads=None, output_size=None,
-                 shuffle_window=None, rrc_scale=(0.08, 1.0)):
+                 shuffle_window=None, rrc_scale=(0.08, 1.0), ram_share=1):
         self.dataset = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
         ds = self.dataset
         self.split, self.batch_size, self.seed = split, int(batch_size), seed
@@ -72,7 +73,7 @@ class Loader:
         # bytes per image in RAM: the file sizes for variable-size images, pixels for fixed ones
         on_disk = sum(s["bytes"] for s in ds.manifest["splits"][split]["shards"])
         per_image = max(h * w * c, on_disk // max(count, 1))
-        self.in_memory = (count * per_image <= _ram_available() // 2) if in_memory is None \
+        self.in_memory = (count * per_image <= _ram_available() // (2 * ram_share)) if in_memory is None \
             else bool(in_memory)
         self.window = shuffle_window or max(1, WINDOW_BYTES // per_image)
         self._load()
@@ -162,10 +163,12 @@ class Loader:
 
     # ------------------------------------------------------------------------------------------
 
-    def batches(self, epoch, start=0, raw=False):
+    def batches(self, epoch, start=0, raw=False, part=None):
         """Yield (x, y) for batches start..len-1 of `epoch`: x float32 (B, H, W, C) normalised
         ((x/255 - mean)/std), or uint8 un-normalised with raw=True (still augmented); y int32 (B,).
-        batches(e, start=k) yields exactly what batches(e) yields from batch k on."""
+        batches(e, start=k) yields exactly what batches(e) yields from batch k on. part=(i, k):
+        only rows [i B/k, (i+1) B/k) of each batch, with the augmentation drawn for the whole batch,
+        so the k parts put side by side are the batch (one data-parallel rank reads one part)."""
         if not 0 <= start <= len(self):
             raise ValueError(f"start={start}: an epoch has {len(self)} batches")
         order = self._order(epoch)
@@ -176,7 +179,7 @@ class Loader:
         try:
             while nxt < len(self) or pending:
                 while nxt < len(self) and len(pending) <= self.prefetch:
-                    pending.append(self._submit(epoch, nxt, order, raw))
+                    pending.append(self._submit(epoch, nxt, order, raw, part))
                     nxt += 1
                 futures, x, y = pending.popleft()
                 for f in futures:
@@ -189,16 +192,28 @@ class Loader:
                     if not f.cancelled():
                         f.result()
 
-    def _submit(self, epoch, batch, order, raw):
-        """Draw the batch's augmentation, then fill x on the thread pool (split by positions)."""
+    def plan(self, epoch, batch, order, part=None):
+        """(dataset indices, augmentation parameters) of a batch, or of its part (i, k): the
+        draws are made for the whole batch, then rows [i B/k, (i+1) B/k) are kept."""
         idx = self.batch_indices(epoch, batch, order)
         gen = rng.generator(self.seed, "augment", epoch, batch)
         hw = self.hw[idx]
-        oh, ow, c = self.output_shape
         if self.augment == "rrc-flip":
             params = aug.draw_resized_crop(gen, hw, scale=self.rrc_scale)
         else:
-            params = aug.draw_crop_flip(gen, hw, (oh, ow), self.pad, self.augment == "crop-flip")
+            params = aug.draw_crop_flip(gen, hw, self.output_shape[:2], self.pad, self.augment == "crop-flip")
+        if part is None:
+            return idx, params
+        i, k = part
+        if len(idx) % k:
+            raise ValueError(f"a batch of {len(idx)} does not split into {k} equal parts")
+        lo, hi = i * len(idx) // k, (i + 1) * len(idx) // k
+        return idx[lo:hi], tuple(a[lo:hi] for a in params)
+
+    def _submit(self, epoch, batch, order, raw, part=None):
+        """Draw the batch's augmentation, then fill x on the thread pool (split by positions)."""
+        idx, params = self.plan(epoch, batch, order, part)
+        oh, ow, c = self.output_shape
         x = np.empty((len(idx), oh, ow, c), np.uint8 if raw else np.float32)
         y = self.labels[idx]
         sid = np.searchsorted(self.starts, idx, side="right") - 1

@@ -74,6 +74,26 @@ class RunDir:
         return out
 
 
+class NullRunDir(RunDir):
+    """The run directory as data-parallel ranks other than 0 see it: they write nothing (rank 0
+    writes the record; every rank holds the same state)."""
+
+    def __init__(self, path=""):
+        super().__init__(path)
+
+    def create(self, cfg):
+        pass
+
+    def append(self, path, record):
+        return 0
+
+    def truncate_metrics(self, size):
+        pass
+
+    def prune(self, keep):
+        pass
+
+
 def write_atomic(path, text):
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:

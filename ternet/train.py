@@ -2,9 +2,12 @@
 weights) and optimizer (real parameters) -> metrics, evaluation and checkpoints in the run dir.
 
 Everything a step depends on is a function of (seed, step, epoch, batch index), so a run resumed
-from a checkpoint ends bit-identical to an uninterrupted one. Exercise: `ternet train`, or
-pytest tests/test_train.py.
+from a checkpoint ends bit-identical to an uninterrupted one. With grad_shards > 1 or several
+processes (a Collective from ternet.distributed) the step runs over shards of the batch
+(ternet.data_parallel); rank 0 writes the run directory. Exercise: `ternet train`, or
+pytest tests/test_train.py tests/test_distributed.py.
 """
+import os
 import signal
 import time
 
@@ -13,13 +16,15 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import Config, validate
+from .data_parallel import ShardedStep, validate_world
+from .distributed import LocalCollective
 from .evaluate import evaluate, to_side
 from .kernels import empty, zeros
 from .kernels.loss import loss_forward_backward
 from .kernels.stats import state_counts
 from .model import Model
 from .optim import RealOptimizer
-from .run import RunDir
+from .run import NullRunDir, RunDir
 from .samplers import make_sampler
 from .schedules import Schedule
 
@@ -61,17 +66,32 @@ def open_data(cfg):
     return open_dataset(cfg.data or EMBEDDED_DEFAULT)
 
 
+def collective_device(cfg, gpus):
+    """The device of a run over several processes: the collective's (gpus: nccl, else shm on the CPU)."""
+    if cfg.device == ("cpu" if gpus else "cuda"):
+        raise ValueError(f"--device {cfg.device} conflicts with the {'GPU' if gpus else 'CPU'} processes asked "
+                         f"for: use {'--gpus' if cfg.device == 'cuda' else '--procs'} K instead")
+    return gpus
+
+
 class Trainer:
-    def __init__(self, cfg: Config, run: RunDir, progress=True):
+    """coll: the Collective of this process when several train together (rank 0 writes `run`)."""
+
+    def __init__(self, cfg: Config, run: RunDir, progress=True, coll=None):
         from .loader import Loader
         validate(cfg)
-        self.cfg, self.run, self.progress = cfg, run, progress
-        self.device = resolve_device(cfg.device)
+        self.coll = coll or LocalCollective()
+        validate_world(cfg, self.coll.world)
+        self.main = self.coll.rank == 0
+        self.cfg, self.run, self.progress = cfg, run if self.main else NullRunDir(), progress and self.main
+        self.device = resolve_device(cfg.device) if self.coll.world == 1 else collective_device(cfg, self.coll.device)
         self.data = open_data(cfg)
+        share = self.coll.local_world           # processes of this host share its cores and RAM
         self.train_loader = Loader(self.data, "train", cfg.batch_size, shuffle=True,
-                                   augment=train_augment(cfg, self.data), seed=cfg.seed)
+                                   augment=train_augment(cfg, self.data), seed=cfg.seed, ram_share=share,
+                                   threads=max(1, len(os.sched_getaffinity(0)) // share))
         self.eval_loaders = {s: Loader(self.data, s, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)
-                             for s in ("val", "test") if s in self.data.splits}
+                             for s in ("val", "test") if s in self.data.splits and self.main}
         if self.device:
             from . import cuda_memory
             cuda_memory.install()
@@ -90,6 +110,10 @@ class Trainer:
         self.optimizer = RealOptimizer(cfg.bn_optim)
         self.tparams = self.model.tparams()
         self.acc = zeros((2,), np.float64, self.device)      # loss sum, correct: summed on the device
+        self.sharded = None                                    # the plain step: one process, one shard
+        if cfg.grad_shards > 1 or self.coll.world > 1:
+            self.sharded = ShardedStep(self.model, cfg.loss, cfg.grad_shards, self.coll, self.device)
+        self.part = {"part": (self.coll.rank, self.coll.world)} if self.coll.world > 1 else {}
         self.state = {"step": 0, "epoch": 0, "batch": 0, "metrics_bytes": 0, "acc": [0.0, 0.0],
                       "interval": self._fresh(), "epoch_totals": self._fresh()}
         self._stop = False
@@ -102,10 +126,13 @@ class Trainer:
         cfg, t = self.cfg, self.state["step"]
         if self.window is not None:
             set_window(self.model, self.window(t))
-        logits = self.model.forward(to_side(x, self.device), train=True)
-        dlogits = empty(logits.shape, np.float32, self.device)
-        loss_forward_backward(dlogits, logits, to_side(y, self.device), cfg.loss, self.acc)
-        self.model.backward(dlogits)
+        if self.sharded is not None:     # over shards (and processes): mean gradients left in p.grad
+            self.sharded(x, y, self.acc)
+        else:
+            logits = self.model.forward(to_side(x, self.device), train=True)
+            dlogits = empty(logits.shape, np.float32, self.device)
+            loss_forward_backward(dlogits, logits, to_side(y, self.device), cfg.loss, self.acc)
+            self.model.backward(dlogits)
         self.sampler.step(self.tparams, [p.grad for p in self.tparams], t)
         self.optimizer.step(self.model.rparams(), cfg.bn_lr * self.sampler.lr(t) / cfg.lr, t + 1)
 
@@ -184,9 +211,11 @@ class Trainer:
             iv["counters"] = counters if iv["counters"] is None else [
                 [a + b for a, b in zip(r0, r1)] for r0, r1 in zip(iv["counters"], counters)]
         self.state["sampler"] = self.sampler.state_dict()
-        path = self.run.checkpoint_path(self.state["step"])
-        checkpoint.save(path, self.cfg.to_json(), self.model, self.optimizer, self.state)
-        self.run.prune(self.cfg.keep_last)
+        path = None
+        if self.main:        # every rank holds the same state: rank 0 writes it
+            path = self.run.checkpoint_path(self.state["step"])
+            checkpoint.save(path, self.cfg.to_json(), self.model, self.optimizer, self.state)
+            self.run.prune(self.cfg.keep_last)
         self._restore_counters()
         return path
 
@@ -218,20 +247,23 @@ class Trainer:
         last = None
         if st["step"] == 0:   # the initial state distribution, before any transition
             st["metrics_bytes"] = self.run.append(self.run.metrics_path, {"type": "init", "layers": self._layer_stats(None, 0)})
+        self.coll.checksum_check(self.model, st["step"])     # every rank starts from the same state
         try:
             while st["epoch"] < cfg.epochs:
                 bar = tqdm(total=self.spe, initial=st["batch"], desc=f"epoch {st['epoch'] + 1}/{cfg.epochs}",
                            unit="batch", disable=not self.progress, dynamic_ncols=True, leave=False)
-                for x, y in self.train_loader.batches(st["epoch"], start=st["batch"]):
+                for x, y in self.train_loader.batches(st["epoch"], start=st["batch"], **self.part):
                     self.train_step(x, y)
                     st["step"] += 1
                     st["batch"] += 1
-                    st["interval"]["count"] += len(y)
+                    st["interval"]["count"] += len(y) * self.coll.world
                     st["interval"]["steps"] += 1
                     if st["batch"] % cfg.log_every == 0 or st["batch"] == self.spe:
                         self.log_interval(bar)
                     bar.update()
-                    if self._stop:
+                    if cfg.check_every and st["step"] % cfg.check_every == 0:
+                        self.coll.checksum_check(self.model, st["step"])
+                    if self._stopping():
                         path = self.save()
                         raise KeyboardInterrupt(f"interrupted at step {st['step']}; checkpoint {path}; "
                                                 f"resume with: ternet train --resume {self.run.path}")
@@ -249,6 +281,16 @@ class Trainer:
 
     def _on_signal(self, signum, frame):
         self._stop = True
+
+    def _stopping(self):
+        """Stop after this step? Several processes decide together at log boundaries (one small
+        collective), so that all of them stop, and checkpoint, at the same step."""
+        st = self.state
+        if self.coll.world == 1:
+            return self._stop
+        if st["batch"] % self.cfg.log_every and st["batch"] != self.spe:
+            return False
+        return self.coll.any(self._stop)
 
 
 def window_schedule(cfg, extra, total):

@@ -41,3 +41,21 @@ def test_device_training_runs_and_repeats(micro_data, tmp_path):
     for k in states[0][0]:
         np.testing.assert_array_equal(states[0][0][k], states[1][0][k])
     assert states[0][1] == states[1][1]
+
+
+def test_device_training_over_shards(micro_data, tmp_path):
+    """grad_shards=2 on the device path: kept shard copies, device sums and division, running
+    statistics moved by their own kernel (one run: the simulator takes minutes per run)."""
+    cfg = Config(data=str(micro_data), arch="4C3-MP2-8FC", epochs=1, batch_size=16, log_every=1,
+                 device="cuda", eval_batch_size=8, grad_shards=2).resolve()
+    run = RunDir(tmp_path / "r")
+    run.create(cfg)
+    t = Trainer(cfg, run, progress=False)
+    assert t.sharded is not None and t.sharded.local == 2
+    before = t.model.state_dict()
+    t.fit()
+    after = t.model.state_dict()
+    assert 0 in t.sharded.kept and any((before["weights"][k] != after["weights"][k]).any() for k in after["weights"])
+    for k, v in after["buffers"].items():      # moved once per step from the shards' mean statistics
+        assert np.isfinite(v).all() and (v != before["buffers"][k]).any(), k
+    assert [r["type"] for r in run.metrics()] == ["init", "step", "step", "epoch"]

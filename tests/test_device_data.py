@@ -21,3 +21,13 @@ def test_device_batches_equal_host_batches(tiny_data, augment):
         # same draws, same gather; normalisation may differ in the last float32 bit (fused multiply-add)
         np.testing.assert_allclose(dx.copy_to_host(), hx, rtol=1e-6, atol=1e-6)
         break
+
+
+def test_device_parts_make_up_the_batch(tiny_data):
+    from ternet.device_data import DeviceLoader
+    kw = dict(shuffle=True, augment="crop-flip", seed=3, in_memory=True)
+    dev = DeviceLoader(Loader(open_dataset(tiny_data), "train", 8, **kw))
+    whole = next(dev.batches(1, start=2))
+    parts = [next(dev.batches(1, start=2, part=(i, 2))) for i in range(2)]
+    for k in range(2):
+        np.testing.assert_array_equal(np.concatenate([p[k].copy_to_host() for p in parts]), whole[k].copy_to_host())

@@ -2,8 +2,10 @@
 batch norm fused with the ternary activation (the block every conv / FC layer ends in).
 
 Train: y = gamma * xhat + beta with xhat = (x - mean) / sqrt(var + eps), batch statistics
-(biased variance, two passes: mean, then squared deviations), running statistics updated with
-momentum (unbiased variance, as PyTorch). Reductions sum a fixed partition of the rows in float64
+(biased variance, two passes: mean, then squared deviations), written to `stats` (batch mean and
+unbiased variance, (2, C)); the running statistics follow with momentum (batchnorm_update_running,
+called by the train forward unless it is told to leave them: the data-parallel step updates them
+once per step from the shards' mean statistics). Reductions sum a fixed partition of the rows in float64
 in a fixed order on both paths, so results depend neither on the thread count nor on the run.
 Exercise: pytest tests/test_ops.py -k batchnorm, tests/test_cuda_batchnorm.py.
 """
@@ -17,7 +19,7 @@ from numba import cuda
 
 from . import SIMULATOR, THREADS, check, empty, grid1d, on_device, zeros
 from .activation import bit_of, num_words, pack_tile, ternary_backward, ternary_forward
-from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, normalize, ternarize,
+from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize, ternarize,
                      window_grad)
 
 CHUNKS = 64                      # CPU: row chunks of a reduction
@@ -46,10 +48,17 @@ def _colsum(x, shift, sq):
 
 
 @numba.njit(cache=True)
-def _finish_stats(mean, sqdev, m, eps, momentum, run_mean, run_var, mean32, invstd):
+def _finish_stats(mean, sqdev, m, eps, mean32, invstd, stats):
     for j in range(mean.size):
-        mean32[j], invstd[j], run_mean[j], run_var[j] = bn_stats(mean[j], sqdev[j], m, eps, momentum,
-                                                                 run_mean[j], run_var[j])
+        mean32[j], invstd[j], stats[1, j] = bn_stats(mean[j], sqdev[j], m, eps)
+        stats[0, j] = mean32[j]
+
+
+@numba.njit(cache=True)
+def _update_running(run_mean, run_var, stats, momentum):
+    for j in range(run_mean.size):
+        run_mean[j] = ema(run_mean[j], stats[0, j], momentum)
+        run_var[j] = ema(run_var[j], stats[1, j], momentum)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -99,13 +108,12 @@ def _bn_bwd_dx(dy, xhat, gamma, invstd, sdy, sdyx, m, dx):
             dx[i, j] = bn_dx(dy[i, j], xhat[i, j], gamma[j], invstd[j], sdy[j], sdyx[j], m)
 
 
-def _cpu_stats(x, running_mean, running_var, momentum, eps):
+def _cpu_stats(x, eps, stats):
     c, m = x.shape[1], x.shape[0]
     mean = _colsum(x, np.zeros(c, np.float64), False) / m
     sqdev = _colsum(x, mean, True)
     mean32, invstd = np.empty(c, np.float32), np.empty(c, np.float32)
-    _finish_stats(mean, sqdev, np.float64(m), np.float64(eps), np.float32(momentum), running_mean, running_var,
-                  mean32, invstd)
+    _finish_stats(mean, sqdev, np.float64(m), np.float64(eps), mean32, invstd, stats)
     return mean32, invstd
 
 
@@ -182,14 +190,22 @@ def _mean_cuda(part, m, mean):
 
 
 @cuda.jit
-def _stats_cuda(part, m, mean, eps, momentum, run_mean, run_var, mean32, invstd):
+def _stats_cuda(part, m, mean, eps, mean32, invstd, stats):
     j = cuda.grid(1)
     if j < mean.size:
         t = np.float64(0.0)
         for k in range(part.shape[0]):
             t += part[k, 0, j]
-        mu, inv, rm, rv = bn_stats(mean[j], t, m, eps, momentum, run_mean[j], run_var[j])
-        mean32[j], invstd[j], run_mean[j], run_var[j] = mu, inv, rm, rv
+        mu, inv, unbiased = bn_stats(mean[j], t, m, eps)
+        mean32[j], invstd[j], stats[0, j], stats[1, j] = mu, inv, mu, unbiased
+
+
+@cuda.jit
+def _update_running_cuda(run_mean, run_var, stats, momentum):
+    j = cuda.grid(1)
+    if j < run_mean.size:
+        run_mean[j] = ema(run_mean[j], stats[0, j], momentum)
+        run_var[j] = ema(run_var[j], stats[1, j], momentum)
 
 
 @cuda.jit
@@ -335,9 +351,9 @@ def _reduce_grid(m, c):
     return (chunks, (c + TILE_C - 1) // TILE_C), (TILE_C, LANES)
 
 
-def _cuda_stats(x, running_mean, running_var, momentum, eps, s=np.float32(0)):
-    """Batch statistics of x (M, C) on the device: (mean, invstd) float32 (C,), running statistics
-    updated in place; with s > 0 also whether x * s is an exact int16 everywhere (checked on the
+def _cuda_stats(x, eps, stats, s=np.float32(0)):
+    """Batch statistics of x (M, C) on the device: (mean, invstd) float32 (C,), stats (2, C) =
+    mean and unbiased variance overwritten; with s > 0 also whether x * s is an exact int16 everywhere (checked on the
     device, read back only with TERNET_CHECK_INT16=1)."""
     m, c = x.shape
     grid, block = _reduce_grid(m, c)
@@ -348,8 +364,7 @@ def _cuda_stats(x, running_mean, running_var, momentum, eps, s=np.float32(0)):
     _colsum_cuda[grid, block](x, mean, 0, s, flag, part)
     _mean_cuda[grid1d(c)](part, np.float64(m), mean)
     _colsum_cuda[grid, block](x, mean, 1, np.float32(0), flag, part)
-    _stats_cuda[grid1d(c)](part, np.float64(m), mean, np.float64(eps), np.float32(momentum), running_mean,
-                           running_var, mean32, invstd)
+    _stats_cuda[grid1d(c)](part, np.float64(m), mean, np.float64(eps), mean32, invstd, stats)
     # reading the flag back would make the host wait for every queued kernel, once per layer and
     # step: the model builder guarantees int_scale (see BNAct), so only TERNET_CHECK_INT16=1 reads it
     exact = s > 0 and (not CHECK_INT16 or int(flag.copy_to_host()[0]) == 0)
@@ -378,18 +393,42 @@ def _vec(a):
     return a.reshape(a.size)
 
 
-def batchnorm_forward_train(out, xhat, inp, gamma, beta, running_mean, running_var, momentum, eps):
-    """Batch-statistics forward; overwrites out and xhat (same shape as inp, float32), updates the
-    running statistics in place. Returns invstd (C,) float32 (on inp's side), for the backward."""
+def _stats_out(stats, c, dev):
+    if stats is None:
+        return empty((2, c), np.float32, dev)
+    check(tuple(stats.shape) == (2, c) and stats.dtype == np.float32, "batchnorm: stats must be float32 (2, C)")
+    return stats
+
+
+def batchnorm_update_running(running_mean, running_var, stats, momentum):
+    """In place: running_mean += momentum * (stats[0] - running_mean), and running_var likewise
+    with stats[1] (the batch mean and unbiased variance, float32 (2, C), as the train forwards
+    write them)."""
+    check(tuple(stats.shape) == (2, running_mean.size), "batchnorm_update_running: stats must be (2, C)")
+    if on_device(running_mean, running_var, stats):
+        _update_running_cuda[grid1d(running_mean.size)](running_mean, running_var, stats, np.float32(momentum))
+        return
+    _update_running(running_mean, running_var, stats, np.float32(momentum))
+
+
+def batchnorm_forward_train(out, xhat, inp, gamma, beta, running_mean, running_var, momentum, eps, stats=None):
+    """Batch-statistics forward; overwrites out and xhat (same shape as inp, float32) and stats
+    (float32 (2, C): batch mean, unbiased variance; allocated when None), then updates the running
+    statistics in place from them (skipped when running_mean is None). Returns invstd (C,)
+    float32 (on inp's side), for the backward."""
     c = _channels(inp)
     check(gamma.shape == (c,) and out.shape == inp.shape, "batchnorm: shape mismatch")
-    if on_device(out, inp, gamma):
-        mean, invstd, _ = _cuda_stats(_flat(inp), running_mean, running_var, momentum, eps)
+    dev = on_device(out, inp, gamma)
+    stats = _stats_out(stats, c, dev)
+    if dev:
+        mean, invstd, _ = _cuda_stats(_flat(inp), eps, stats)
         _normalize_cuda[grid1d(inp.size)](_vec(inp), mean, invstd, gamma, beta, _vec(out), _vec(xhat))
-        return invstd
-    x = _flat(inp)
-    mean, invstd = _cpu_stats(x, running_mean, running_var, momentum, eps)
-    _normalize(x, mean, invstd, gamma, beta, _flat(out), _flat(xhat))
+    else:
+        x = _flat(inp)
+        mean, invstd = _cpu_stats(x, eps, stats)
+        _normalize(x, mean, invstd, gamma, beta, _flat(out), _flat(xhat))
+    if running_mean is not None:
+        batchnorm_update_running(running_mean, running_var, stats, momentum)
     return invstd
 
 
@@ -452,10 +491,9 @@ class BNActSaved:
         return sum(int(a.size) * a.dtype.itemsize for a in kept)
 
 
-def _bn_act_forward_train_cuda(out, inp, gamma, beta, running_mean, running_var, momentum, eps, r, a, shape,
-                               int_scale):
+def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale):
     n, s = inp.size, np.float32(max(int_scale, 0))
-    mean, invstd, exact = _cuda_stats(_flat(inp), running_mean, running_var, momentum, eps, s)
+    mean, invstd, exact = _cuda_stats(_flat(inp), eps, stats, s)
     if s > 0 and not exact:
         warnings.warn("bn_act: inp * int_scale is not an exact int16 everywhere (non-integers, or values beyond "
                       "32767); keeping the input as float32 for the backward (4 bytes per element, not 2)")
@@ -488,9 +526,9 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
 
 
 def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momentum, eps, r, a, shape,
-                         int_scale=0):
-    """out (int8) = phi_r(gamma * xhat + beta), batch statistics; overwrites out, updates the
-    running statistics in place.
+                         int_scale=0, stats=None):
+    """out (int8) = phi_r(gamma * xhat + beta), batch statistics; overwrites out and stats (as
+    batchnorm_forward_train), updates the running statistics in place unless running_mean is None.
 
     Returns `saved`, an opaque record for bn_act_backward: on the CPU the tuple (xhat, invstd,
     ActSaved); on the GPU a BNActSaved (see there for the bytes kept per element). int_scale > 0
@@ -500,10 +538,13 @@ def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momen
     """
     check(out.shape == inp.shape and gamma.shape == (_channels(inp),), "bn_act: shape mismatch")
     if on_device(out, inp, gamma):
-        return _bn_act_forward_train_cuda(out, inp, gamma, beta, running_mean, running_var, momentum, eps,
-                                          r, a, shape, int_scale)
+        stats = _stats_out(stats, _channels(inp), True)
+        saved = _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale)
+        if running_mean is not None:
+            batchnorm_update_running(running_mean, running_var, stats, momentum)
+        return saved
     y, xhat = np.empty(inp.shape, np.float32), np.empty(inp.shape, np.float32)
-    invstd = batchnorm_forward_train(y, xhat, inp, gamma, beta, running_mean, running_var, momentum, eps)
+    invstd = batchnorm_forward_train(y, xhat, inp, gamma, beta, running_mean, running_var, momentum, eps, stats)
     return xhat, invstd, ternary_forward(out, y, r, a, shape, train=True)
 
 

@@ -1,6 +1,6 @@
-"""Elementwise ops: residual add, fill, and the real-parameter optimizer updates (Adam,
-SGD-momentum) used by ternet.optim. Exercise: pytest tests/test_ops.py -k add,
-tests/test_cuda_ops.py (CUDA against CPU).
+"""Elementwise ops: residual add, fill, divide (the data-parallel mean over shards), and the
+real-parameter optimizer updates (Adam, SGD-momentum) used by ternet.optim.
+Exercise: pytest tests/test_ops.py -k add, tests/test_cuda_ops.py (CUDA against CPU).
 """
 import math
 
@@ -42,6 +42,12 @@ def _sgd(p, g, buf, lr, mu):
 def _add_cuda(a, b, out):
     for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         out[i] = a[i] + b[i]
+
+
+@cuda.jit
+def _div_cuda(a, d, out):
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        out[i] = a[i] / d
 
 
 @cuda.jit
@@ -89,6 +95,15 @@ def fill(out, value):
         _fill_cuda[grid1d(out.size)](_flat(out), out.dtype.type(value))
         return
     out[...] = value
+
+
+def divide(out, a, d):
+    """out = a / d elementwise, d a scalar of out's dtype (IEEE division on both paths); overwrites out."""
+    d = out.dtype.type(d)
+    if on_device(out, a):
+        _div_cuda[grid1d(out.size)](_flat(a), d, _flat(out))
+        return
+    np.divide(a, d, out=out)
 
 
 def adam_update(p, g, m, v, lr, b1, b2, c1, c2, eps):

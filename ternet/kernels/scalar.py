@@ -128,15 +128,15 @@ def ema(run, new, momentum):
 
 
 @numba.njit(inline="always")
-def bn_stats(mean, sqdev, m, eps, momentum, run_mean, run_var):
+def bn_stats(mean, sqdev, m, eps):
     """One channel's batch statistics from its float64 mean and sum of squared deviations over
-    m (float64) elements: (mean, invstd, new running mean, new running var), all float32.
-    The batch variance is biased; the running variance gets the unbiased one (as PyTorch)."""
+    m (float64) elements: (mean, invstd, unbiased variance), all float32. The batch variance
+    (in invstd) is biased; the running variance gets the unbiased one (as PyTorch), by ema()."""
     var = sqdev / m
     mean32 = F32(mean)
     unbiased = F32(var * m / max(m - 1.0, 1.0))
     invstd = F32(1.0 / math.sqrt(var + eps))
-    return mean32, invstd, ema(run_mean, mean32, momentum), ema(run_var, unbiased, momentum)
+    return mean32, invstd, unbiased
 
 
 @numba.njit(inline="always")
