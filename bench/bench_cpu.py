@@ -19,11 +19,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def bench(batch, steps=30, warm=5):
     sys.path.insert(0, os.path.dirname(HERE))
+    from ternet.kernels import configure_cpu_threads
     from ternet.kernels.loss import loss_forward_backward
     from ternet.model import Model
     from ternet.optim import RealOptimizer
     from ternet.samplers import make_sampler
     from ternet.schedules import Schedule
+    configure_cpu_threads()          # as the trainer does on the CPU
     rng = np.random.default_rng(0)
     model = Model("lenet", (28, 28, 1), 10, seed=0)
     x = rng.standard_normal((batch, 28, 28, 1)).astype(np.float32)
@@ -51,7 +53,7 @@ def bench(batch, steps=30, warm=5):
     ts.sort()
     med = ts[len(ts) // 2]
     import numba
-    return dict(impl="ternet-cpu", model="lenet_gxnor_28", batch=batch, threads=numba.get_num_threads(),
+    return dict(impl="ternet-cpu", model="lenet_gxnor_28", batch=batch, numba_threads=numba.get_num_threads(),
                 step_ms=round(med * 1e3, 2), img_per_s=round(batch / med, 1))
 
 

@@ -19,7 +19,7 @@ from .config import Config, validate
 from .data_parallel import ShardedStep, validate_world
 from .distributed import LocalCollective
 from .evaluate import evaluate, to_side
-from .kernels import empty, zeros
+from .kernels import configure_cpu_threads, empty, zeros
 from .kernels.loss import loss_forward_backward
 from .kernels.stats import state_counts
 from .model import Model
@@ -85,6 +85,8 @@ class Trainer:
         self.main = self.coll.rank == 0
         self.cfg, self.run, self.progress = cfg, run if self.main else NullRunDir(), progress and self.main
         self.device = resolve_device(cfg.device) if self.coll.world == 1 else collective_device(cfg, self.coll.device)
+        if not self.device:
+            configure_cpu_threads()
         self.data = open_data(cfg)
         share = self.coll.local_world           # processes of this host share its cores and RAM
         self.train_loader = Loader(self.data, "train", cfg.batch_size, shuffle=True,
