@@ -30,7 +30,8 @@ def _cli(*args):
 
 
 def _procs_run(tiny_data, path, source, procs=2, **kw):
-    args = ["--data", str(tiny_data), "--source", source, "--runs-dir", str(path.parent), "--name", path.name,
+    args = ["--data", str(tiny_data), "--sampler", "dst", "--source", source, "--runs-dir", str(path.parent),
+            "--name", path.name,
             "--quiet", "--procs", str(procs)]
     for k, v in dict(OPTS, **kw).items():
         if k != "grad_shards" or "grad_shards" in kw:     # by default: the process count
@@ -41,7 +42,7 @@ def _procs_run(tiny_data, path, source, procs=2, **kw):
 
 
 def _one_process(tiny_data, path, source, **kw):
-    cfg = Config(data=str(tiny_data), source=source, **dict(OPTS, **kw)).resolve()
+    cfg = Config(data=str(tiny_data), sampler="dst", source=source, **dict(OPTS, **kw)).resolve()
     run = RunDir(path)
     run.create(cfg)
     Trainer(cfg, run, progress=False).fit()
