@@ -63,7 +63,8 @@ class Config:
 
     def resolve(self):
         """Fill the defaults that depend on other fields."""
-        lr = self.lr or {"sgd": 20.0, "adam": 0.01}[self.source]
+        rms = self.sampler == "dst" and self.source == "sgd" and dict(self.extra).get("norm") == "rms"
+        lr = self.lr or (0.03 if rms else {"sgd": 20.0, "adam": 0.01}[self.source])
         return dataclasses.replace(self, lr=lr)
 
 

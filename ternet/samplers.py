@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from .kernels import on_device, zeros
+from .kernels.stats import sum_squares
 from .kernels.transitions import bop, dst_adam, dst_sgd, metropolis
 from .rng import stream_key
 from .schedules import KINDS, AdaptiveTemperature, Schedule
@@ -116,23 +117,44 @@ class DST(Sampler):
     ran; it keeps two float32 moments per weight (8 bytes per weight, 64x an int8 state).
     --set beta1=, beta2= set its decay rates (0.9, 0.999 as in Adam).
 
+    --set norm=rms (source sgd): dW = -lr * g / rms(g), rms over the layer's gradient in this
+    step. One float per layer, none per weight; layers whose gradients differ by 20x (conv1 against
+    fc1 in lenet) then flip at comparable rates. Default lr 0.03 with it (docs/samplers.md).
+
     lr sets the expected move per step; too small and (with tau ~ m |nu| / dz) nearly nothing flips,
     too large and kappa >= 1 makes weights jump deterministically every step (a random walk
     between the extremes). m sharpens tau: large m makes small steps flip more often than their
     size warrants (m = 3 in the paper). --set m_schedule=linear|cosine|exp anneals m to --m-end.
+    With small steps lr scales the up and down rates of a weight alike, so it sets how fast the
+    states mix, not which states win; the minibatch's gradient noise (the batch size) sets that.
     """
     name = "dst"
     SOURCES = ("sgd", "adam")
     # adam source: the moments' decay rates. A slower first moment (beta1 = 0.99) averages the
     # gradient over ~100 steps instead of ~10, so fewer weights flip on minibatch noise.
-    OPTIONS = {**Sampler.OPTIONS, "beta1": 0.9, "beta2": 0.999}
+    OPTIONS = {**Sampler.OPTIONS, "beta1": 0.9, "beta2": 0.999, "norm": "none"}
+
+    def __init__(self, seed, lr, m, source="sgd", total=1, **opts):
+        super().__init__(seed, lr, m, source, total, **opts)
+        if self.opts["norm"] not in ("none", "rms"):
+            raise ValueError(f"dst: --set norm={self.opts['norm']!r}; choose none or rms")
+        if self.opts["norm"] == "rms" and source != "sgd":
+            raise ValueError("dst: --set norm=rms normalises the sgd step; the adam step is already "
+                             "normalised per weight (drop norm=rms or use --source sgd)")
+        self.sumsq = None
 
     def step(self, states, grads, t):
         lr, m, counts, o = self.lr(t), self.m(t), self.counters(states), self.opts
+        if o["norm"] == "rms" and self.sumsq is None:      # one float64 per layer, on the weights' side
+            self.sumsq = zeros((len(states),), np.float64, on_device(states[0].q))
         for i, (p, g) in enumerate(zip(states, grads)):
             key = self.key(t, i)
             if self.source == "sgd":
-                dst_sgd(p.q, g, lr, p.qmax, m, key, counts[i])
+                ss = None
+                if self.sumsq is not None:
+                    ss = self.sumsq[i:i + 1]
+                    sum_squares(g, ss)
+                dst_sgd(p.q, g, lr, p.qmax, m, key, counts[i], ss=ss)
             else:
                 dst_adam(p.q, g, self.slot(p, "adam_m"), self.slot(p, "adam_v"), lr, t + 1, p.qmax, m, key,
                          counts[i], b1=o["beta1"], b2=o["beta2"])

@@ -98,3 +98,44 @@ def test_state_counts():
     q = np.array([-1, 0, 0, 1, 1, 1], np.int8)
     np.testing.assert_array_equal(state_counts(q, 1), [1, 2, 3])
     np.testing.assert_array_equal(state_counts(np.array([-2, 2, 0], np.int8), 2), [1, 0, 1, 0, 1])
+
+
+def test_rms_normalised_step():
+    """norm=rms: the step is -lr g / rms(g) with rms from the layer's sum of squares. Moves equal
+    plain DST at that learning rate (one float32 rounding), and a gradient scaled by a power of
+    two (the rms scales exactly) makes the very same moves."""
+    from ternet.kernels.stats import sum_squares
+    rng = np.random.default_rng(5)
+    q0 = rng.integers(-1, 2, 5000).astype(np.int8)
+    g = (rng.standard_normal(5000) * 1e-3).astype(np.float32)
+    key = stream_key(1, "transition", 7, 0)
+    ss = np.zeros(1)
+    sum_squares(g, ss)
+    np.testing.assert_allclose(ss[0], np.sum(g.astype(np.float64) ** 2), rtol=1e-12)
+    normed, plain, scaled = q0.copy(), q0.copy(), q0.copy()
+    c = np.zeros(1, np.int64)
+    dst_sgd(normed, g, 0.3, 1, 3.0, key, c, ss=ss)
+    dst_sgd(plain, g, np.float32(0.3 / np.sqrt(ss[0] / g.size)), 1, 3.0, key, c)
+    np.testing.assert_array_equal(normed, plain)
+    g2, ss2 = g * np.float32(1024.0), np.zeros(1)
+    sum_squares(g2, ss2)
+    dst_sgd(scaled, g2, 0.3, 1, 3.0, key, c, ss=ss2)
+    np.testing.assert_array_equal(scaled, normed)
+    flips = int((normed != q0).sum())
+    assert 0.05 * q0.size < flips < 0.6 * q0.size     # an rms-sized step at lr 0.3 moves many weights
+    zero = q0.copy()
+    dst_sgd(zero, np.zeros_like(g), 0.3, 1, 3.0, key, c, ss=np.zeros(1))   # no gradient, no move
+    np.testing.assert_array_equal(zero, q0)
+
+
+def test_rms_norm_options():
+    from ternet.config import Config
+    from ternet.samplers import make_sampler
+    from ternet.schedules import Schedule
+    s = Schedule("constant", 0.1, 0.1, 10)
+    with pytest.raises(ValueError, match="norm=rms normalises the sgd step"):
+        make_sampler("dst", seed=0, lr=s, m=s, source="adam", norm="rms")
+    with pytest.raises(ValueError, match="choose none or rms"):
+        make_sampler("dst", seed=0, lr=s, m=s, norm="l2")
+    assert Config(sampler="dst", extra=(("norm", "rms"),)).resolve().lr == 0.03
+    assert Config(sampler="dst").resolve().lr == 20.0

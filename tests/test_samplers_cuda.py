@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from cudacheck import both, first_mismatches, needs_cuda
+from ternet.kernels import on_device, zeros
+from ternet.kernels.stats import sum_squares
 from ternet.kernels.transitions import bop, dst_adam, dst_sgd, metropolis
 from ternet.rng import stream_key
 
@@ -15,6 +17,7 @@ KEYS = tuple(stream_key(9, s, 3, 1) for s in ("transition-mix", "transition", "t
 # name -> (launcher over (q, mom, vel, counts) given g and qmax, number of counters, uses moments)
 CASES = {
     "dst-sgd": (lambda q, mo, ve, c, g, qmax: dst_sgd(q, g, 0.7, qmax, 3.0, KEYS[1], c), 1),
+    "dst-sgd-rms": (lambda q, mo, ve, c, g, qmax: dst_sgd(q, g, 0.3, qmax, 3.0, KEYS[1], c, ss=_sumsq(g)), 1),
     "dst-adam": (lambda q, mo, ve, c, g, qmax: dst_adam(q, g, mo, ve, 0.05, 3, qmax, 3.0, KEYS[1], c), 1),
     "mh-dst-sgd": (lambda q, mo, ve, c, g, qmax: metropolis(q, g, None, None, KEYS, c, lr=0.7, qmax=qmax, m=3.0,
                                                             eps=0.3, dst_on=True, h=0.2, temp=0.05), 5),
@@ -27,6 +30,13 @@ CASES = {
     "bop-plain-noreset": (lambda q, mo, ve, c, g, qmax: bop(q, g, mo, None, c, gamma=0.3, thr=0.1, qmax=qmax,
                                                             reset=False), 1),
 }
+
+
+def _sumsq(g):
+    """The gradient's sum of squares on g's side (for the rms-normalised DST step)."""
+    ss = zeros((1,), np.float64, on_device(g))
+    sum_squares(g, ss)
+    return ss
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -60,13 +70,14 @@ def test_grid_stride_and_sampler_on_device():
     shapes = [(300,), (5, 7)]
     q0 = [rng.integers(-1, 2, s).astype(np.int8) for s in shapes]
     grads = [[(rng.standard_normal(s) * 0.01).astype(f32) for s in shapes] for _ in range(3)]
-    for name, opts in (("metropolis", dict(t_schedule="adaptive", proposal="dst", mix=0.2)),
-                       ("bop", dict(threshold=0.3, gamma=0.3)), ("dst", {})):
+    for name, source, opts in (("metropolis", "adam", dict(t_schedule="adaptive", proposal="dst", mix=0.2)),
+                               ("bop", "sgd", dict(threshold=0.3, gamma=0.3)), ("dst", "adam", {}),
+                               ("dst", "sgd", dict(norm="rms"))):
         out = []
         for dev in (False, True):
             ps = [TernaryParam(f"w{i}", cuda.to_device(q) if dev else q.copy(), 1) for i, q in enumerate(q0)]
             s = make_sampler(name, seed=4, lr=Schedule("constant", 0.05), m=Schedule("constant", 3.0),
-                             source="adam" if name != "bop" else "sgd", **opts)
+                             source=source, **opts)
             for t, gs in enumerate(grads):
                 s.step(ps, [cuda.to_device(g) if dev else g for g in gs], t)
             out.append(([p.q.copy_to_host() if dev else p.q for p in ps], s.read_counters(),

@@ -92,6 +92,17 @@ def dst_target(q, dw, qmax, m, u):
 
 
 @numba.njit(inline="always")
+def rms_lr(lr, ss, n):
+    """The learning rate of a step normalised by the gradient's root mean square: lr / rms(g)
+    with rms = sqrt(ss / n) from the sum of squares ss (float64) of n gradients, rounded once to
+    float32; 0 for an all-zero gradient (no step). sqrt and / are correctly rounded in float64 on
+    both paths, so the CPU and the CUDA kernels get the same float32 from the same ss."""
+    if ss <= 0.0:
+        return F32(0.0)
+    return F32(lr / math.sqrt(ss / n))
+
+
+@numba.njit(inline="always")
 def dst_prob(q, dw, qmax, m):
     """Probability that dst_target() takes the extra step (for tests and for Hastings ratios)."""
     w = F32(q) / F32(qmax)

@@ -11,7 +11,7 @@ import numpy as np
 from numba import cuda
 
 from . import check, grid1d, on_device
-from .scalar import adam_dw, adam_moments, bop_step, dst_target, mh_step, uniform
+from .scalar import adam_dw, adam_moments, bop_step, dst_target, mh_step, rms_lr, uniform
 
 CHUNKS = 64
 MH_COUNTERS = 4       # proposals, accepts, uphill proposals, uphill accepts (accepts = flips)
@@ -21,8 +21,10 @@ MH_COUNTERS = 4       # proposals, accepts, uphill proposals, uphill accepts (ac
 # CPU implementation (integer counters summed over a fixed partition: deterministic)
 
 @numba.njit(parallel=True, cache=True)
-def _dst_sgd(q, g, lr, qmax, m, key):
+def _dst_sgd(q, g, lr, ss, norm, qmax, m, key):
     n = q.size
+    if norm:
+        lr = rms_lr(lr, ss[0], n)
     part = np.zeros(CHUNKS, np.int64)
     step = (n + CHUNKS - 1) // CHUNKS
     for ch in numba.prange(CHUNKS):
@@ -108,7 +110,9 @@ def _bop(q, g, mom, vel, gamma, gamma2, thr, norm, reset, qmax):
 # totals do not depend on the order)
 
 @cuda.jit
-def _dst_sgd_cuda(q, g, lr, qmax, m, key, counts):
+def _dst_sgd_cuda(q, g, lr, ss, norm, qmax, m, key, counts):
+    if norm:
+        lr = rms_lr(lr, ss[0], q.size)
     flips = 0
     for i in range(cuda.grid(1), q.size, cuda.gridsize(1)):
         old = q[i]
@@ -186,12 +190,16 @@ def _flat(*arrays):
 # ----------------------------------------------------------------------------------------------
 # launchers (in place on q and the per-weight buffers; counters are accumulated, never reset)
 
-def dst_sgd(q, g, lr, qmax, m, key, counts):
+def dst_sgd(q, g, lr, qmax, m, key, counts, ss=None):
     """In place: q <- DST(q, dW = -lr * g). q int8 (any shape), g float32 (same shape).
+    With ss (float64, one element on q's side: the sum of squares of g, stats.sum_squares) the
+    step is normalised by the layer's gradient rms: dW = -lr * g / rms(g) (scalar.rms_lr).
     Accumulates the number of weights whose state changed into counts[0] (int64, same side)."""
     check(q.shape == g.shape and q.dtype == np.int8, "dst_sgd: q must be int8 with g's shape")
-    args = (np.float32(lr), qmax, np.float32(m), key)
-    if on_device(q, g, counts):
+    dev = on_device(q, g, counts, ss)
+    norm = ss is not None
+    args = (np.float32(lr), ss if norm else _dummy(dev, np.float64), np.int64(norm), qmax, np.float32(m), key)
+    if dev:
         _dst_sgd_cuda[grid1d(q.size)](*_flat(q, g), *args, counts)
         return
     counts[0] += _dst_sgd(q.reshape(-1), g.reshape(-1), *args)
@@ -254,6 +262,14 @@ def bop(q, g, mom, vel, counts, *, gamma, thr, qmax, gamma2=1e-3, reset=True):
     counts[0] += _bop(*_flat(q, g, mom, vel), *args)
 
 
-def _dummy(device):
-    a = np.zeros(1, np.float32)
-    return cuda.to_device(a) if device else a
+_DUMMIES = {}
+
+
+def _dummy(device, dtype=np.float32):
+    """A one-element stand-in for a buffer a kernel will not read, made once per side and dtype
+    (a fresh device copy each step would make the host wait for the GPU)."""
+    key = (bool(device), np.dtype(dtype).str)
+    if key not in _DUMMIES:
+        a = np.zeros(1, dtype)
+        _DUMMIES[key] = cuda.to_device(a) if device else a
+    return _DUMMIES[key]
