@@ -43,9 +43,11 @@ TRAIN_OPTIONS = [
     ("sampler", str, "Transition rule for the discrete weights: bop (momentum threshold, the default), dst "
                      "(GXNOR's discrete state transition; with --source sgd it keeps no per-weight memory), "
                      "metropolis (docs/samplers.md)."),
-    ("source", click.Choice(["sgd", "adam"]), "DST step: sgd (dW = -lr g, no per-weight memory) or adam (two fp32 "
+    ("source", click.Choice(["sgd", "adam"]), "DST step: sgd (dW = -lr g, no per-weight memory; --set norm=rms "
+                                              "divides g by the layer's gradient rms) or adam (two fp32 "
                                               "moments per weight, as the authors' code)."),
-    ("lr", float, "Learning rate of the discrete weights (0: 20 for sgd, 0.01 for adam)."),
+    ("lr", float, "Learning rate of the discrete weights (0: 20 for sgd, 0.03 for sgd with --set norm=rms, "
+                  "0.01 for adam)."),
     ("lr_end", float, "Final learning rate of cosine/exp/linear schedules."),
     ("lr_schedule", click.Choice(["constant", "step", "exp", "cosine", "linear"]), "Learning-rate schedule."),
     ("lr_every", int, "step schedule: decay every this many epochs."),
