@@ -1,13 +1,14 @@
 """Packing speed (acceptance 5): `ternet prep imagenet --size 64` against a plain Pillow loop (open,
 convert to RGB, resize, center-crop) on the same files in the same run, per core and with workers.
 
-Run: python bench/bench_prep.py [DATA_DIR] [--copies 20] [--sizes 64,32,128] [--workers 1,2]
+Run: python bench/bench_prep.py [DATA_DIR] [--copies 20] [--sizes 64,32,128] [--workers 1,2] [--repeats 3]
 DATA_DIR holds imagenet-sample-100.tar.gz (default ../shared/data beside the checkout).
 """
 import argparse
 import json
 import os
 import resource
+import shutil
 import pathlib
 import sys
 import tarfile
@@ -81,6 +82,7 @@ def main():
     ap.add_argument("--copies", type=int, default=20)
     ap.add_argument("--sizes", default="64,32,128", help="the first one gets the projection")
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--repeats", type=int, default=3, help="round-robin repetitions; the best of each counts")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
@@ -89,7 +91,7 @@ def main():
         n = len(paths)
         avg_kb = sum(f.stat().st_size for f in files) / len(files) / 1024
         plain_pillow(paths[:50], 64)                                 # warm the page cache
-        results = [measure(src, paths, tmp, size, [int(w) for w in args.workers.split(",")])
+        results = [measure(src, paths, tmp, size, [int(w) for w in args.workers.split(",")], args.repeats)
                    for size in map(int, args.sizes.split(","))]
     print(f"{n} ImageNet images (100 originals x {args.copies}, avg {avg_kb:.0f} KB), "
           f"{len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.1f} "
@@ -116,17 +118,23 @@ def _round(v):
     return round(v, 3) if isinstance(v, float) else v
 
 
-def measure(src, paths, tmp, size, workers):
+def measure(src, paths, tmp, size, workers, repeats=3):
+    """Each contender `repeats` times, round-robin (a slow spell on a shared machine then hits
+    all of them alike); the best rate of each counts."""
     n = len(paths)
-    wall, cpu = {}, {}
-    wall["plain_pillow"], cpu["plain_pillow"] = timed(lambda: plain_pillow(paths, size), n)
-    wall["draft_decode"], cpu["draft_decode"] = timed(lambda: draft_decode(paths, size), n)
-    wall["decode_only"], cpu["decode_only"] = timed(
-        lambda: [decode(open(p, "rb").read(), size) for p in paths], n)
+    contenders = {"plain_pillow": lambda: plain_pillow(paths, size),
+                  "draft_decode": lambda: draft_decode(paths, size),
+                  "decode_only": lambda: [decode(open(p, "rb").read(), size) for p in paths]}
     for w in workers:
         job = imagenet.build_job(src, command="imagenet", options={}, size=size)
-        wall[f"prep_j{w}"], cpu[f"prep_j{w}"] = timed(
-            lambda: pack(job, tmp / f"out{size}-{w}", workers=w, progress=False), n)
+        contenders[f"prep_j{w}"] = (lambda job=job, w=w: pack(job, tmp / f"out{size}-{w}", workers=w, progress=False))
+    wall, cpu = {k: 0.0 for k in contenders}, {k: 0.0 for k in contenders}
+    for r in range(repeats):
+        for k, fn in contenders.items():
+            if r and k.startswith("prep_j"):
+                shutil.rmtree(tmp / f"out{size}-{k[6:]}")      # pack resumes a finished output: start over
+            a, b = timed(fn, n)
+            wall[k], cpu[k] = max(wall[k], a), max(cpu[k], b)
     one, top = f"prep_j{workers[0]}", f"prep_j{max(workers)}"
     # The projection runs at the CPU-second rate of the parallel run (which includes the
     # parent's shard writing and the inter-process traffic) on 16 cores.
