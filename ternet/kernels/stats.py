@@ -21,12 +21,14 @@ FOLD = 128
 @numba.njit(cache=True)
 def _sum_squares(x, lanes):
     n, nl = x.size, lanes.size
-    for j in range(nl):
-        acc = 0.0
-        for i in range(j, n, nl):
-            v = np.float64(x[i])
-            acc += v * v
-        lanes[j] = acc
+    lanes[:] = 0.0
+    j = 0
+    for i in range(n):      # in memory order; each lane still adds its elements in increasing i
+        v = np.float64(x[i])
+        lanes[j] += v * v
+        j += 1
+        if j == nl:
+            j = 0
     part = np.zeros(FOLD, np.float64)
     for t in range(FOLD):
         acc = 0.0
