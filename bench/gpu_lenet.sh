@@ -2,13 +2,18 @@
 # Long lenet runs on one GPU, all at once, in one device call (docs/results.md):
 #   full Fashion-MNIST with DST and the plain SGD step (no per-weight memory) at large batches,
 #   MNIST end to end (PNG folders -> `ternet prep` -> lenet), and the CUDA test suite beside them.
-#   bash bench/gpu_lenet.sh            (LIMIT=seconds per run, default 480)
+#   bash bench/gpu_lenet.sh [main|refs]   (LIMIT=seconds per run, default 480)
+# main: the runs below; refs: Bop on Fashion-MNIST (what lenet reaches with a rule that keeps
+# per-weight memory), DST-sgd with the authors' squared hinge loss, DST-sgd with threshold r = 0.5.
 # Carries: .whl (numpy for the host), .data/fm (Debian's Fashion-MNIST IDX files, images
-# re-compressed with xz to fit a call), .data/mnist-png.tar.gz. Results: $OUT/runs, $OUT/*.log.
+# re-compressed with xz to fit a call), .data/mnist-png.tar.gz. Results: $OUT/runs.tar.gz (config,
+# metrics, timing of each run), $OUT/logs.txt, and the table on stdout (a call returns few files).
 set -u
 OUT=${OUT:-/tmp/ternet-lenet}
 LIMIT=${LIMIT:-480}
-mkdir -p "$OUT/runs" /tmp/fm-src /tmp/src-mnist
+WHAT=${1:-main}
+RUNS=/tmp/ternet-lenet-runs
+mkdir -p "$OUT" "$RUNS" /tmp/fm-src /tmp/src-mnist
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -30,23 +35,35 @@ echo "data ready in $(python3 -c "import time; print(round(time.time() - $t0, 1)
 
 run() {  # run NAME ARGS...: one training process in the background, cut at LIMIT seconds
     local name=$1; shift
-    timeout "$LIMIT" python3 -m ternet train --device cuda --quiet --arch lenet --runs-dir "$OUT/runs" \
-        --name "$name" "$@" > "$OUT/$name.log" 2>&1 &
+    timeout "$LIMIT" python3 -m ternet train --device cuda --quiet --arch lenet --runs-dir "$RUNS" \
+        --name "$name" "$@" > "$RUNS/$name.log" 2>&1 &
 }
 DST=(--data /tmp/fm-full --sampler dst --source sgd --set norm=rms)
+MN=(--data /tmp/data-mnist --sampler bop)
+ANNEAL=(--set gamma=0.05 --set gamma_end=0.002 --set gamma_schedule=exp
+        --set threshold=0.5 --set threshold_end=0.1 --set threshold_schedule=exp)
+if [ "$WHAT" = refs ]; then
+run fm-bop-anneal-b256 --data /tmp/fm-full --sampler bop "${ANNEAL[@]}" --batch-size 256 --epochs 18
+run fm-dst-sqhinge-b30000-lr0.05 "${DST[@]}" --loss sqhinge --batch-size 30000 --lr 0.05 --epochs 200
+run fm-dst-r0.5-b30000-lr0.05 "${DST[@]}" --act-r 0.5 --batch-size 30000 --lr 0.05 --epochs 200
+elif [ "$WHAT" = r05 ]; then
+run fm-dst-r0.5-b30000-lr0.05-exp "${DST[@]}" --act-r 0.5 --batch-size 30000 --lr 0.05 --lr-schedule exp --lr-end 0.0005 --epochs 200
+run fm-dst-r0.5-b30000-lr0.1 "${DST[@]}" --act-r 0.5 --batch-size 30000 --lr 0.1 --epochs 200
+run fm-dst-r0.5-b60000-lr0.05 "${DST[@]}" --act-r 0.5 --batch-size 60000 --lr 0.05 --epochs 300
+else
 run fm-dst-b10000-lr0.05 "${DST[@]}" --batch-size 10000 --lr 0.05 --epochs 150
 run fm-dst-b10000-lr0.02 "${DST[@]}" --batch-size 10000 --lr 0.02 --epochs 150
 run fm-dst-b20000-lr0.05 "${DST[@]}" --batch-size 20000 --lr 0.05 --epochs 200
 run fm-dst-b30000-lr0.05 "${DST[@]}" --batch-size 30000 --lr 0.05 --epochs 250
 run fm-dst-b5000-lr0.05 "${DST[@]}" --batch-size 5000 --lr 0.05 --epochs 100
-MN=(--data /tmp/data-mnist --sampler bop)
-ANNEAL=(--set gamma=0.05 --set gamma_end=0.002 --set gamma_schedule=exp
-        --set threshold=0.5 --set threshold_end=0.1 --set threshold_schedule=exp)
 run mnist-bop-b100 "${MN[@]}" --batch-size 100 --epochs 20
 run mnist-bop-anneal-b100 "${MN[@]}" "${ANNEAL[@]}" --batch-size 100 --epochs 20
 run mnist-bop-anneal-b256 "${MN[@]}" "${ANNEAL[@]}" --batch-size 256 --epochs 30
-timeout "$LIMIT" python3 -m pytest -q tests/test_cuda_*.py tests/test_device_data.py > "$OUT/pytest_cuda.log" 2>&1 &
-timeout "$LIMIT" python3 -m pytest -q -m gpu tests/test_gpu_full.py > "$OUT/pytest_gpu.log" 2>&1
+timeout "$LIMIT" python3 -m pytest -q tests/test_cuda_*.py tests/test_device_data.py > "$RUNS/pytest_cuda.log" 2>&1 &
+timeout "$LIMIT" python3 -m pytest -q -m gpu tests/test_gpu_full.py > "$RUNS/pytest_gpu.log" 2>&1
+fi
 wait
-tail -3 "$OUT/pytest_cuda.log" "$OUT/pytest_gpu.log"
-python3 bench/runs_table.py "$OUT/runs"
+tail -n 3 "$RUNS"/pytest_*.log 2>/dev/null
+tail -n 2 "$RUNS"/*.log > "$OUT/logs.txt"
+tar -czf "$OUT/runs.tar.gz" -C "$RUNS" --exclude='*.h5' .
+python3 bench/runs_table.py "$RUNS"

@@ -306,9 +306,12 @@ class BopTernary(Sampler):
     a latent weight (it is reset and never read as a weight), but it is float state.
     """
     name = "bop"
-    # gamma anneals (cosine) to 0.02 by default: the last epochs flip less on minibatch noise
-    OPTIONS = {**Sampler.OPTIONS, "gamma": 0.05, "gamma_end": 0.02, "gamma_schedule": "cosine",
-               "threshold": 0.5, "threshold_end": 0.0, "threshold_schedule": "constant",
+    # By default gamma and the threshold anneal together, geometrically, from (0.05, 0.5) to
+    # (0.002, 0.1): threshold**2 / gamma stays 5, so a weight flips on pure noise at about the same
+    # rate throughout, while the evidence a flip needs in its favour (the chain's inverse
+    # temperature, ~ 4 threshold / gamma) grows 5x: the chain cools (docs/samplers.md).
+    OPTIONS = {**Sampler.OPTIONS, "gamma": 0.05, "gamma_end": 0.002, "gamma_schedule": "exp",
+               "threshold": 0.5, "threshold_end": 0.1, "threshold_schedule": "exp",
                "norm": "rms", "gamma2": 1e-2, "reset": 1}
 
     def __init__(self, seed, lr, m, source="sgd", total=1, **opts):
