@@ -83,21 +83,29 @@ class DeviceLoader:
         return len(self.host)
 
     def batches(self, epoch, start=0, part=None):
-        """As Loader.batches (part=(i, k): rows i B/k .. (i+1) B/k of each batch), on the device."""
+        """As Loader.batches (part=(i, k): rows i B/k .. (i+1) B/k of each batch), on the device.
+
+        The epoch's plan (every batch's rows, augmentation draws and labels, the same draws as the
+        host Loader's) goes to the device in one copy per array at the start; each step then takes
+        device views of it, so no step waits for a host-to-device copy (a synchronous copy would
+        make the host wait for the GPU's queue once per step)."""
         ld = self.host
         order = ld._order(epoch)
         oh, ow, c = ld.output_shape
-        for b in range(start, len(ld)):
-            idx, params = ld.plan(epoch, b, order, part)
-            x = cuda.device_array((len(idx), oh, ow, c), np.float32)
-            rows = cuda.to_device(idx.astype(np.int64))
-            grid = grid1d(len(idx) * oh * ow)
-            if ld.augment == "rrc-flip":
-                boxes, flips = params
-                _resized_crop_cuda[grid](self.pixels, self.offs, self.hs, self.ws, rows, cuda.to_device(boxes),
-                                         cuda.to_device(flips), self.scale, self.shift, x)
-            else:
-                oy, ox, flips = params
-                _crop_flip_cuda[grid](self.pixels, self.offs, self.hs, self.ws, rows, cuda.to_device(oy),
-                                      cuda.to_device(ox), cuda.to_device(flips), self.scale, self.shift, x)
-            yield x, cuda.to_device(ld.labels[idx].astype(np.int32))
+        plans = [ld.plan(epoch, b, order, part) for b in range(start, len(ld))]
+        if not plans:
+            return
+        bounds = np.cumsum([0] + [len(idx) for idx, _ in plans])
+        idx_all = np.concatenate([idx for idx, _ in plans])
+        rows = cuda.to_device(idx_all.astype(np.int64))
+        labels = cuda.to_device(ld.labels[idx_all].astype(np.int32))
+        params = [cuda.to_device(np.ascontiguousarray(np.concatenate([p[k] for _, p in plans])))
+                  for k in range(len(plans[0][1]))]
+        for j in range(len(plans)):
+            lo, hi = int(bounds[j]), int(bounds[j + 1])
+            x = cuda.device_array((hi - lo, oh, ow, c), np.float32)
+            grid = grid1d((hi - lo) * oh * ow)
+            kernel = _resized_crop_cuda if ld.augment == "rrc-flip" else _crop_flip_cuda
+            kernel[grid](self.pixels, self.offs, self.hs, self.ws, rows[lo:hi], *(a[lo:hi] for a in params),
+                         self.scale, self.shift, x)
+            yield x, labels[lo:hi]
