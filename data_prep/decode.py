@@ -95,7 +95,7 @@ def _jpeg_frame(data):
 def _decode_jpeg(data, size, channels):
     """A plain JPEG (gray or 3 components) decoded exactly as Image.open + draft + load decode it,
     but without Pillow's Python parse of each header segment (EXIF, ICC, quantisation tables) and
-    in one decoder call: ~4 % less time per image at 64 px. None for any other file."""
+    in one decoder call: 4-6 % less CPU time per image at 64 px. None for any other file."""
     frame = _jpeg_frame(data)
     if frame is None or frame[2] not in (1, 3):
         return None
@@ -106,10 +106,11 @@ def _decode_jpeg(data, size, channels):
     if size is not None:            # draft()'s rule: the largest 1/s that keeps both sides >= size
         scale = next((s for s in (8, 4, 2) if min(w // size, h // size) >= s), 1)
     mode = "L" if layers == 1 or (channels == 1 and size is not None) else "RGB"
-    try:    # the decoder's arguments as JpegImageFile gives them: rawmode, colour space from the file, scale, draft
-        return Image.frombytes(mode, (-(-w // scale), -(-h // scale)), data, "jpeg", mode, "", scale, 0)
+    out = (-(-w // scale), -(-h // scale))
+    try:    # the decoder's arguments as JpegImageFile passes them: rawmode, colour space, scale, draft
+        return Image.frombytes(mode, out, data, "jpeg", mode, "", scale, 0)
     except ValueError as e:         # "not enough image data" / "cannot decode image data"
-        why = "image file is truncated" if "not enough" in str(e) else "broken data stream when reading image file"
+        why = "image file is truncated" if "not enough" in str(e) else "broken data stream"
         raise Unreadable(f"cannot decode: {why}") from None
 
 
