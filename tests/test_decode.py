@@ -1,6 +1,7 @@
 """Robust decoding (data_prep/decode.py) on synthetic images: draft mode and the one-box resize
-agree with the plain resize-then-crop, odd modes become RGB/L, and `folder` without --size reports
-images of another size. Run: python -m pytest tests/test_decode.py
+agree with the plain resize-then-crop, the direct JPEG path gives exactly the pixels of Image.open +
+draft + load, odd modes become RGB/L, and `folder` without --size reports images of another size.
+Run: python -m pytest tests/test_decode.py
 """
 import io
 import json
@@ -10,6 +11,7 @@ import pytest
 from conftest import prep_cli
 from PIL import Image
 
+from data_prep import decode as decode_module
 from data_prep.decode import Unreadable, decode
 
 
@@ -48,6 +50,59 @@ def test_draft_and_box_resize_match_plain_resize_then_crop(size):
     assert np.abs(decode(png, size).astype(int) - _plain(png, size)).mean() < 1.0
     # JPEG: DCT-domain downscaling first; still the same picture.
     assert np.abs(decode(jpg, size).astype(int) - _plain(jpg, size)).mean() < 2.0
+
+
+def _jpegs():
+    """JPEG flavours the direct path must decode exactly as Pillow's own path does."""
+    rgb = Image.fromarray(_photo(331, 217))
+    exif = Image.Exif()
+    exif[0x010F] = "camera"
+    variants = {"420": {}, "444": {"subsampling": 0}, "422": {"subsampling": 1},
+                "progressive": {"progressive": True}, "restarts": {"restart_marker_rows": 1},
+                "exif+icc": {"exif": exif, "icc_profile": b"\0" * 300}, "q40": {"quality": 40}}
+    out = {name: _encode(np.asarray(rgb), "JPEG", **kw) for name, kw in variants.items()}
+    out["gray"] = _encode(np.asarray(rgb.convert("L")), "JPEG")
+    out["portrait"] = _encode(_photo(217, 331), "JPEG")
+    return out
+
+
+@pytest.mark.parametrize("name, data", list(_jpegs().items()))
+def test_direct_jpeg_path_equals_pillow_open_draft_load(name, data, monkeypatch):
+    assert decode_module._decode_jpeg(data, 64, 3) is not None    # the fast path is taken
+    got = {(s, c, ch): decode(data, s, c, ch) for s in (None, 16, 64, 150) for c in (True, False)
+           for ch in (3, 1)}
+    monkeypatch.setattr(decode_module, "_decode_jpeg", lambda *args: None)   # Image.open's path
+    for (s, c, ch), a in got.items():
+        np.testing.assert_array_equal(a, decode(data, s, c, ch), err_msg=f"{name} {s} {c} {ch}")
+
+
+def test_real_jpegs_take_the_direct_path_with_the_same_pixels(imagenet_sample, monkeypatch):
+    datas = [p.read_bytes() for p in imagenet_sample.values()]
+    got = [decode(d, 64) for d in datas]
+    assert all(decode_module._decode_jpeg(d, 64, 3) is not None for d in datas)
+    monkeypatch.setattr(decode_module, "_decode_jpeg", lambda *args: None)
+    for a, d in zip(got, datas):
+        np.testing.assert_array_equal(a, decode(d, 64))
+
+
+def test_other_files_take_pillows_path():
+    cmyk = Image.fromarray(_photo(60, 40)).convert("CMYK")
+    buf = io.BytesIO()
+    cmyk.save(buf, format="JPEG")
+    for data in (buf.getvalue(), _encode(_photo(60, 40), "PNG")):
+        assert decode_module._decode_jpeg(data, 32, 3) is None
+        assert decode(data, 32).shape == (32, 32, 3)
+
+
+def test_broken_jpegs_say_why():
+    data = _encode(_photo(), "JPEG", quality=95)
+    with pytest.raises(Unreadable, match="truncated"):
+        decode(data[:len(data) // 2], 32)
+    with pytest.raises(Unreadable, match="truncated"):
+        decode(data[:300], 32)          # cut inside the headers
+    i = data.index(b"\xff\xda")        # start of scan: wreck the entropy-coded data after it
+    with pytest.raises(Unreadable, match="broken"):
+        decode(data[:i + 200] + b"\xff\xff\xff" + data[i + 203:], 32)
 
 
 def test_short_side_mode_keeps_the_aspect_ratio():
