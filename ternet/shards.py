@@ -95,9 +95,14 @@ def write_shard(path, *, split, index, labels, sources, images=None, shapes=None
         images = np.ascontiguousarray(images, dtype=np.uint8)
         assert images.ndim == 4 and len(images) == n, images.shape
         channels = images.reshape(-1, images.shape[3])
-    # Exact integer sums (from per-channel histograms: fast, no int64 copy of the pixels), so the
-    # mean/std of a whole split do not depend on shard order or float rounding.
-    hist = np.stack([np.bincount(channels[:, k], minlength=256) for k in range(channels.shape[1])])
+    # Exact integer sums (from per-channel histograms), so the mean/std of a whole split do not
+    # depend on shard order or float rounding. bincount widens its input to intp: a chunk at a
+    # time keeps that copy in cache instead of an int64 copy of the whole shard.
+    hist = np.zeros((channels.shape[1], 256), np.int64)
+    for i in range(0, len(channels), 1 << 16):
+        part = channels[i:i + (1 << 16)]
+        for k in range(channels.shape[1]):
+            hist[k] += np.bincount(part[:, k], minlength=256)
     v = np.arange(256, dtype=np.int64)
     stat_sum, stat_sumsq = hist @ v, hist @ (v * v)
     enc = [s.encode() for s in sources]
