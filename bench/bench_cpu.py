@@ -12,7 +12,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+PEER_ENV = dict(os.environ)      # the peer runs in the environment this bench was started in
+# as `ternet` sets it before numpy loads OpenBLAS (ternet/__init__.py): its workers stop spinning
+# soon after a GEMM, so the numba kernels between GEMMs get the cores
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -69,7 +74,8 @@ def main():
     peer = {}
     if os.path.exists(args.peer):
         try:
-            out = subprocess.run([sys.executable, args.peer], capture_output=True, text=True, timeout=900)
+            out = subprocess.run([sys.executable, args.peer], capture_output=True, text=True, timeout=900,
+                                 env=PEER_ENV)
             for line in out.stdout.splitlines():
                 if line.startswith("{"):
                     rec = json.loads(line)
