@@ -101,11 +101,11 @@ class DeviceLoader:
         labels = cuda.to_device(ld.labels[idx_all].astype(np.int32))
         params = [cuda.to_device(np.ascontiguousarray(np.concatenate([p[k] for _, p in plans])))
                   for k in range(len(plans[0][1]))]
+        kernel = _resized_crop_cuda if ld.augment == "rrc-flip" else _crop_flip_cuda
         for j in range(len(plans)):
             lo, hi = int(bounds[j]), int(bounds[j + 1])
             x = cuda.device_array((hi - lo, oh, ow, c), np.float32)
             grid = grid1d((hi - lo) * oh * ow)
-            kernel = _resized_crop_cuda if ld.augment == "rrc-flip" else _crop_flip_cuda
             kernel[grid](self.pixels, self.offs, self.hs, self.ws, rows[lo:hi], *(a[lo:hi] for a in params),
                          self.scale, self.shift, x)
             yield x, labels[lo:hi]
