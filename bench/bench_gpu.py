@@ -5,6 +5,11 @@ configurations of docs/performance.md. Prints one JSON line per configuration, t
     python bench/bench_gpu.py                 # all three configurations
     python bench/bench_gpu.py vgg resnet18-64 # a subset
     python bench/bench_gpu.py --profile       # also milliseconds per layer (synchronised)
+    python bench/bench_gpu.py --launch both   # numba's own kernel launches, then ternet's planned ones
+                                              # (ternet/kernels/launch.py; default: planned only)
+
+host_ms is the median time the host spends issuing one step (Python, launches, allocations);
+when it is close to step_ms the GPU is waiting for the host.
 """
 import json
 import sys
@@ -55,11 +60,11 @@ def profile(model, step, t0):
                    **{k: round(v, 2) for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:14]}}
 
 
-def bench(name, steps=20, warm=3, prof=False):
+def bench(name, steps=20, warm=3, prof=False, fast=True):
     from numba import cuda
 
     from ternet import cuda_memory
-    from ternet.kernels import empty, zeros
+    from ternet.kernels import empty, launch, zeros
     from ternet.kernels.loss import loss_forward_backward
     from ternet.model import Model
     from ternet.optim import RealOptimizer
@@ -67,6 +72,7 @@ def bench(name, steps=20, warm=3, prof=False):
     from ternet.schedules import Schedule
     arch, shape, classes, batch = CONFIGS[name]
     cuda_memory.install()
+    launch.install() if fast else launch.uninstall()
     rng = np.random.default_rng(0)
     model = Model(arch, shape, classes, seed=0).to(True)
     x = cuda.to_device(rng.standard_normal((batch,) + shape).astype(np.float32))
@@ -88,33 +94,41 @@ def bench(name, steps=20, warm=3, prof=False):
         step(t)
     cuda.synchronize()
     cuda_memory.reset_peak()
-    times = []
+    times, host = [], []
     e0, e1 = cuda.event(), cuda.event()
     for t in range(steps):
         e0.record()
+        h = time.perf_counter()
         step(warm + t)
+        host.append((time.perf_counter() - h) * 1e3)
         e1.record()
         e1.synchronize()
         times.append(cuda.event_elapsed_time(e0, e1))
     times.sort()
+    host.sort()
     med = times[len(times) // 2]
     if prof:
         total, parts = profile(model, step, warm + steps)
         print(json.dumps({"profile": name, "synced_step_ms": round(total, 2), **parts}), flush=True)
-    return dict(impl="ternet", model=name, batch=batch, step_ms=round(med, 3), img_per_s=round(batch / med * 1e3, 1),
-                peak_gib=round(cuda_memory.peak_bytes() / 2 ** 30, 3))
+    return dict(impl="ternet", launch="planned" if fast else "numba", model=name, batch=batch, step_ms=round(med, 3),
+                host_ms=round(host[len(host) // 2], 3), img_per_s=round(batch / med * 1e3, 1),
+                peak_gib=round(cuda_memory.peak_bytes() / 2 ** 30, 3), **(launch.stats() if fast else {}))
 
 
 if __name__ == "__main__":
     prof = "--profile" in sys.argv
-    which = [a for a in sys.argv[1:] if not a.startswith("--")] or list(CONFIGS)
+    mode = sys.argv[sys.argv.index("--launch") + 1] if "--launch" in sys.argv else "planned"
+    modes = {"planned": [True], "numba": [False], "both": [False, True]}[mode]
+    which = [a for a in sys.argv[1:] if not a.startswith("--") and a not in ("planned", "numba", "both")] or list(CONFIGS)
     rows = []
     for name in which:
-        t0 = time.time()
-        rec = bench(name, prof=prof)
-        rec["wall_s"] = round(time.time() - t0, 1)
-        print(json.dumps(rec), flush=True)
-        rows.append(rec)
-    print("\n| model | batch | step ms | img/s | peak GiB |\n| --- | --- | --- | --- | --- |")
+        for fast in modes:
+            t0 = time.time()
+            rec = bench(name, prof=prof, fast=fast)
+            rec["wall_s"] = round(time.time() - t0, 1)
+            print(json.dumps(rec), flush=True)
+            rows.append(rec)
+    print("\n| model | batch | launches | step ms | host ms | img/s | peak GiB |\n| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['step_ms']} | {r['img_per_s']:,} | {r['peak_gib']} |")
+        print(f"| {r['model']} | {r['batch']} | {r['launch']} | {r['step_ms']} | {r['host_ms']} | {r['img_per_s']:,} "
+              f"| {r['peak_gib']} |")

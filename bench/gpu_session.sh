@@ -16,7 +16,7 @@ case " $what " in *" tests "*|*" all "*)
     python3 -m pytest -q tests/test_cuda_*.py tests/test_device_data.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -5 ;;
 esac
 case " $what " in *" bench "*|*" all "*)
-    python3 bench/bench_gpu.py 2>&1 | tee "$OUT/bench_gpu.log" | tail -8 ;;
+    python3 bench/bench_gpu.py --launch both 2>&1 | tee "$OUT/bench_gpu.log" | tail -10 ;;
 esac
 case " $what " in *" peer "*|*" all "*)
     python3 bench/peer_gpu.py 2>&1 | grep '^{' | tee "$OUT/peer.log" ;;

@@ -96,7 +96,9 @@ class Trainer:
                              for s in ("val", "test") if s in self.data.splits and self.main}
         if self.device:
             from . import cuda_memory
+            from .kernels import launch
             cuda_memory.install()
+            launch.install()
             self.train_loader = on_gpu(self.train_loader)
             self.eval_loaders = {s: on_gpu(ld) for s, ld in self.eval_loaders.items()}
         self.model = Model(cfg.arch, self.train_loader.output_shape, self.data.num_classes, cfg.bits,

@@ -88,3 +88,30 @@ def test_training_steps_are_deterministic(tiny_data, tmp_path):
         weights.append(t.model.state_dict()["weights"])
     for k in weights[0]:
         np.testing.assert_array_equal(weights[0][k], weights[1][k])
+
+
+def test_planned_launches_give_the_same_bits(tiny_data, tmp_path, monkeypatch):
+    """Every kernel of a training epoch launched by ternet/kernels/launch.py against numba's own
+    launches: same weights, bit for bit; and the step's kernels do run planned."""
+    from ternet.config import Config
+    from ternet.kernels import launch
+    from ternet.run import RunDir
+    from ternet.train import Trainer
+    weights = {}
+    for fast in (False, True):
+        launch.uninstall()
+        monkeypatch.setenv("TERNET_FAST_LAUNCH", "1" if fast else "0")
+        for sampler in ("dst", "bop"):
+            cfg = Config(data=str(tiny_data), arch="64C3-MP2-64C3-MP2-64FC", sampler=sampler, epochs=1,
+                         batch_size=50, device="cuda").resolve()
+            run = RunDir(tmp_path / f"{sampler}-{fast}")
+            run.create(cfg)
+            t = Trainer(cfg, run, progress=False)
+            t.fit()
+            weights[sampler, fast] = t.model.state_dict()["weights"]
+    stats = launch.stats()
+    launch.uninstall()
+    assert stats["planned"] >= 20 and stats["numba"] <= stats["planned"] // 4, stats
+    for sampler in ("dst", "bop"):
+        for k in weights[sampler, False]:
+            np.testing.assert_array_equal(weights[sampler, True][k], weights[sampler, False][k])

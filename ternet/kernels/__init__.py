@@ -31,11 +31,18 @@ def configure_cpu_threads():
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
+_DEVICE_TYPES = {}
+
+
 def is_device_array(a):
-    """A numba device array (or anything with __cuda_array_interface__; simulator arrays too)."""
-    if isinstance(a, np.ndarray) or cuda is None:
-        return False
-    return hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray"
+    """A numba device array (or anything with __cuda_array_interface__; simulator arrays too).
+    Decided once per class: asking an instance would build its interface dict on every call."""
+    t = type(a)
+    dev = _DEVICE_TYPES.get(t)
+    if dev is None:
+        dev = _DEVICE_TYPES[t] = (cuda is not None and not issubclass(t, np.ndarray)
+                                  and (hasattr(t, "__cuda_array_interface__") or t.__name__ == "FakeCUDAArray"))
+    return dev
 
 
 def on_device(*arrays):
