@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU path needs checked and timed, in one device call (see docs/performance.md):
-#   bash bench/gpu_session.sh [tests|bench|peer|all ...]
+#   bash bench/gpu_session.sh [tests|bench|peer|all ...]   (timings first, then the tests; TEST_LIMIT s each)
 # Expects the numpy 2.4.6 wheel in .whl/ (the host's numpy 2.5 breaks numba-cuda 0.30) and the
 # PyTorch peer in .data/peer/. Logs go to $OUT (default /tmp/ternet-gpu).
 set -u
@@ -11,13 +11,14 @@ export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore NUMBA_CUD
 what=${*:-all}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c "import numba, numba_cuda, numpy; print('numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'numpy', numpy.__version__)"
-case " $what " in *" tests "*|*" all "*)
-    python3 -m pytest -q -x -m gpu tests/test_gpu_full.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
-    python3 -m pytest -q tests/test_cuda_*.py tests/test_device_data.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -5 ;;
-esac
 case " $what " in *" bench "*|*" all "*)
     python3 bench/bench_gpu.py --launch both 2>&1 | tee "$OUT/bench_gpu.log" | tail -10 ;;
 esac
 case " $what " in *" peer "*|*" all "*)
     python3 bench/peer_gpu.py 2>&1 | grep '^{' | tee "$OUT/peer.log" ;;
 esac
+case " $what " in *" tests "*|*" all "*)
+    timeout ${TEST_LIMIT:-400} python3 -m pytest -q -x -m gpu tests/test_gpu_full.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+    timeout ${TEST_LIMIT:-400} python3 -m pytest -q tests/test_launch.py tests/test_cuda_*.py tests/test_device_data.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -5 ;;
+esac
+

@@ -59,8 +59,9 @@ TRAIN_OPTIONS = [
     ("epochs", int, "Epochs to train."),
     ("batch_size", int, "Training batch size."),
     ("eval_batch_size", int, "Evaluation batch size."),
-    ("augment", click.Choice(["none", "auto", "crop-flip", "rrc-flip"]), "Training augmentation (auto: crop+flip "
-                                                                        "for colour images, none for grayscale)."),
+    ("augment", click.Choice(["none", "auto", "crop-flip", "crop", "rrc-flip"]),
+     "Training augmentation (auto: crop+flip for colour images, none for grayscale; crop: random "
+     "shifts by up to H/8 pixels without mirroring, e.g. for digits)."),
     ("seed", int, "Seed of every random stream (initialisation, shuffling, augmentation, transitions)."),
     ("device", click.Choice(["auto", "cpu", "cuda"]), "Where to train."),
     ("log_every", int, "Steps between metrics lines."),

@@ -34,7 +34,7 @@ class Config:
     epochs: int = 10
     batch_size: int = 100
     eval_batch_size: int = 1000
-    augment: str = "auto"           # none | auto | crop-flip | rrc-flip
+    augment: str = "auto"           # none | auto | crop-flip | crop | rrc-flip
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
     log_every: int = 50             # steps between metrics lines
@@ -71,7 +71,7 @@ class Config:
 CHOICES = {
     "window": ("rect", "tri"), "loss": ("xent", "sqhinge"), "source": ("sgd", "adam"),
     "lr_schedule": ("constant", "step", "exp", "cosine", "linear"), "bn_optim": ("adam", "sgd"),
-    "augment": ("none", "auto", "crop-flip", "rrc-flip"), "device": ("auto", "cpu", "cuda"),
+    "augment": ("none", "auto", "crop-flip", "crop", "rrc-flip"), "device": ("auto", "cpu", "cuda"),
 }
 
 

@@ -14,7 +14,7 @@ from . import augment as aug
 from . import rng
 from .shards import Dataset, open_dataset
 
-AUGMENTS = ("none", "auto", "crop-flip", "rrc-flip")
+AUGMENTS = ("none", "auto", "crop-flip", "crop", "rrc-flip")
 WINDOW_BYTES = 1 << 30   # streaming shuffle mixes this much data at a time (see _order)
 
 
@@ -40,7 +40,8 @@ class Loader:
     """Batches (x, y) of one split of a packed dataset.
 
     augment: "none" (eval: center crop if the stored image is larger than the output), "auto",
-    "crop-flip" (pad ~H/8 - 4 at 32 px - random crop, horizontal flip), "rrc-flip" (random
+    "crop-flip" (pad ~H/8 - 4 at 32 px - random crop, horizontal flip), "crop" (the same shifts,
+    no flip: for digits and other images that must not be mirrored), "rrc-flip" (random
     resized crop to the output size, flip). "auto" = crop-flip for fixed-size images <= 64 px,
     rrc-flip otherwise. drop_last defaults to shuffle. in_memory None = when the split fits in
     half the available RAM (divided by ram_share: processes of one host that each hold a copy);
@@ -65,7 +66,7 @@ class Loader:
         if augment == "auto":
             augment = "crop-flip" if ds.layout == "fixed" and max(h, w) <= 64 else "rrc-flip"
         self.augment, self.rrc_scale = augment, rrc_scale
-        self.pad = max(1, int(round(h / 8))) if augment == "crop-flip" else 0
+        self.pad = max(1, int(round(h / 8))) if augment in ("crop-flip", "crop") else 0
         side = output_size or None
         self.output_shape = (side or h, side or w, c)
         ds.shards(split)    # a KeyError naming the splits there are, for a wrong name

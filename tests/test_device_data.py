@@ -11,7 +11,7 @@ from ternet.shards import open_dataset
 pytestmark = needs_cuda
 
 
-@pytest.mark.parametrize("augment", ["none", "crop-flip", "rrc-flip"])
+@pytest.mark.parametrize("augment", ["none", "crop-flip", "crop", "rrc-flip"])
 def test_device_batches_equal_host_batches(tiny_data, augment):
     from ternet.device_data import DeviceLoader
     ds = open_dataset(tiny_data)

@@ -46,7 +46,7 @@ def _same(a, b):
         np.testing.assert_array_equal(ya, yb)
 
 
-@pytest.mark.parametrize("augment", ["crop-flip", "rrc-flip", "none"])
+@pytest.mark.parametrize("augment", ["crop-flip", "crop", "rrc-flip", "none"])
 def test_resume_threads_prefetch_and_memory_mode_do_not_change_batches(small, augment):
     ref = _epoch(Loader(small, "train", 8, augment=augment, seed=4, threads=1, prefetch=0,
                         in_memory=True), 3)
@@ -57,6 +57,21 @@ def test_resume_threads_prefetch_and_memory_mode_do_not_change_batches(small, au
         _same(_epoch(loader, 3, start=5), ref[5:])                 # exact mid-epoch resume
     assert not np.array_equal(_epoch(Loader(small, "train", 8, augment=augment, seed=4), 4)[0][0],
                               ref[0][0])
+
+
+def test_crop_shifts_like_crop_flip_but_never_mirrors(small):
+    a = Loader(small, "train", 8, augment="crop", seed=4)
+    b = Loader(small, "train", 8, augment="crop-flip", seed=4)
+    assert a.pad == b.pad > 0
+    flips = []
+    for batch in range(3):
+        (ia, (oya, oxa, fa)), (ib, (oyb, oxb, fb)) = a.plan(0, batch, a._order(0)), b.plan(0, batch, b._order(0))
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(oya, oyb)           # the same shifts
+        np.testing.assert_array_equal(oxa, oxb)
+        assert not fa.any()
+        flips.append(fb)
+    assert np.concatenate(flips).any()
 
 
 @pytest.mark.parametrize("in_memory", [True, False])

@@ -98,6 +98,22 @@ def workspace(owner, name, shape, dtype):
     return a
 
 
+_SCRATCH = {}
+
+
+def scratch(name, shape, dtype):
+    """A device array kept for (name, shape, dtype), for temporaries a launcher writes and reads
+    within its own kernels (partial sums, per-row values), never for what it returns. Every kernel
+    runs on the default stream, so the next call's writes queue behind this call's reads; reusing
+    the array saves an allocation (tens of microseconds of host time) per use."""
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    key = (name, shape, np.dtype(dtype).str)
+    a = _SCRATCH.get(key)
+    if a is None:
+        a = _SCRATCH[key] = cuda.device_array(shape, dtype=dtype)
+    return a
+
+
 def zeros(shape, dtype, device):
     """Zero-filled array on the host or the GPU."""
     if device:

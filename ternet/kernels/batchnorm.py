@@ -17,7 +17,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import SIMULATOR, THREADS, check, empty, grid1d, on_device, zeros
+from . import SIMULATOR, THREADS, check, empty, grid1d, on_device, scratch, zeros
 from .activation import bit_of, num_words, pack_tile, ternary_backward, ternary_forward
 from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize, ternarize,
                      window_grad)
@@ -357,10 +357,10 @@ def _cuda_stats(x, eps, stats, s=np.float32(0)):
     device, read back only with TERNET_CHECK_INT16=1)."""
     m, c = x.shape
     grid, block = _reduce_grid(m, c)
-    part = empty((grid[0], 2, c), np.float64, True)
-    mean = empty(c, np.float64, True)
+    part = scratch("bn.part", (grid[0], 2, c), np.float64)
+    mean = scratch("bn.mean", c, np.float64)
     mean32, invstd = empty(c, np.float32, True), empty(c, np.float32, True)
-    flag = zeros((1,), np.int32, True) if s > 0 else empty(1, np.int32, True)
+    flag = zeros((1,), np.int32, True) if s > 0 and CHECK_INT16 else scratch("bn.flag", 1, np.int32)
     _colsum_cuda[grid, block](x, mean, 0, s, flag, part)
     _mean_cuda[grid1d(c)](part, np.float64(m), mean)
     _colsum_cuda[grid, block](x, mean, 1, np.float32(0), flag, part)
@@ -454,7 +454,7 @@ def batchnorm_backward(dinp, dgamma, dbeta, dout, xhat, gamma, invstd):
     m = np.float64(dy.shape[0])
     if on_device(dinp, dout, xhat):
         grid, block = _reduce_grid(dy.shape[0], dy.shape[1])
-        part = empty((grid[0], 2, dy.shape[1]), np.float64, True)
+        part = scratch("bn.part", (grid[0], 2, dy.shape[1]), np.float64)
         _bwd_sums_cuda[grid, block](dy, xh, part)
         _bwd_final_cuda[grid1d(gamma.size)](part, dgamma, dbeta)
         _bwd_dx_cuda[grid1d(dout.size)](_vec(dout), _vec(xhat), gamma, invstd, dbeta, dgamma, m, _vec(dinp))
@@ -519,7 +519,7 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
     t = saved
     args = (t.xq, t.xf, t.s, t.mean, t.invstd, t.bits, t.height, t.cg, t.cb, t.r, t.a, t.shape)
     grid, block = _reduce_grid(m, c)
-    part = empty((grid[0], 2, c), np.float64, True)
+    part = scratch("bn.part", (grid[0], 2, c), np.float64)
     _bn_act_bwd_sums_cuda[grid, block](_vec(dout), *args, part)
     _bwd_final_cuda[grid1d(c)](part, dgamma, dbeta)
     _bn_act_bwd_dx_cuda[grid1d(dout.size)](_vec(dout), *args, gamma, dbeta, dgamma, np.float64(m), _vec(dinp))

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 from numba import cuda, float32
 
-from . import check, on_device
+from . import check, on_device, scratch
 
 
 def out_size(h, k, stride, pad):
@@ -289,7 +289,7 @@ def _conv2d_backward_weight_cuda(dweight, dout, inp, stride, pad):
     part = conv_tc.backward_weight_partials(dout, inp, stride, pad, kh, kw)
     if part is None:
         splits = (m + DW_CHUNK - 1) // DW_CHUNK
-        part = cuda.device_array((splits, k, r), np.float32)
+        part = scratch("conv.dw_part", (splits, k, r), np.float32)
         gx, gy = _grid2(k, r)
         _conv_dw_cuda[(gx, gy, splits), 256](dout.reshape(m, k), inp, part, oh, ow, kw, stride, pad, DW_CHUNK)
     dw2 = dweight.reshape(k, r)

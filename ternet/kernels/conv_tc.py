@@ -10,6 +10,8 @@ import os
 import numpy as np
 from numba import cuda, types
 
+from . import scratch
+
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conv_mma.cu")
 GEOM = ("n", "h", "w", "c", "k", "kh", "kw", "oh", "ow", "stride", "pad", "m", "r", "chunk", "dil")
 DW_CHUNK = 4096
@@ -162,7 +164,7 @@ def backward_weight_partials(dy, x, stride, pad, kh, kw, dy16=None):
     dy16 = bf16(dy) if dy16 is None else dy16
     m, r = n * oh * ow, kh * kw * c
     splits = (m + DW_CHUNK - 1) // DW_CHUNK
-    part = cuda.device_array((splits, k, r), np.float32)
+    part = scratch("conv.dw_part", (splits, k, r), np.float32)     # summed by the caller, then free
     g = _geom(n=n, h=h, w=wd, c=c, k=k, kh=kh, kw=kw, oh=oh, ow=ow, stride=stride, pad=pad, m=m, r=r, chunk=DW_CHUNK)
     _kernels()["conv_dw_bf16"][((k + 127) // 128, (r + 127) // 128, splits), 256](_ptr(dy16), _ptr(x), _ptr(part), _ptr(g))
     return part

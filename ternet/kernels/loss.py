@@ -8,7 +8,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import THREADS, check, empty, grid1d, on_device
+from . import THREADS, check, grid1d, on_device, scratch
 from .scalar import sqhinge, xent_dlogit
 
 
@@ -137,7 +137,7 @@ def loss_forward_backward(dlogits, logits, labels, kind, acc=None):
     check(dlogits.shape == logits.shape and labels.shape == (logits.shape[0],), "loss: shape mismatch")
     if on_device(dlogits, logits, labels, acc):
         n, k = logits.shape
-        loss, hit = empty(n, np.float64, True), empty(n, np.int32, True)
+        loss, hit = scratch("loss.rows", n, np.float64), scratch("loss.hit", n, np.int32)
         if kind == "xent":
             _xent_rows_cuda[grid1d(n)](logits, labels, np.float32(1.0 / n), dlogits, loss, hit)
         else:
