@@ -98,19 +98,28 @@ def workspace(owner, name, shape, dtype):
     return a
 
 
-_SCRATCH = {}
+_SCRATCH = {}        # (name, shape, dtype) -> view of the name's buffer
+_SCRATCH_BUF = {}    # (name, dtype) -> flat device buffer, as large as the largest request so far
 
 
 def scratch(name, shape, dtype):
-    """A device array kept for (name, shape, dtype), for temporaries a launcher writes and reads
-    within its own kernels (partial sums, per-row values), never for what it returns. Every kernel
-    runs on the default stream, so the next call's writes queue behind this call's reads; reusing
-    the array saves an allocation (tens of microseconds of host time) per use."""
-    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-    key = (name, shape, np.dtype(dtype).str)
+    """A device array for temporaries a launcher writes and reads within its own kernels (partial
+    sums, per-row values), never for what it returns: a view of one flat buffer per (name, dtype),
+    grown to the largest request, so memory stays at one buffer's worth however many layer shapes
+    use it. Every kernel runs on the default stream, so the next call's writes queue behind this
+    call's reads; reusing the buffer saves an allocation (tens of microseconds of host time) per use."""
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+    dtype = np.dtype(dtype)
+    key = (name, shape, dtype.str)
     a = _SCRATCH.get(key)
     if a is None:
-        a = _SCRATCH[key] = cuda.device_array(shape, dtype=dtype)
+        n = max(1, int(np.prod(shape)))
+        buf = _SCRATCH_BUF.get((name, dtype.str))
+        if buf is None or buf.size < n:
+            buf = _SCRATCH_BUF[name, dtype.str] = cuda.device_array(n, dtype=dtype)
+            for k in [k for k in _SCRATCH if k[0] == name and k[2] == dtype.str]:
+                del _SCRATCH[k]      # views of the old buffer: it goes back to the allocator
+        a = _SCRATCH[key] = buf[:n].reshape(shape) if shape else buf[:n].reshape(())
     return a
 
 
