@@ -5,6 +5,8 @@ configurations of docs/performance.md. Prints one JSON line per configuration, t
     python bench/bench_gpu.py                 # all three configurations
     python bench/bench_gpu.py vgg resnet18-64 # a subset
     python bench/bench_gpu.py --profile       # also milliseconds per layer (synchronised)
+    python bench/bench_gpu.py --host-profile  # also where the host's time per step goes (cProfile,
+                                              # 10 steps, top functions by own time)
     python bench/bench_gpu.py --launch both   # numba's own kernel launches, then ternet's planned ones
                                               # (ternet/kernels/launch.py; default: planned only)
 
@@ -60,7 +62,29 @@ def profile(model, step, t0):
                    **{k: round(v, 2) for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:14]}}
 
 
-def bench(name, steps=20, warm=3, prof=False, fast=True):
+def host_profile(name, step, t0, steps=10, top=25):
+    """cProfile over `steps` steps (synchronised at the end): the host-side functions with the
+    most own time, in milliseconds per step, and the call counts per step."""
+    import cProfile
+    import pstats
+    from numba import cuda
+    cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for t in range(steps):
+        step(t0 + t)
+    cuda.synchronize()
+    pr.disable()
+    st = pstats.Stats(pr)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    out = [{"fn": f"{pathname.split('/')[-1]}:{line}:{fn}", "calls_per_step": round(cc / steps, 1),
+            "own_ms_per_step": round(tt / steps * 1e3, 3), "cum_ms_per_step": round(ct / steps * 1e3, 3)}
+           for (pathname, line, fn), (cc, nc, tt, ct, _) in rows]
+    total = sum(v[2] for v in st.stats.values()) / steps * 1e3
+    print(json.dumps({"host_profile": name, "profiled_ms_per_step": round(total, 2), "top": out}), flush=True)
+
+
+def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False):
     from numba import cuda
 
     from ternet import cuda_memory
@@ -107,6 +131,8 @@ def bench(name, steps=20, warm=3, prof=False, fast=True):
     times.sort()
     host.sort()
     med = times[len(times) // 2]
+    if hprof:
+        host_profile(name, step, warm + steps)
     if prof:
         total, parts = profile(model, step, warm + steps)
         print(json.dumps({"profile": name, "synced_step_ms": round(total, 2), **parts}), flush=True)
@@ -124,7 +150,7 @@ if __name__ == "__main__":
     for name in which:
         for fast in modes:
             t0 = time.time()
-            rec = bench(name, prof=prof, fast=fast)
+            rec = bench(name, prof=prof, fast=fast, hprof="--host-profile" in sys.argv and fast)
             rec["wall_s"] = round(time.time() - t0, 1)
             print(json.dumps(rec), flush=True)
             rows.append(rec)
