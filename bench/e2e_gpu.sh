@@ -4,8 +4,9 @@
 # Wall time is measured from the start of preparation. Usage (in a device call, after
 #   the numpy wheel install of gpu_session.sh):
 #   bash bench/e2e_gpu.sh cifar|mnist [extra ternet train options...]
-# Pass --batch-size 256 or more for CIFAR-10: below that the GPU step is bound by the host's kernel
-# launches (~26 ms a step at any batch, docs/performance.md).
+# Pass --batch-size 256 or more for CIFAR-10: below that the vgg-gxnor step is bound by the host
+# (~26 ms a step at any batch with numba's own launches; less with the planned launches, not yet
+# re-measured for this net at small batches: docs/performance.md).
 set -u
 OUT=${OUT:-/tmp/ternet-e2e}
 what=$1; shift
