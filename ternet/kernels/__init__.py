@@ -17,20 +17,21 @@ except ImportError:  # pragma: no cover - numba without its CUDA target
     cuda = None
 
 
-_COPY_THREADS = []     # set by configure_cpu_threads: threads for bandwidth-bound copies
+_STREAM_THREADS = []     # set by configure_cpu_threads: threads for bandwidth-bound kernels
 
 
 def configure_cpu_threads():
     """Threads for numba's parallel CPU kernels during training: TERNET_NUMBA_THREADS, default 1,
-    and TERNET_COPY_THREADS, default all numba threads (the cores), for the kernels run through
-    copy_threads().
+    and TERNET_STREAM_THREADS, default all numba threads (the cores), for the kernels launched
+    through stream_threads().
 
     The GEMMs run on OpenBLAS's own threads; a second pool of numba workers on the same cores
     makes both wait for each other (LeNet step on 2 cores: 1,269 img/s with 2 numba threads,
     1,991 with 1, batch 100), and most kernels are too short to repay waking a sleeping worker.
-    The im2col / col2im copies are not: they stream tens of MB at the bandwidth of one core, and
-    on two threads the LeNet step took 38.6 ms instead of 44.5 (batch 100), 89 instead of 103
-    (batch 256), against 46 and 91 with two threads for every kernel (bench/profile_cpu.py).
+    The streaming ones are not: im2col, col2im and max pooling move tens of MB at the bandwidth
+    of one core. With them on two threads the LeNet step took 38.6 ms instead of 44.5 (batch
+    100), 89 instead of 103 (batch 256), against 46 and 91 with two threads for every kernel
+    (one process alternating the settings); max pooling added 2-4 ms, batch norm lost 2.
     """
     import os
 
@@ -38,18 +39,19 @@ def configure_cpu_threads():
     top = numba.config.NUMBA_NUM_THREADS
     n = int(os.environ.get("TERNET_NUMBA_THREADS", "1"))
     numba.set_num_threads(max(1, min(n, top)))
-    copy = int(os.environ.get("TERNET_COPY_THREADS", str(top)))
-    _COPY_THREADS[:] = [max(1, min(copy, top))]
+    wide = int(os.environ.get("TERNET_STREAM_THREADS", str(top)))
+    _STREAM_THREADS[:] = [max(1, min(wide, top))]
 
 
-def copy_threads(kernel, *args):
-    """kernel(*args) on the copy threads (configure_cpu_threads), then back to the usual count;
-    for numba kernels that stream many MB (im2col, col2im). Unconfigured: a plain call."""
-    if not _COPY_THREADS:
+def stream_threads(kernel, *args):
+    """kernel(*args) on the streaming threads (configure_cpu_threads), then back to the usual
+    count; for numba kernels that move many MB (im2col, col2im, max pooling) and split their
+    work by image, so the thread count changes no result. Unconfigured: a plain call."""
+    if not _STREAM_THREADS:
         return kernel(*args)
     import numba
     n = numba.get_num_threads()
-    numba.set_num_threads(_COPY_THREADS[0])
+    numba.set_num_threads(_STREAM_THREADS[0])
     try:
         return kernel(*args)
     finally:

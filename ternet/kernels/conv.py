@@ -8,7 +8,7 @@ import numba
 import numpy as np
 from numba import cuda, float32
 
-from . import check, copy_threads, on_device, scratch
+from . import check, stream_threads, on_device, scratch
 
 
 def out_size(h, k, stride, pad):
@@ -70,7 +70,7 @@ def _im2col_taps(x, kh, kw, stride, pad, oh_n, ow_n, cols):
 def _fill_cols(x, kh, kw, stride, pad, oh_n, ow_n, cols):
     """cols = im2col(x) by the faster kernel for this shape (tap-major below 16 values a row)."""
     fill = _im2col if kw * x.shape[3] >= 16 else _im2col_taps
-    copy_threads(fill, x, kh, kw, stride, pad, oh_n, ow_n, cols)
+    stream_threads(fill, x, kh, kw, stride, pad, oh_n, ow_n, cols)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -367,7 +367,7 @@ def conv2d_backward_input(dinp, dout, weight, scale, stride, pad, dcols=None):
     if dcols is None:
         dcols = np.empty((n * oh * ow, kh * kw * c), np.float32)
     np.matmul(dout.reshape(n * oh * ow, k), _as_float_weight(weight, scale), out=dcols)
-    copy_threads(_col2im, dcols, kh, kw, stride, pad, oh, ow, dinp)
+    stream_threads(_col2im, dcols, kh, kw, stride, pad, oh, ow, dinp)
 
 
 def conv2d_backward_weight(dweight, dout, inp, stride, pad, cols=None):

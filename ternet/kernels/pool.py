@@ -7,7 +7,7 @@ import numpy as np
 
 from numba import cuda
 
-from . import check, grid1d, on_device
+from . import check, grid1d, on_device, stream_threads
 from .conv import out_size
 
 
@@ -261,7 +261,7 @@ def maxpool_forward(out, arg, inp, k, stride, pad):
     if on_device(out, inp):
         _maxpool_fwd_cuda[grid1d(out.size)](inp, k, stride, pad, out, arg)
         return
-    _maxpool_fwd(inp, k, stride, pad, out, arg)
+    stream_threads(_maxpool_fwd, inp, k, stride, pad, out, arg)
 
 
 def maxpool_backward(dinp, dout, arg, k, stride, pad):
@@ -270,7 +270,7 @@ def maxpool_backward(dinp, dout, arg, k, stride, pad):
     if on_device(dinp, dout, arg):
         _maxpool_bwd_cuda[grid1d(dinp.size)](dout, arg, k, stride, pad, dinp)
         return
-    _maxpool_bwd(dout, arg, k, stride, pad, dinp)
+    stream_threads(_maxpool_bwd, dout, arg, k, stride, pad, dinp)
 
 
 def avgpool_forward(out, inp, k, stride, pad):
