@@ -23,7 +23,7 @@ def tern(shape, qmax=1):
 CONV_CASES = [  # (N, H, W, C, K, k, stride, pad)
     (2, 5, 5, 3, 4, 3, 1, 1), (1, 7, 6, 2, 3, 3, 2, 1), (2, 6, 6, 1, 2, 5, 1, 0), (1, 5, 5, 2, 2, 1, 2, 0),
     (1, 9, 9, 3, 2, 7, 2, 3), (2, 6, 5, 8, 3, 3, 1, 1), (1, 7, 7, 16, 2, 3, 2, 1),
-]   # kw * C below 16 takes the tap-major im2col, 16 and more the slice copies
+]   # kw * C below 8 takes the tap-major im2col, 8 and more the slice copies
 
 
 @pytest.mark.parametrize("case", CONV_CASES)

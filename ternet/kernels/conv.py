@@ -68,8 +68,9 @@ def _im2col_taps(x, kh, kw, stride, pad, oh_n, ow_n, cols):
 
 
 def _fill_cols(x, kh, kw, stride, pad, oh_n, ow_n, cols):
-    """cols = im2col(x) by the faster kernel for this shape (tap-major below 16 values a row)."""
-    fill = _im2col if kw * x.shape[3] >= 16 else _im2col_taps
+    """cols = im2col(x) by the faster kernel for this shape: tap-major for runs of kw * c below 8
+    values (one channel), slices from 8 on (3 channels: slices as fast at 3x3, 1.6x faster at 5x5)."""
+    fill = _im2col if kw * x.shape[3] >= 8 else _im2col_taps
     stream_threads(fill, x, kh, kw, stride, pad, oh_n, ow_n, cols)
 
 
