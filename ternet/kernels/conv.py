@@ -8,7 +8,7 @@ import numba
 import numpy as np
 from numba import cuda, float32
 
-from . import check, stream_threads, on_device, scratch
+from . import check, on_device, scratch, stream_threads
 
 
 def out_size(h, k, stride, pad):
