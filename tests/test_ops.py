@@ -22,8 +22,8 @@ def tern(shape, qmax=1):
 
 CONV_CASES = [  # (N, H, W, C, K, k, stride, pad)
     (2, 5, 5, 3, 4, 3, 1, 1), (1, 7, 6, 2, 3, 3, 2, 1), (2, 6, 6, 1, 2, 5, 1, 0), (1, 5, 5, 2, 2, 1, 2, 0),
-    (1, 9, 9, 3, 2, 7, 2, 3),
-]
+    (1, 9, 9, 3, 2, 7, 2, 3), (2, 6, 5, 8, 3, 3, 1, 1), (1, 7, 7, 16, 2, 3, 2, 1),
+]   # kw * C below 8 takes the tap-major im2col, 8 and more the slice copies
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
@@ -45,6 +45,37 @@ def test_conv2d_forward_exact_and_backward_fd(case):
     conv2d_backward_weight(dw, dy.astype(np.float32), x, s, p)
     fd = ref.central_diff(lambda ww: (ref.conv2d(x, ww, s, p) * dy).sum(), wq.astype(np.float64))
     ref.assert_close(dw, fd, 1e-4, 1e-4, "conv dw")
+
+
+def test_same_bits_on_stream_threads():
+    """configure_cpu_threads runs im2col, col2im and max pooling on more threads than the rest:
+    one image per thread, so the results must not change by a bit."""
+    import numba
+
+    from ternet import kernels
+    x, wq = tern((5, 9, 8, 8)), tern((6, 3, 3, 8))
+    dy = RNG.standard_normal((5, 9, 8, 6)).astype(np.float32)
+    runs = []
+    saved, before = list(kernels._STREAM_THREADS), numba.get_num_threads()
+    try:
+        for wide in ([], [numba.config.NUMBA_NUM_THREADS]):
+            kernels._STREAM_THREADS[:] = wide
+            numba.set_num_threads(1 if wide else before)
+            out, dx, dw = np.empty(dy.shape, np.float32), np.empty(x.shape, np.float32), np.empty(wq.shape, np.float32)
+            conv2d_forward(out, x, wq, 1.0, 1, 1)
+            conv2d_backward_input(dx, dy, wq, 1.0, 1, 1)
+            conv2d_backward_weight(dw, dy, x, 1, 1)
+            shape = pool_out_shape(out.shape, 2, 2, 0)
+            py, arg, dp = np.empty(shape, np.float32), np.empty(shape, np.uint8), np.empty(out.shape, np.float32)
+            maxpool_forward(py, arg, out, 2, 2, 0)
+            maxpool_backward(dp, py, arg, 2, 2, 0)
+            runs.append((out, dx, dw, py, arg, dp))
+            assert numba.get_num_threads() == (1 if wide else before)
+    finally:
+        kernels._STREAM_THREADS[:] = saved
+        numba.set_num_threads(before)
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_conv2d_real_input_and_scale():

@@ -17,18 +17,45 @@ except ImportError:  # pragma: no cover - numba without its CUDA target
     cuda = None
 
 
+_STREAM_THREADS = []     # set by configure_cpu_threads: threads for bandwidth-bound kernels
+
+
 def configure_cpu_threads():
-    """Threads for numba's parallel CPU kernels during training: TERNET_NUMBA_THREADS, default 1.
+    """Threads for numba's parallel CPU kernels during training: TERNET_NUMBA_THREADS, default 1,
+    and TERNET_STREAM_THREADS, default all numba threads (the cores), for the kernels launched
+    through stream_threads().
 
     The GEMMs run on OpenBLAS's own threads; a second pool of numba workers on the same cores
     makes both wait for each other (LeNet step on 2 cores: 1,269 img/s with 2 numba threads,
-    1,991 with 1, batch 100). Set TERNET_NUMBA_THREADS on machines with cores to spare.
+    1,991 with 1, batch 100), and most kernels are too short to repay waking a sleeping worker.
+    The streaming ones are not: im2col, col2im and max pooling move tens of MB at the bandwidth
+    of one core. With them on two threads the LeNet step took 38.6 ms instead of 44.5 (batch
+    100), 89 instead of 103 (batch 256), against 46 and 91 with two threads for every kernel
+    (one process alternating the settings); max pooling added 2-4 ms, batch norm lost 2.
     """
     import os
 
     import numba
+    top = numba.config.NUMBA_NUM_THREADS
     n = int(os.environ.get("TERNET_NUMBA_THREADS", "1"))
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(n, top)))
+    wide = int(os.environ.get("TERNET_STREAM_THREADS", str(top)))
+    _STREAM_THREADS[:] = [max(1, min(wide, top))]
+
+
+def stream_threads(kernel, *args):
+    """kernel(*args) on the streaming threads (configure_cpu_threads), then back to the usual
+    count; for numba kernels that move many MB (im2col, col2im, max pooling) and split their
+    work by image, so the thread count changes no result. Unconfigured: a plain call."""
+    if not _STREAM_THREADS:
+        return kernel(*args)
+    import numba
+    n = numba.get_num_threads()
+    numba.set_num_threads(_STREAM_THREADS[0])
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(n)
 
 
 _DEVICE_TYPES = {}

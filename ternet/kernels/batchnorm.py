@@ -18,7 +18,7 @@ import numpy as np
 from numba import cuda
 
 from . import SIMULATOR, THREADS, check, empty, grid1d, on_device, scratch, zeros
-from .activation import bit_of, num_words, pack_tile, ternary_backward, ternary_forward
+from .activation import ActSaved, bit_of, num_words, pack_tile, ternary_backward, ternary_forward
 from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize, ternarize,
                      window_grad)
 
@@ -106,6 +106,45 @@ def _bn_bwd_dx(dy, xhat, gamma, invstd, sdy, sdyx, m, dx):
     for i in numba.prange(dy.shape[0]):
         for j in range(dy.shape[1]):
             dx[i, j] = bn_dx(dy[i, j], xhat[i, j], gamma[j], invstd[j], sdy[j], sdyx[j], m)
+
+
+@numba.njit(parallel=True, cache=True)
+def _bn_act_fwd(x, mean, invstd, gamma, beta, r, a, shape, out, xhat, deriv):
+    # _normalize and the activation's forward in one pass (y never stored): the same float32
+    # operations, so the same xhat, out and phi'(y) as the two kernels one after the other
+    m, c = x.shape
+    for i in numba.prange(m):
+        for j in range(c):
+            h = normalize(x[i, j], mean[j], invstd[j])
+            xhat[i, j] = h
+            y = affine(h, gamma[j], beta[j])
+            out[i, j] = ternarize(y, r)
+            deriv[i, j] = window_grad(y, r, a, shape)
+
+
+@numba.njit(parallel=True, cache=True)
+def _bn_act_bwd_sums(dout, deriv, xhat):
+    # _bn_bwd_sums of dy = dout * phi' (the activation's backward), dy recomputed, never stored
+    m, c = dout.shape
+    part = np.zeros((CHUNKS, 2, c), np.float64)
+    step = (m + CHUNKS - 1) // CHUNKS
+    for ch in numba.prange(CHUNKS):
+        for i in range(ch * step, min(m, (ch + 1) * step)):
+            for j in range(c):
+                dy = dout[i, j] * deriv[i, j]
+                part[ch, 0, j] += dy
+                part[ch, 1, j] += dy * xhat[i, j]
+    out = np.zeros((2, c), np.float64)
+    for ch in range(CHUNKS):
+        out += part[ch]
+    return out
+
+
+@numba.njit(parallel=True, cache=True)
+def _bn_act_bwd_dx(dout, deriv, xhat, gamma, invstd, sdy, sdyx, m, dx):
+    for i in numba.prange(dout.shape[0]):
+        for j in range(dout.shape[1]):
+            dx[i, j] = bn_dx(dout[i, j] * deriv[i, j], xhat[i, j], gamma[j], invstd[j], sdy[j], sdyx[j], m)
 
 
 def _cpu_stats(x, eps, stats):
@@ -543,9 +582,15 @@ def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momen
         if running_mean is not None:
             batchnorm_update_running(running_mean, running_var, stats, momentum)
         return saved
-    y, xhat = np.empty(inp.shape, np.float32), np.empty(inp.shape, np.float32)
-    invstd = batchnorm_forward_train(y, xhat, inp, gamma, beta, running_mean, running_var, momentum, eps, stats)
-    return xhat, invstd, ternary_forward(out, y, r, a, shape, train=True)
+    c = gamma.size
+    stats = _stats_out(stats, c, False)
+    x = _flat(inp)
+    mean, invstd = _cpu_stats(x, eps, stats)
+    xhat, deriv = np.empty(x.shape, np.float32), np.empty(x.shape, np.float32)
+    _bn_act_fwd(x, mean, invstd, gamma, beta, np.float32(r), np.float32(a), shape, _flat(out), xhat, deriv)
+    if running_mean is not None:
+        batchnorm_update_running(running_mean, running_var, stats, momentum)
+    return xhat, invstd, ActSaved(x.size, deriv=deriv.reshape(-1))
 
 
 def bn_act_forward_eval(out, inp, gamma, beta, running_mean, running_var, eps, r):
@@ -565,6 +610,8 @@ def bn_act_backward(dinp, dgamma, dbeta, dout, saved, gamma):
     if on_device(dinp, dout, gamma):
         return _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma)
     xhat, invstd, act = saved
-    dy = np.empty(dout.shape, np.float32)
-    ternary_backward(dy, dout, act)
-    batchnorm_backward(dinp, dgamma, dbeta, dy, xhat, gamma, invstd)
+    dy, deriv = _flat(dout), act.deriv.reshape(xhat.shape)
+    sums = _bn_act_bwd_sums(dy, deriv, xhat)
+    dbeta[:] = sums[0]
+    dgamma[:] = sums[1]
+    _bn_act_bwd_dx(dy, deriv, xhat, gamma, invstd, dbeta, dgamma, np.float64(dy.shape[0]), _flat(dinp))

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 from numba import cuda, float32
 
-from . import check, on_device, scratch
+from . import check, on_device, scratch, stream_threads
 
 
 def out_size(h, k, stride, pad):
@@ -21,10 +21,12 @@ def out_size(h, k, stride, pad):
 @numba.njit(parallel=True, cache=True)
 def _im2col(x, kh, kw, stride, pad, oh_n, ow_n, cols):
     # x (N, H, W, C) -> cols (N*OH*OW, KH*KW*C), column order (i, j, c) matches weight.reshape(K, -1).
-    # For one kernel row i the in-bounds taps j are one contiguous run of x: copied as a block.
+    # Each image is converted to float32 once (int8 activations), then for one kernel row i the
+    # in-bounds taps j are one contiguous run of it: copied as a slice (vectorised; an element
+    # loop with the int8 conversion inside ran 4-5x slower).
     n_img, h, w, c = x.shape
-    xf = x.reshape(n_img, h * w * c)
     for n in numba.prange(n_img):
+        xf = x[n].reshape(h * w * c).astype(np.float32)
         for oh in range(oh_n):
             for ow in range(ow_n):
                 row = (n * oh_n + oh) * ow_n + ow
@@ -36,22 +38,49 @@ def _im2col(x, kh, kw, stride, pad, oh_n, ow_n, cols):
                     lo, hi = base + j0 * c, base + max(j1, j0) * c
                     if ih < 0 or ih >= h:
                         lo = hi = base + kw * c
-                    for e in range(base, lo):
-                        cols[row, e] = 0
+                    cols[row, base:lo] = 0
                     src = (ih * w + iw0) * c - base
-                    for e in range(lo, hi):
-                        cols[row, e] = xf[n, src + e]
-                    for e in range(hi, base + kw * c):
-                        cols[row, e] = 0
+                    cols[row, lo:hi] = xf[src + lo:src + hi]
+                    cols[row, hi:base + kw * c] = 0
+
+
+@numba.njit(parallel=True, cache=True)
+def _im2col_taps(x, kh, kw, stride, pad, oh_n, ow_n, cols):
+    # _im2col for few channels (the first layer): a kernel row's run of kw * c values is too short
+    # to copy as a slice, so each tap (i, j, c) fills its column for one output row oh at a time
+    n_img, h, w, c = x.shape
+    for n in numba.prange(n_img):
+        xf = x[n].astype(np.float32)
+        for oh in range(oh_n):
+            r0 = (n * oh_n + oh) * ow_n
+            blk = cols[r0:r0 + ow_n]
+            for i in range(kh):
+                ih = oh * stride - pad + i
+                for j in range(kw):
+                    for ch in range(c):
+                        e = (i * kw + j) * c + ch
+                        if ih < 0 or ih >= h:
+                            blk[:, e] = 0
+                            continue
+                        for ow in range(ow_n):
+                            iw = ow * stride - pad + j
+                            blk[ow, e] = xf[ih, iw, ch] if 0 <= iw < w else np.float32(0.0)
+
+
+def _fill_cols(x, kh, kw, stride, pad, oh_n, ow_n, cols):
+    """cols = im2col(x) by the faster kernel for this shape: tap-major for runs of kw * c below 8
+    values (one channel), slices from 8 on (3 channels: slices as fast at 3x3, 1.6x faster at 5x5)."""
+    fill = _im2col if kw * x.shape[3] >= 8 else _im2col_taps
+    stream_threads(fill, x, kh, kw, stride, pad, oh_n, ow_n, cols)
 
 
 @numba.njit(parallel=True, cache=True)
 def _col2im(dcols, kh, kw, stride, pad, oh_n, ow_n, dx):
-    # scatter-add dcols (N*OH*OW, KH*KW*C) back into dx (N, H, W, C); one image per thread: no races
+    # scatter-add dcols (N*OH*OW, KH*KW*C) back into dx (N, H, W, C); one image per thread (no
+    # races), summed in a cache-resident buffer by slices, rows in order (deterministic)
     n_img, h, w, c = dx.shape
-    dxf = dx.reshape(n_img, h * w * c)
     for n in numba.prange(n_img):
-        dxf[n] = 0
+        acc = np.zeros(h * w * c, np.float32)
         for oh in range(oh_n):
             for ow in range(ow_n):
                 row = (n * oh_n + oh) * ow_n + ow
@@ -59,13 +88,13 @@ def _col2im(dcols, kh, kw, stride, pad, oh_n, ow_n, dx):
                 j0, j1 = max(0, -iw0), min(kw, w - iw0)
                 for i in range(kh):
                     ih = oh * stride - pad + i
-                    if ih < 0 or ih >= h:
+                    if ih < 0 or ih >= h or j1 <= j0:
                         continue
                     base = i * kw * c
                     dst = (ih * w + iw0) * c - base
-                    for e in range(base + j0 * c, base + j1 * c):
-                        dxf[n, dst + e] += dcols[row, e]
-
+                    lo, hi = base + j0 * c, base + j1 * c
+                    acc[dst + lo:dst + hi] += dcols[row, lo:hi]
+        dx[n] = acc.reshape(h, w, c)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +352,7 @@ def conv2d_forward(out, inp, weight, scale, stride, pad, cols=None):
         return _conv2d_forward_cuda(out, inp, weight, scale, stride, pad)
     if cols is None:
         cols = np.empty((n * oh * ow, kh * kw * c), np.float32)
-    _im2col(inp, kh, kw, stride, pad, oh, ow, cols)
+    _fill_cols(inp, kh, kw, stride, pad, oh, ow, cols)
     np.matmul(cols, _as_float_weight(weight, scale).T, out=out.reshape(n * oh * ow, k))
     return cols
 
@@ -339,7 +368,7 @@ def conv2d_backward_input(dinp, dout, weight, scale, stride, pad, dcols=None):
     if dcols is None:
         dcols = np.empty((n * oh * ow, kh * kw * c), np.float32)
     np.matmul(dout.reshape(n * oh * ow, k), _as_float_weight(weight, scale), out=dcols)
-    _col2im(dcols, kh, kw, stride, pad, oh, ow, dinp)
+    stream_threads(_col2im, dcols, kh, kw, stride, pad, oh, ow, dinp)
 
 
 def conv2d_backward_weight(dweight, dout, inp, stride, pad, cols=None):
@@ -354,6 +383,6 @@ def conv2d_backward_weight(dweight, dout, inp, stride, pad, cols=None):
         return _conv2d_backward_weight_cuda(dweight, dout, inp, stride, pad)
     if cols is None:
         cols = np.empty((n * oh * ow, kh * kw * c), np.float32)
-        _im2col(inp, kh, kw, stride, pad, oh, ow, cols)
+        _fill_cols(inp, kh, kw, stride, pad, oh, ow, cols)
     dw = dweight.reshape(k, kh * kw * c)
     np.matmul(dout.reshape(n * oh * ow, k).T, cols, out=dw)

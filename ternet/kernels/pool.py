@@ -7,7 +7,7 @@ import numpy as np
 
 from numba import cuda
 
-from . import check, grid1d, on_device
+from . import check, grid1d, on_device, stream_threads
 from .conv import out_size
 
 
@@ -47,7 +47,22 @@ def _maxpool_fwd(x, k, stride, pad, out, arg):
 @numba.njit(parallel=True, cache=True)
 def _maxpool_bwd(dout, arg, k, stride, pad, dx):
     n_img, oh_n, ow_n, c = dout.shape
+    _, h, w, _ = dx.shape
     for n in numba.prange(n_img):
+        if stride == k and pad == 0:
+            # disjoint windows: each input element gets its window's dout or 0, written once in
+            # memory order (no zero pass, no scattered adds: ~3x faster than the general loop)
+            dx[n, oh_n * k:] = 0
+            dx[n, :, ow_n * k:] = 0
+            for oh in range(oh_n):
+                for i in range(k):
+                    for ow in range(ow_n):
+                        a, g = arg[n, oh, ow], dout[n, oh, ow]
+                        for j in range(k):
+                            d = dx[n, oh * k + i, ow * k + j]
+                            for ch in range(c):
+                                d[ch] = g[ch] if a[ch] == i * k + j else np.float32(0.0)
+            continue
         dx[n] = 0
         for oh in range(oh_n):
             for ow in range(ow_n):
@@ -246,7 +261,7 @@ def maxpool_forward(out, arg, inp, k, stride, pad):
     if on_device(out, inp):
         _maxpool_fwd_cuda[grid1d(out.size)](inp, k, stride, pad, out, arg)
         return
-    _maxpool_fwd(inp, k, stride, pad, out, arg)
+    stream_threads(_maxpool_fwd, inp, k, stride, pad, out, arg)
 
 
 def maxpool_backward(dinp, dout, arg, k, stride, pad):
@@ -255,7 +270,7 @@ def maxpool_backward(dinp, dout, arg, k, stride, pad):
     if on_device(dinp, dout, arg):
         _maxpool_bwd_cuda[grid1d(dinp.size)](dout, arg, k, stride, pad, dinp)
         return
-    _maxpool_bwd(dout, arg, k, stride, pad, dinp)
+    stream_threads(_maxpool_bwd, dout, arg, k, stride, pad, dinp)
 
 
 def avgpool_forward(out, inp, k, stride, pad):

@@ -98,6 +98,18 @@ def dst_target(q, dw, qmax, m, u):
 
 
 @numba.njit(inline="always")
+def dst_may_move(q, dw, qmax, m, u):
+    """False only where dst_target(q, dw, qmax, m, u) certainly returns q (q on Z_N): no whole
+    step (|s| < 1, so kappa = 0 and nu = s) and a draw that cannot win (u >= m |s| TANH_BOUND).
+    No tanh and no branch, so a loop of it vectorises: the CPU kernel screens a layer with it
+    and runs dst_target only on the few weights that pass (same moves, same draws)."""
+    w = F32(q) / F32(qmax)
+    rho = min(max(dw, F32(-1.0) - w), F32(1.0) - w)
+    s = rho * F32(qmax)
+    return (abs(s) >= F32(1.0)) | (u < m * abs(s) * TANH_BOUND)
+
+
+@numba.njit(inline="always")
 def rms_lr(lr, ss, n):
     """The learning rate of a step normalised by the gradient's root mean square: lr / rms(g)
     with rms = sqrt(ss / n) from the sum of squares ss (float64) of n gradients, rounded once to
