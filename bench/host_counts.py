@@ -1,0 +1,106 @@
+"""What the host does per GPU training step, counted without a GPU: kernel launches, device
+allocations and array views (reshape) per step, and where they come from. Runs the step's Python
+(layers, launchers) under numba's simulator with every kernel launch replaced by a counter, so
+the counts are those of the GPU path's Python, except inside the convolutions: the simulator has no
+tensor cores, so convolutions count the pure-numba path's launches (the tensor-core path adds a
+bf16 conversion and a weight flip per layer). Times are not measured here (bench_gpu.py
+--host-profile on a GPU).
+
+    python bench/host_counts.py [arch] [--side 64] [--batch 4] [--top 15]
+"""
+import argparse
+import collections
+import os
+import sys
+import traceback
+
+os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from numba import cuda  # noqa: E402
+from numba.cuda.simulator import kernel as sim_kernel  # noqa: E402
+from numba.cuda.simulator.cudadrv import devicearray as sim_array  # noqa: E402
+
+COUNTS = collections.defaultdict(collections.Counter)
+ON = [False]                     # counting (the warm-up step is not counted)
+
+
+def _site(depth):
+    frames = traceback.extract_stack(limit=depth + 2)[:-2]
+    return " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames))
+
+
+def _instrument(depth):
+    class Launch:
+        def __init__(self, *cfg):
+            pass
+
+        def __call__(self, *args):      # the kernel does not run: its outputs stay as they were
+            if ON[0]:
+                COUNTS["launches"][_site(depth)] += 1
+
+    sim_kernel.FakeCUDAKernel.__getitem__ = lambda self, cfg: Launch()
+    alloc, reshape = cuda.device_array, sim_array.FakeCUDAArray.reshape
+
+    def device_array(*a, **k):
+        if ON[0]:
+            COUNTS["allocations"][_site(depth)] += 1
+        return alloc(*a, **k)
+
+    def view(self, *a, **k):
+        if ON[0]:
+            COUNTS["reshapes"][_site(depth)] += 1
+        return reshape(self, *a, **k)
+
+    cuda.device_array = device_array
+    sim_array.FakeCUDAArray.reshape = view
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("arch", nargs="?", default="resnet18")
+    ap.add_argument("--side", type=int, default=64)
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--depth", type=int, default=2, help="call-site frames to show")
+    args = ap.parse_args()
+    _instrument(args.depth)
+    from ternet.kernels import empty, zeros
+    from ternet.kernels.loss import loss_forward_backward
+    from ternet.model import Model
+    from ternet.optim import RealOptimizer
+    from ternet.samplers import DST
+    from ternet.schedules import Schedule
+    shape = (args.side, args.side, 3)
+    model = Model(args.arch, shape, args.classes, seed=0).to(True)
+    rng = np.random.default_rng(0)
+    x = cuda.to_device(rng.standard_normal((args.batch,) + shape).astype(np.float32))
+    y = cuda.to_device(rng.integers(0, args.classes, args.batch).astype(np.int32))
+    sampler = DST(seed=0, lr=Schedule("constant", 20.0), m=Schedule("constant", 3.0), source="sgd")
+    opt = RealOptimizer("adam")
+    acc = zeros((2,), np.float64, True)
+    tparams = model.tparams()
+
+    def step(t):      # as bench/bench_gpu.py times it
+        logits = model.forward(x, train=True)
+        d = empty(logits.shape, np.float32, True)
+        loss_forward_backward(d, logits, y, "xent", acc)
+        model.backward(d)
+        sampler.step(tparams, [p.grad for p in tparams], t)
+        opt.step(model.rparams(), 0.01, t + 1)
+
+    step(0)                       # first-call work (weight caches, tables) is not per step
+    ON[0] = True
+    step(1)
+    print(f"{args.arch} {args.side}x{args.side}, one training step (DST sgd, Adam on batch norm):")
+    for what in ("launches", "allocations", "reshapes"):
+        c = COUNTS[what]
+        print(f"\n{what}: {sum(c.values())} per step; by call site")
+        for site, n in c.most_common(args.top):
+            print(f"  {n:4d}  {site}")
+
+
+if __name__ == "__main__":
+    main()
