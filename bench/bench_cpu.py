@@ -58,7 +58,10 @@ def bench(batch, steps=30, warm=5):
     ts.sort()
     med = ts[len(ts) // 2]
     import numba
+
+    from ternet.kernels import _STREAM_THREADS
     return dict(impl="ternet-cpu", model="lenet_gxnor_28", batch=batch, numba_threads=numba.get_num_threads(),
+                stream_threads=_STREAM_THREADS[0] if _STREAM_THREADS else None,
                 step_ms=round(med * 1e3, 2), img_per_s=round(batch / med, 1))
 
 
