@@ -84,19 +84,18 @@ def host_profile(name, step, t0, steps=10, top=25):
     print(json.dumps({"host_profile": name, "profiled_ms_per_step": round(total, 2), "top": out}), flush=True)
 
 
-def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False):
+def training_step(arch, shape, classes, batch):
+    """(model, step): a model on the GPU and step(t), the training step the benchmarks time
+    (forward, cross-entropy, backward, DST-sgd on the discrete weights, Adam on batch norm) on a
+    fixed random batch. bench/host_counts.py counts what the same step does on the host."""
     from numba import cuda
 
-    from ternet import cuda_memory
-    from ternet.kernels import empty, launch, zeros
+    from ternet.kernels import empty, zeros
     from ternet.kernels.loss import loss_forward_backward
     from ternet.model import Model
     from ternet.optim import RealOptimizer
     from ternet.samplers import DST
     from ternet.schedules import Schedule
-    arch, shape, classes, batch = CONFIGS[name]
-    cuda_memory.install()
-    launch.install() if fast else launch.uninstall()
     rng = np.random.default_rng(0)
     model = Model(arch, shape, classes, seed=0).to(True)
     x = cuda.to_device(rng.standard_normal((batch,) + shape).astype(np.float32))
@@ -114,6 +113,18 @@ def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False):
         sampler.step(tparams, [p.grad for p in tparams], t)
         opt.step(model.rparams(), 0.01, t + 1)
 
+    return model, step
+
+
+def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False):
+    from numba import cuda
+
+    from ternet import cuda_memory
+    from ternet.kernels import launch
+    arch, shape, classes, batch = CONFIGS[name]
+    cuda_memory.install()
+    launch.install() if fast else launch.uninstall()
+    model, step = training_step(arch, shape, classes, batch)
     for t in range(warm):
         step(t)
     cuda.synchronize()

@@ -15,9 +15,9 @@ import sys
 import traceback
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
 from numba.cuda.simulator import kernel as sim_kernel  # noqa: E402
 from numba.cuda.simulator.cudadrv import devicearray as sim_array  # noqa: E402
@@ -67,30 +67,8 @@ def main():
     ap.add_argument("--depth", type=int, default=2, help="call-site frames to show")
     args = ap.parse_args()
     _instrument(args.depth)
-    from ternet.kernels import empty, zeros
-    from ternet.kernels.loss import loss_forward_backward
-    from ternet.model import Model
-    from ternet.optim import RealOptimizer
-    from ternet.samplers import DST
-    from ternet.schedules import Schedule
-    shape = (args.side, args.side, 3)
-    model = Model(args.arch, shape, args.classes, seed=0).to(True)
-    rng = np.random.default_rng(0)
-    x = cuda.to_device(rng.standard_normal((args.batch,) + shape).astype(np.float32))
-    y = cuda.to_device(rng.integers(0, args.classes, args.batch).astype(np.int32))
-    sampler = DST(seed=0, lr=Schedule("constant", 20.0), m=Schedule("constant", 3.0), source="sgd")
-    opt = RealOptimizer("adam")
-    acc = zeros((2,), np.float64, True)
-    tparams = model.tparams()
-
-    def step(t):      # as bench/bench_gpu.py times it
-        logits = model.forward(x, train=True)
-        d = empty(logits.shape, np.float32, True)
-        loss_forward_backward(d, logits, y, "xent", acc)
-        model.backward(d)
-        sampler.step(tparams, [p.grad for p in tparams], t)
-        opt.step(model.rparams(), 0.01, t + 1)
-
+    from bench_gpu import training_step
+    _, step = training_step(args.arch, (args.side, args.side, 3), args.classes, args.batch)
     step(0)                       # first-call work (weight caches, tables) is not per step
     ON[0] = True
     step(1)
