@@ -146,7 +146,7 @@ def scratch(name, shape, dtype):
             buf = _SCRATCH_BUF[name, dtype.str] = cuda.device_array(n, dtype=dtype)
             for k in [k for k in _SCRATCH if k[0] == name and k[2] == dtype.str]:
                 del _SCRATCH[k]      # views of the old buffer: it goes back to the allocator
-        a = _SCRATCH[key] = buf[:n].reshape(shape) if shape else buf[:n].reshape(())
+        a = _SCRATCH[key] = buf[:n].reshape(shape)
     return a
 
 
