@@ -23,12 +23,19 @@ else
     args=(--data /tmp/data-mnist --arch lenet)
 fi
 t1=$(date +%s.%N)
-python3 -m ternet train "${args[@]}" --device cuda --quiet --runs-dir "$OUT/runs" --name "$what" "$@"
+# LIMIT (seconds, default 590): the training is cut there so that the summary below still prints
+timeout "${LIMIT:-590}" python3 -m ternet train "${args[@]}" --device cuda --quiet --runs-dir "$OUT/runs" --name "$what" "$@"
+echo "train exit $?"
 t2=$(date +%s.%N)
 python3 - "$OUT/runs/$what" "$t0" "$t1" "$t2" <<'PY'
 import json, sys
 run, t0, t1, t2 = sys.argv[1], *map(float, sys.argv[2:])
 ep = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if '"epoch"' in l and '"type": "epoch"' in l]
+secs = {r["epoch"]: r["seconds"] for r in map(json.loads, open(f"{run}/timing.jsonl")) if "img_per_s" not in r}
+for r in ep:   # every 10th epoch and the last: test/train accuracy and seconds since the trainer started
+    if (r["epoch"] + 1) % 10 == 0 or r is ep[-1]:
+        print(f"epoch {r['epoch'] + 1:4d}  test {100 * r['test_acc']:.2f}  train {100 * r['train_acc']:.2f}  "
+              f"t {secs.get(r['epoch'], float('nan')):.1f} s")
 best = max(ep, key=lambda r: r["test_acc"])
 print(json.dumps(dict(e2e=run, prep_s=round(t1 - t0, 1), train_s=round(t2 - t1, 1), total_s=round(t2 - t0, 1),
                       epochs=len(ep), final_test_acc=ep[-1]["test_acc"], best_test_acc=best["test_acc"],
