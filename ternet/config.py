@@ -35,6 +35,7 @@ class Config:
     batch_size: int = 100
     eval_batch_size: int = 1000
     augment: str = "auto"           # none | auto | crop-flip | crop | rrc-flip
+    crop_pad: int = 0               # crop-flip / crop: largest random shift in pixels; 0 = round(H/8), >= 1
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
     log_every: int = 50             # steps between metrics lines
@@ -90,6 +91,11 @@ def validate(cfg):
         raise ValueError(f"--act-a must be > 0 and --act-r >= 0, got a={cfg.act_a}, r={cfg.act_r}")
     if cfg.lr < 0 or cfg.bn_lr <= 0 or cfg.m <= 0 or cfg.ckpt_every < 0 or cfg.check_every < 0:
         raise ValueError("--lr, --bn-lr and --m must be positive and --ckpt-every, --check-every >= 0")
+    if cfg.crop_pad < 0:
+        raise ValueError(f"--crop-pad must be >= 0 (pixels; 0 = automatic, round(H/8)), got {cfg.crop_pad}")
+    if cfg.crop_pad and cfg.augment in ("none", "rrc-flip"):
+        raise ValueError(f"--crop-pad {cfg.crop_pad} sets the shifts of --augment crop and crop-flip; --augment "
+                         f"{cfg.augment} makes none. Pick --augment crop (or crop-flip), or leave --crop-pad out")
     if cfg.grad_shards < 1 or cfg.batch_size % cfg.grad_shards:
         raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must split into --grad-shards "
                          f"{cfg.grad_shards} equal shards")

@@ -15,6 +15,7 @@ from . import rng
 from .shards import Dataset, open_dataset
 
 AUGMENTS = ("none", "auto", "crop-flip", "crop", "rrc-flip")
+CROPS = ("crop-flip", "crop")    # the augmentations that shift by up to crop_pad pixels
 WINDOW_BYTES = 1 << 30   # streaming shuffle mixes this much data at a time (see _order)
 
 
@@ -36,14 +37,25 @@ def _ram_available():
         return 4 << 30
 
 
+def resolve_augment(augment, ds):
+    """The augmentation `augment` stands for on dataset ds: "auto" = crop-flip for fixed-size
+    images <= 64 px, rrc-flip otherwise; any other name is itself."""
+    h, w, _ = ds.image_shape
+    if augment == "auto":
+        return "crop-flip" if ds.layout == "fixed" and max(h, w) <= 64 else "rrc-flip"
+    return augment
+
+
 class Loader:
     """Batches (x, y) of one split of a packed dataset.
 
     augment: "none" (eval: center crop if the stored image is larger than the output), "auto",
-    "crop-flip" (pad ~H/8 - 4 at 32 px - random crop, horizontal flip), "crop" (the same shifts,
+    "crop-flip" (pad by crop_pad - random crop, horizontal flip), "crop" (the same shifts,
     no flip: for digits and other images that must not be mirrored), "rrc-flip" (random
     resized crop to the output size, flip). "auto" = crop-flip for fixed-size images <= 64 px,
-    rrc-flip otherwise. drop_last defaults to shuffle. in_memory None = when the split fits in
+    rrc-flip otherwise (resolve_augment). crop_pad: largest shift of crop-flip and crop in
+    pixels; 0 = round(H/8), at least 1 (4 at 32 px); an error with the other augmentations.
+    drop_last defaults to shuffle. in_memory None = when the split fits in
     half the available RAM (divided by ram_share: processes of one host that each hold a copy);
     otherwise shards are memory-mapped and read on demand. prefetch:
     batches computed ahead on background threads. output_size: side of x (default: the stored
@@ -53,7 +65,7 @@ class Loader:
 
     def __init__(self, dataset, split, batch_size, *, shuffle=True, augment="auto", seed=0,
                  drop_last=None, in_memory=None, prefetch=2, threads=None, output_size=None,
-                 shuffle_window=None, rrc_scale=(0.08, 1.0), ram_share=1):
+                 shuffle_window=None, rrc_scale=(0.08, 1.0), ram_share=1, crop_pad=0):
         self.dataset = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
         ds = self.dataset
         self.split, self.batch_size, self.seed = split, int(batch_size), seed
@@ -63,10 +75,12 @@ class Loader:
         if augment not in AUGMENTS:
             raise ValueError(f"augment={augment!r}: choose one of {AUGMENTS}")
         h, w, c = ds.image_shape
-        if augment == "auto":
-            augment = "crop-flip" if ds.layout == "fixed" and max(h, w) <= 64 else "rrc-flip"
+        augment = resolve_augment(augment, ds)
+        if crop_pad < 0 or crop_pad and augment not in CROPS:
+            raise ValueError(f"crop_pad={crop_pad}: a shift of >= 0 pixels, for augment crop-flip or crop "
+                             f"(here {augment!r})")
         self.augment, self.rrc_scale = augment, rrc_scale
-        self.pad = max(1, int(round(h / 8))) if augment in ("crop-flip", "crop") else 0
+        self.pad = (int(crop_pad) or max(1, int(round(h / 8)))) if augment in CROPS else 0
         side = output_size or None
         self.output_shape = (side or h, side or w, c)
         ds.shards(split)    # a KeyError naming the splits there are, for a wrong name

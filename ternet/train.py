@@ -47,11 +47,15 @@ def resolve_device(name):
 
 
 def train_augment(cfg, data):
-    """'auto' means no augmentation for grayscale sets (digits and garments must not be
-    mirrored or shifted blindly), the loader's crop/flip choice for colour images."""
-    if cfg.augment == "auto" and data.image_shape[-1] == 1:
-        return "none"
-    return cfg.augment
+    """The training augmentation: 'auto' means none for grayscale sets (digits and garments must
+    not be mirrored or shifted blindly), the loader's crop/flip choice for colour images. A
+    --crop-pad needs an augmentation that shifts (config.validate catches the explicit ones)."""
+    from .loader import CROPS, resolve_augment
+    augment = "none" if cfg.augment == "auto" and data.image_shape[-1] == 1 else resolve_augment(cfg.augment, data)
+    if cfg.crop_pad and augment not in CROPS:
+        raise ValueError(f"--crop-pad {cfg.crop_pad}: --augment {cfg.augment} means {augment} on this dataset, "
+                         "which makes no shifts. Pick --augment crop (or crop-flip), or leave --crop-pad out")
+    return augment
 
 
 def on_gpu(loader):
@@ -90,7 +94,8 @@ class Trainer:
         self.data = open_data(cfg)
         share = self.coll.local_world           # processes of this host share its cores and RAM
         self.train_loader = Loader(self.data, "train", cfg.batch_size, shuffle=True,
-                                   augment=train_augment(cfg, self.data), seed=cfg.seed, ram_share=share,
+                                   augment=train_augment(cfg, self.data), crop_pad=cfg.crop_pad, seed=cfg.seed,
+                                   ram_share=share,
                                    threads=max(1, len(os.sched_getaffinity(0)) // share))
         self.eval_loaders = {s: Loader(self.data, s, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)
                              for s in ("val", "test") if s in self.data.splits and self.main}

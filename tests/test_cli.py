@@ -33,3 +33,51 @@ def test_folder_errors_say_what_layout_is_expected(tmp_path):
     (tmp_path / "src" / "train" / "cat" / "a.png").write_bytes(b"")
     r = prep_cli("folder", tmp_path / "src", tmp_path / "out")
     assert r.exit_code == 2 and "'dog' is not among the training classes" in r.output
+
+
+SMALL = "8C5p0-MP2-16C5p0-MP2-32FC"
+
+
+def train_cli(*args):
+    from click.testing import CliRunner
+    from ternet.cli import cli
+    return CliRunner().invoke(cli, ["train", *map(str, args)], catch_exceptions=False)
+
+
+def test_crop_pad_errors_name_the_option_and_the_fix(tiny_data, tmp_path):
+    base = ("--data", tiny_data, "--arch", SMALL, "--runs-dir", tmp_path, "--device", "cpu", "--quiet")
+    r = train_cli(*base, "--augment", "crop", "--crop-pad", -1)
+    assert r.exit_code == 2 and "--crop-pad must be >= 0" in r.output
+    for augment in ("none", "rrc-flip"):
+        r = train_cli(*base, "--augment", augment, "--crop-pad", 2)
+        assert r.exit_code == 2 and f"--augment {augment} makes none" in r.output and "--augment crop" in r.output
+    r = train_cli(*base, "--crop-pad", 2)       # auto on grayscale images: no augmentation
+    assert r.exit_code == 2 and "--augment auto means none" in r.output and "--augment crop" in r.output
+    assert not any(tmp_path.iterdir())          # no run folder was started
+    help_ = train_cli("--help").output
+    assert "--crop-pad" in help_ and "round(H/8)" in help_
+
+
+def test_crop_pad_reaches_the_loader_and_old_runs_resume_with_the_automatic_pad(tiny_data, tmp_path):
+    import json
+
+    from ternet.config import Config
+    from ternet.run import RunDir
+    from ternet.train import Trainer
+    cfg = Config(data=str(tiny_data), arch=SMALL, augment="crop", crop_pad=2, device="cpu").resolve()
+    assert Trainer(cfg, RunDir(tmp_path / "unused"), progress=False).train_loader.pad == 2
+    # a run whose config.json predates --crop-pad: resumes as crop_pad=0, bit-identical metrics
+    r = train_cli("--data", tiny_data, "--arch", SMALL, "--augment", "crop", "--epochs", 2, "--batch-size", 50,
+                  "--device", "cpu", "--quiet", "--runs-dir", tmp_path, "--name", "old")
+    assert r.exit_code == 0, r.output
+    run = RunDir(tmp_path / "old")
+    whole = run.metrics_path.read_bytes()
+    conf = json.loads(run.config_path.read_text())
+    assert conf.pop("crop_pad") == 0
+    run.config_path.write_text(json.dumps(conf))
+    run.checkpoints()[-1].unlink()              # back to the end of epoch 1
+    r = train_cli("--resume", run.path, "--quiet", "--crop-pad", 2)
+    assert r.exit_code == 2 and "conflicts with the run's crop_pad=0" in r.output
+    r = train_cli("--resume", run.path, "--quiet")
+    assert r.exit_code == 0 and "at epoch 2" in r.output, r.output
+    assert run.metrics_path.read_bytes() == whole

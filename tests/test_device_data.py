@@ -11,13 +11,16 @@ from ternet.shards import open_dataset
 pytestmark = needs_cuda
 
 
-@pytest.mark.parametrize("augment", ["none", "crop-flip", "crop", "rrc-flip"])
-def test_device_batches_equal_host_batches(tiny_data, augment):
+@pytest.mark.parametrize("augment, crop_pad", [("none", 0), ("crop-flip", 0), ("crop", 0), ("crop", 2),
+                                               ("rrc-flip", 0)])
+def test_device_batches_equal_host_batches(tiny_data, augment, crop_pad):
     from ternet.device_data import DeviceLoader
     ds = open_dataset(tiny_data)
-    kw = dict(shuffle=True, augment=augment, seed=3, in_memory=True, output_size=24 if augment == "rrc-flip" else None)
+    kw = dict(shuffle=True, augment=augment, seed=3, in_memory=True, crop_pad=crop_pad,
+              output_size=24 if augment == "rrc-flip" else None)
     host = Loader(ds, "train", 8, **kw)
     dev = DeviceLoader(Loader(ds, "train", 8, **kw))
+    assert dev.host.pad == host.pad == (crop_pad or (4 if augment.startswith("crop") else 0))
     # three batches from the third on: the device takes views at offsets of one upload of the plan
     pairs = list(itertools.islice(zip(host.batches(1, start=2), dev.batches(1, start=2)), 3))
     assert len(pairs) == 3

@@ -35,6 +35,16 @@ def variable(tmp_path_factory):
     return open_dataset(out)
 
 
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """40 train images of 28x28x1 (the MNIST size) in shards of 16."""
+    out = tmp_path_factory.mktemp("digits")
+    gen = np.random.default_rng(2)
+    pack_arrays(out, {"train": (gen.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8), np.arange(40) % 4)},
+                list("abcd"), shard_size=16)
+    return open_dataset(out)
+
+
 def _epoch(loader, epoch, start=0, raw=False):
     return [(x.copy(), y.copy()) for x, y in loader.batches(epoch, start=start, raw=raw)]
 
@@ -127,6 +137,38 @@ def test_crop_flip_matches_numpy_reference(small):
     assert 0 < flip.sum() < 16 and len(set(zip(oy, ox))) > 1
 
 
+@pytest.mark.parametrize("augment", ["crop", "crop-flip"])
+def test_crop_pad_bounds_the_shifts_and_pads_with_zeros(small, augment):
+    images, _ = small.load_split("train")
+    loader = Loader(small, "train", 16, augment=augment, seed=1, crop_pad=3)
+    assert loader.pad == 3
+    order, shifts, n = loader._order(0), [], 3
+    for b, (x, _) in enumerate(loader.batches(0, raw=True)):
+        idx, (oy, ox, flip) = loader.plan(0, b, order)
+        shifts += [oy, ox]           # stored size = output size: the centred window is at 0
+        padded = np.pad(images[idx], ((0, 0), (n, n), (n, n), (0, 0)))
+        for i in range(len(idx)):
+            ref = padded[i, oy[i] + n:oy[i] + n + 8, ox[i] + n:ox[i] + n + 8]
+            np.testing.assert_array_equal(x[i], ref[:, ::-1] if flip[i] else ref)
+        assert flip.any() == (augment == "crop-flip")
+    shifts = np.concatenate(shifts)
+    assert shifts.min() == -n and shifts.max() == n    # 96 draws reach +-3, none beyond
+
+
+def test_crop_pad_0_is_the_automatic_round_h_over_8(digits):
+    auto = Loader(digits, "train", 8, augment="crop", seed=2)
+    assert auto.pad == 4                                # round(28 / 8): too much for digits
+    # the draws before --crop-pad existed: pad max(1, round(H/8)), from the batch's own stream
+    idx, params = auto.plan(0, 1, auto._order(0))
+    ref = aug.draw_crop_flip(rng.generator(2, "augment", 0, 1), np.full((8, 2), 28), (28, 28), 4, False)
+    for a, b in zip(params, ref):
+        np.testing.assert_array_equal(a, b)
+    _same(_epoch(auto, 0), _epoch(Loader(digits, "train", 8, augment="crop", seed=2, crop_pad=4), 0))
+    two = Loader(digits, "train", 8, augment="crop", seed=2, crop_pad=2)
+    draws = np.concatenate([np.concatenate(two.plan(0, b, two._order(0))[1][:2]) for b in range(len(two))])
+    assert two.pad == 2 and set(draws) == {-2, -1, 0, 1, 2}
+
+
 def test_resized_crop_kernel_is_exact_on_whole_boxes_and_linear_ramps():
     h, w, c = 6, 10, 2
     ramp = (np.arange(w)[None, :, None] * 20 + np.arange(h)[:, None, None] * 3
@@ -182,3 +224,8 @@ def test_bad_arguments(small):
         Loader(small, "val", 8)
     with pytest.raises(ValueError, match="start"):
         next(Loader(small, "train", 8).batches(0, start=99))
+    with pytest.raises(ValueError, match="crop_pad=-1"):
+        Loader(small, "train", 8, augment="crop", crop_pad=-1)
+    for augment in ("none", "rrc-flip"):
+        with pytest.raises(ValueError, match=f"crop_pad=2.*{augment}"):
+            Loader(small, "train", 8, augment=augment, crop_pad=2)
