@@ -11,6 +11,7 @@ import click
 from data_prep.cli import prep
 
 from .config import Config
+from .inspect import DEFAULT_ROWS
 
 D = Config()
 
@@ -322,12 +323,15 @@ def export_cmd(run_path, fmt, out, target, pack, name, ckpt, rounding):
 @cli.command()
 @click.argument("run_path", metavar="RUN", type=click.Path(exists=True, file_okay=False))
 @click.option("--png", type=click.Path(dir_okay=False), default=None, help="Also draw the histograms to this PNG.")
-@click.option("--json", "as_json", is_flag=True, help="Print the per-epoch, per-layer statistics as JSON.")
-def inspect(run_path, png, as_json):
+@click.option("--json", "as_json", is_flag=True, help="Print the per-epoch, per-layer statistics as JSON (every epoch).")
+@click.option("--rows", type=click.IntRange(min=0), default=DEFAULT_ROWS, show_default=True,
+              help="Epoch rows per layer in the terminal view: a longer run shows this many, evenly spaced, "
+                   "first and last included. 0: every epoch.")
+def inspect(run_path, png, as_json, rows):
     """Weight-state histograms (how many of each state per layer) per epoch, and flip rates."""
     from .inspect import inspect_run
     try:
-        inspect_run(run_path, png=png, as_json=as_json, echo=click.echo)
+        inspect_run(run_path, png=png, as_json=as_json, echo=click.echo, rows=rows)
     except (FileNotFoundError, ValueError) as e:
         raise click.UsageError(str(e)) from None
 

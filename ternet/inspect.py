@@ -44,6 +44,7 @@ def collect(run_path):
     return {"run": str(run.path), "arch": cfg.arch, "states": states, "epochs": epochs, "layers": layers}
 
 
+DEFAULT_ROWS = 25     # epoch rows per layer in the terminal view (--rows; 0 = all)
 HPARAMS = ("temperature", "target", "m", "lr", "gamma", "act_a")
 LAYER_EXTRA = ("temperature", "uphill_acceptance")
 # optional per-layer columns: (key, header, format)
@@ -55,19 +56,35 @@ def _fmt_state(v):
     return f"{v:+g}" if v else "0"
 
 
-def render_text(info):
+def shown(n, rows):
+    """Indices of the rows to print out of n: all if rows <= 0 or n <= rows, else `rows` evenly
+    spaced ones that always include the first and the last (a long run reads as its outline)."""
+    if rows <= 0 or n <= rows:
+        return list(range(n))
+    if rows == 1:
+        return [n - 1]
+    return sorted({round(i * (n - 1) / (rows - 1)) for i in range(rows)})
+
+
+def render_text(info, rows=DEFAULT_ROWS):
+    """The terminal view; with more than `rows` epochs, every k-th of them (first and last always)."""
     states = info["states"]
     lines = [f"run {info['run']} ({info['arch']}), weight states {' '.join(_fmt_state(s) for s in states)}"]
-    acc = [e for e in info["epochs"] if "test_acc" in e]
+    first = next(iter(info["layers"].values()))
+    picked = [first[i]["epoch"] for i in shown(len(first), rows)]     # the same epochs in every layer
+    acc = {e["epoch"]: e["test_acc"] for e in info["epochs"] if "test_acc" in e and not e["partial"]}
     if acc:
-        lines.append("test accuracy by epoch: " + " ".join(f"{e['epoch']}:{e['test_acc']:.4f}" for e in acc))
-    for name, rows in info["layers"].items():
+        lines.append("test accuracy by epoch: " + " ".join(f"{e}:{acc[e]:.4f}" for e in picked if e in acc))
+    if len(picked) < len(first):
+        lines.append(f"({len(picked)} of {len(first)} epoch rows shown, evenly spaced; --rows 0 shows all)")
+    for name, all_rows in info["layers"].items():
+        rows_ = [r for r in all_rows if r["epoch"] in picked]
         lines.append("")
-        lines.append(f"{name}  ({sum(rows[0]['counts']):,} weights)")
-        cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+        lines.append(f"{name}  ({sum(all_rows[0]['counts']):,} weights)")
+        cols = [c for c in COLUMNS if any(c[0] in r for r in all_rows)]
         head = f"  {'epoch':>7} " + " ".join(f"{_fmt_state(s):>7}" for s in states) + "   flip rate"
         lines.append(head + "".join(f" {h:>10}" for _, h, _ in cols) + "   histogram")
-        for r in rows:
+        for r in rows_:
             ep = f"{r['epoch']}{'*' if r['partial'] else ''}"
             fr = f"{r['flip_rate']:.2e}" if "flip_rate" in r else "-"
             extra = "".join(f" {fmt.format(r[k]) if k in r else '-':>10}" for k, _, fmt in cols)
@@ -82,11 +99,11 @@ def _bar_chars(n):
     return "-" * (n // 2) + "0" + "+" * (n // 2) if n > 1 else "0"
 
 
-def inspect_run(run_path, png=None, as_json=False, echo=print):
+def inspect_run(run_path, png=None, as_json=False, echo=print, rows=DEFAULT_ROWS):
     info = collect(run_path)
     if not info["layers"]:
         raise ValueError(f"{run_path}: no metrics recorded yet")
-    echo(json.dumps(info, indent=1) if as_json else render_text(info))
+    echo(json.dumps(info, indent=1) if as_json else render_text(info, rows))
     if png:
         from .plots import state_figure
         state_figure(info, png)

@@ -5,6 +5,7 @@ import math
 from PIL import Image, ImageDraw, ImageFont
 
 W_BAR, W_FLIP, ROW_H, PAD = 520, 300, 130, 12
+MARKERS = 100     # points drawn as dots up to this many per line; beyond, the line alone
 
 
 def _colors(n):
@@ -46,10 +47,12 @@ def _stacked(d, rows, cols, x0, y0, w, h, font, name):
     d.text((x0, y0), name, fill="black", font=font)
     y0 += 14
     bw = w / max(len(rows), 1)
-    for j, r in enumerate(rows):
-        y = y0 + h
+    gap = 1 if bw >= 3 else 0        # a white line between bars while they are wide enough for one
+    for j, r in enumerate(rows):     # (narrower than a pixel: later epochs paint over earlier ones)
+        y, left = y0 + h, x0 + j * bw + gap
+        right = max(left, x0 + (j + 1) * bw - gap)
         for f, c in zip(r["fractions"], cols):
-            d.rectangle([x0 + j * bw + 1, y - f * h, x0 + (j + 1) * bw - 1, y], fill=c)
+            d.rectangle([left, y - f * h, right, y], fill=c)
             y -= f * h
     d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
     d.text((x0, y0 + h + 1), f"{rows[0]['epoch']}", fill="black", font=font)
@@ -70,7 +73,7 @@ def _flips(d, rows, x0, y0, w, h, font):
     xy = [(x0 + w * j / n, y0 + h - h * (math.log10(v) - lo) / (hi - lo)) for j, v in pts]
     if len(xy) > 1:
         d.line(xy, fill=(30, 100, 30), width=2)
-    for x, y in xy:
+    for x, y in xy if len(xy) <= MARKERS else ():
         d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(30, 100, 30))
     d.text((x0 + 2, y0 + 1), f"1e{hi}", fill="black", font=font)
     d.text((x0 + 2, y0 + h - 12), f"1e{lo}", fill="black", font=font)
@@ -85,7 +88,7 @@ def _overlays(d, rows, x0, y0, w, h, n, font):
         xy = [(x0 + w * j / n, y0 + h - h * v) for j, v in acc]
         if len(xy) > 1:
             d.line(xy, fill=(230, 120, 0), width=2)
-        for x, y in xy:
+        for x, y in xy if len(xy) <= MARKERS else ():
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(230, 120, 0))
         d.text((x0 + w - 150, y0 + 1), "acceptance 0..1", fill=(230, 120, 0), font=font)
     temps = [(j, r["temperature"]) for j, r in enumerate(rows) if r.get("temperature", 0) > 0]

@@ -153,3 +153,29 @@ def test_eval_and_inspect(tiny_data, tmp_path):
     png = tmp_path / "states.png"
     txt = _cli("inspect", str(run.path), "--png", str(png))
     assert txt.returncode == 0 and "flip rate" in txt.stdout and png.stat().st_size > 1000
+
+
+def test_inspect_outlines_a_long_run_and_draws_it(tiny_data, tmp_path):
+    """A run of 500 epochs (its epoch records repeated): the terminal view prints --rows evenly
+    spaced epochs, first and last included, --rows 0 all of them, and the PNG is drawn although
+    its bars are narrower than a pixel."""
+    from ternet.inspect import collect, inspect_run, render_text, shown
+    cfg, run = make(tiny_data, tmp_path / "r", epochs=1)
+    fresh_run(cfg, run)
+    recs = run.metrics()
+    ep = next(r for r in recs if r["type"] == "epoch")
+    with open(run.metrics_path, "w") as f:
+        for r in [x for x in recs if x["type"] != "epoch"] + [dict(ep, epoch=e) for e in range(500)]:
+            f.write(json.dumps(r) + "\n")
+    assert shown(10, 25) == list(range(10)) and shown(501, 0) == list(range(501))
+    assert shown(501, 5) == [0, 125, 250, 375, 500]
+    text = render_text(collect(run.path), rows=5)
+    layer_lines = [ln.split()[0] for ln in text.splitlines() if ln.startswith("     ")]
+    n_layers = len(collect(run.path)["layers"])
+    assert layer_lines == ["init", "125", "250", "375", "500"] * n_layers
+    assert "(5 of 501 epoch rows shown" in text and "test accuracy by epoch: 125:" in text
+    full = render_text(collect(run.path), rows=0)
+    assert sum(ln.startswith("     ") for ln in full.splitlines()) == 501 * n_layers
+    png = tmp_path / "long.png"
+    inspect_run(run.path, png=str(png), echo=lambda *_: None)
+    assert png.stat().st_size > 1000
