@@ -46,7 +46,7 @@ def bench(batch, steps=30, warm=5):
         loss_forward_backward(d, logits, y, "xent", acc)
         model.backward(d)
         sampler.step(tparams, [p.grad for p in tparams], t)
-        opt.step(model.rparams(), 0.01, t + 1)
+        opt.step(model.reals, 0.01, t + 1)
 
     for t in range(warm):
         step(t)

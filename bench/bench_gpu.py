@@ -111,7 +111,7 @@ def training_step(arch, shape, classes, batch):
         loss_forward_backward(d, logits, y, "xent", acc)
         model.backward(d)
         sampler.step(tparams, [p.grad for p in tparams], t)
-        opt.step(model.rparams(), 0.01, t + 1)
+        opt.step(model.reals, 0.01, t + 1)
 
     return model, step
 

@@ -46,7 +46,7 @@ def _rank(coll, args, out):
     def one(t):
         step(x, y, acc)
         sampler.step(tparams, [p.grad for p in tparams], t)
-        opt.step(model.rparams(), 0.01, t + 1)
+        opt.step(model.reals, 0.01, t + 1)
 
     for t in range(args.warm):
         one(t)

@@ -3,16 +3,20 @@ allocations and array views (reshape) per step, and where they come from. Runs t
 (layers, launchers) under numba's simulator with every kernel launch replaced by a counter, so
 the counts are those of the GPU path's Python, except inside the convolutions: the simulator has no
 tensor cores, so convolutions count the pure-numba path's launches (the tensor-core path adds a
-bf16 conversion and a weight flip per layer). Times are not measured here (bench_gpu.py
---host-profile on a GPU).
+bf16 conversion and a weight flip per layer). Also the bytes held by live arrays from
+cuda.device_array at the step's start and at its peak (what the caching allocator's peak
+counts, without its 512-byte rounding and without cuda.to_device copies). Times are not measured
+here (bench_gpu.py --host-profile on a GPU).
 
     python bench/host_counts.py [arch] [--side 64] [--batch 4] [--top 15]
+    python bench/host_counts.py vgg-gxnor --side 32 --classes 10 --batch 512 --top 0   # the peak at batch 512
 """
 import argparse
 import collections
 import os
 import sys
 import traceback
+import weakref
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,6 +28,7 @@ from numba.cuda.simulator.cudadrv import devicearray as sim_array  # noqa: E402
 
 COUNTS = collections.defaultdict(collections.Counter)
 ON = [False]                     # counting (the warm-up step is not counted)
+HELD = {"live": 0, "peak": 0}    # bytes of live device_array allocations
 
 
 def _site(depth):
@@ -46,7 +51,12 @@ def _instrument(depth):
     def device_array(*a, **k):
         if ON[0]:
             COUNTS["allocations"][_site(depth)] += 1
-        return alloc(*a, **k)
+        arr = alloc(*a, **k)
+        HELD["live"] += arr.nbytes
+        HELD["peak"] = max(HELD["peak"], HELD["live"])
+        # on the wrapped numpy array: views of it (reshape, slices) keep it alive, as on a GPU
+        weakref.finalize(arr._ary, _release, arr.nbytes)
+        return arr
 
     def view(self, *a, **k):
         if ON[0]:
@@ -55,6 +65,10 @@ def _instrument(depth):
 
     cuda.device_array = device_array
     sim_array.FakeCUDAArray.reshape = view
+
+
+def _release(nbytes):
+    HELD["live"] -= nbytes
 
 
 def main():
@@ -71,8 +85,10 @@ def main():
     _, step = training_step(args.arch, (args.side, args.side, 3), args.classes, args.batch)
     step(0)                       # first-call work (weight caches, tables) is not per step
     ON[0] = True
+    start = HELD["peak"] = HELD["live"]
     step(1)
-    print(f"{args.arch} {args.side}x{args.side}, one training step (DST sgd, Adam on batch norm):")
+    print(f"{args.arch} {args.side}x{args.side}, batch {args.batch}, one training step (DST sgd, Adam on batch norm):")
+    print(f"device_array bytes held: {start:,} at the step's start, {HELD['peak']:,} at its peak")
     for what in ("launches", "allocations", "reshapes"):
         c = COUNTS[what]
         print(f"\n{what}: {sum(c.values())} per step; by call site")

@@ -53,7 +53,7 @@ def main():
         for layer in reversed(layers):
             d = timed(f"{layer.name} bwd", layer.backward, d)
         timed("dst", sampler.step, tparams, [p.grad for p in tparams], t)
-        timed("adam", opt.step, model.rparams(), 0.01, t + 1)
+        timed("adam", opt.step, model.reals, 0.01, t + 1)
         times["step"].append(time.perf_counter() - t_step)
         if t == 4:
             times.clear()

@@ -72,4 +72,4 @@ def restore(ck, model, optimizer):
     from .model import _move
     for p in model.tparams():
         p.slots = {k: _move(v, model.device) for k, v in ck["slots"].get(p.name, {}).items()}
-    optimizer.load_state_dict(ck["optim"], model.device)
+    optimizer.load_state_dict(ck["optim"])

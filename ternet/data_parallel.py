@@ -44,9 +44,10 @@ class ShardedStep:
         self.kept = {}                       # shard j < local - 1 -> copies of its arrays
 
     def _live(self, acc):
-        """What a step reduces: every gradient, every BN layer's batch statistics, the loss sums."""
+        """What a step reduces: every ternary weight's gradient, the flat gradient of the real
+        parameters (model.RealBuffers), every BN layer's batch statistics, the loss sums."""
         m = self.model
-        return ([p.grad for p in m.tparams()] + [p.grad for p in m.rparams()]
+        return ([p.grad for p in m.tparams()] + [m.reals.grad]
                 + [layer.batch_stats for layer in self.bns] + [acc])
 
     def _keep(self, j, live):
@@ -54,10 +55,7 @@ class ShardedStep:
         if j not in self.kept:
             self.kept[j] = [empty(a.shape, a.dtype, self.device) for a in live]
         for k, a in zip(self.kept[j], live):
-            if isinstance(k, np.ndarray):
-                np.copyto(k, a)
-            else:
-                k.copy_to_device(a)
+            _copy(k, a)
         return self.kept[j]
 
     def __call__(self, x, y, acc):
@@ -78,10 +76,20 @@ class ShardedStep:
         if self.shards > 1:
             for a in total[:-1]:
                 divide(a, a, self.shards)
-        params = self.model.tparams() + self.model.rparams()
-        for i, p in enumerate(params):       # several local shards: the sums sit in kept[0]; swap them in
+        tparams, reals = self.model.tparams(), self.model.reals
+        for i, p in enumerate(tparams):      # several local shards: the sums sit in kept[0]; swap them in
             if p.grad is not total[i]:
                 p.grad, self.kept[0][i] = total[i], p.grad
-        for layer, stats in zip(self.bns, total[len(params):-1]):
+        if reals.grad is not total[len(tparams)]:    # the real parameters' views stay: copy
+            _copy(reals.grad, total[len(tparams)])
+        for layer, stats in zip(self.bns, total[len(tparams) + 1:-1]):
             layer.update_running(stats)
         add_forward(acc, acc, total[-1])
+
+
+def _copy(dst, src):
+    """dst[...] = src, both on the host or both on the device."""
+    if isinstance(dst, np.ndarray):
+        np.copyto(dst, src)
+    else:
+        dst.copy_to_device(src)

@@ -2,12 +2,14 @@
 
 Every layer works on host (numpy) or device (numba.cuda) arrays alike: it allocates its outputs
 beside its input and calls launchers only. In train mode a forward keeps what its backward needs
-and the backward drops it again. Ternary weights are int8 states (TernaryParam); batch-norm
-parameters are real (RealParam). Exercise: pytest tests/test_layers.py.
+and the backward drops it again (on the device the small ones, batch norm's per-channel
+statistics, come from the layer's StepBuffers, kept from step to step: Layer.kept). Ternary
+weights are int8 states (TernaryParam); batch-norm parameters are real (RealParam), views of the
+model's flat buffers (model.RealBuffers). Exercise: pytest tests/test_layers.py.
 """
 import numpy as np
 
-from .kernels import empty, on_device, workspace
+from .kernels import StepBuffers, empty, on_device, workspace
 from .kernels.activation import ternary_backward, ternary_forward
 from .kernels.batchnorm import (batchnorm_backward, batchnorm_forward_eval, batchnorm_forward_train,
                                 batchnorm_update_running, bn_act_backward, bn_act_forward_eval,
@@ -74,6 +76,15 @@ class Layer:
 
     def children(self):
         return []
+
+    @property
+    def kept(self):
+        """This layer's StepBuffers (made on first use): the small arrays its train forward saves
+        for the backward on the device, kept from step to step (the host path ignores it)."""
+        kept = self.__dict__.get("_kept")
+        if kept is None:
+            kept = self._kept = StepBuffers()
+        return kept
 
 
 def _init_states(rng, shape, qmax):
@@ -197,7 +208,7 @@ class BatchNorm(Layer):
         xhat = empty(x.shape, np.float32, dev)
         rm, rv, stats = self._train_args(dev)
         invstd = batchnorm_forward_train(y, xhat, x, self.gamma.value, self.beta.value, rm, rv, self.momentum,
-                                         self.eps, stats)
+                                         self.eps, stats, self.kept)
         self.ctx = (xhat, invstd)
         return y
 
@@ -241,7 +252,7 @@ class BNAct(BatchNorm):
             return y
         rm, rv, stats = self._train_args(dev)
         self.ctx = bn_act_forward_train(y, x, g, b, rm, rv, self.momentum, self.eps, self.act.r, self.act.a,
-                                        self.act.shape, self.int_scale, stats)
+                                        self.act.shape, self.int_scale, stats, self.kept)
         return y
 
     def backward(self, dy):

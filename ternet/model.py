@@ -1,9 +1,11 @@
 """A ternary network built from an architecture string: layer construction, parameter listing,
-state (de)serialisation and moving between host and device. Exercise: pytest tests/test_model.py.
+the flat layout of its real parameters, state (de)serialisation and moving between host and
+device. Exercise: pytest tests/test_model.py.
 """
 import numpy as np
 
 from . import arch as archmod
+from .kernels import zeros
 from .layers import (AvgPool, BatchNorm, BNAct, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool, Residual,
                      Sequential, TernaryAct, walk)
 
@@ -115,6 +117,64 @@ def build_layers(specs, in_shape, num_classes, qmax, act_kw, rng):
     return Sequential("net", layers)
 
 
+class RealBuffers:
+    """A model's real parameters (batch-norm gamma, beta) as views of one flat float32 buffer per
+    role: `value` and `grad` here, an optimizer's moments laid out alike (`flat`), so that one
+    elementwise launch updates every parameter, each element seeing the same float32 operations
+    as in a launch per tensor. p.value and p.grad are the views; write into them, never rebind.
+    Lives on one side (host or device), like the model.
+    """
+
+    def __init__(self, params, values, device):
+        """params: RealParams; values: their host arrays, in the same order."""
+        self.params, self.device = list(params), device
+        self.shapes = [tuple(p.value.shape) for p in self.params]
+        ends = np.cumsum([0] + [int(np.prod(s)) for s in self.shapes])
+        self.spans = list(zip(ends[:-1].tolist(), ends[1:].tolist()))
+        self.size = int(ends[-1])
+        self.value = self.flat(dict(zip(self.names(), values)))
+        self.grad = zeros(self.size, np.float32, device)
+        for p, value, grad in zip(self.params, self.views(self.value), self.views(self.grad)):
+            p.value, p.grad = value, grad
+
+    def names(self):
+        return [p.name for p in self.params]
+
+    def views(self, flat):
+        """The per-parameter views of a flat array laid out like `value`."""
+        return [flat[a:b].reshape(shape) for (a, b), shape in zip(self.spans, self.shapes)]
+
+    def flat(self, named):
+        """A new flat float32 array on the buffers' side from {name: host array}, zeros for the
+        names missing; a shape that differs from the parameter's is an error."""
+        return _move(self._host_flat(named), self.device)
+
+    def _host_flat(self, named):
+        out = np.zeros(self.size, np.float32)
+        for name, (a, b), shape in zip(self.names(), self.spans, self.shapes):
+            if name in named:
+                _check_shape(name, named[name], shape)
+                out[a:b] = np.ravel(named[name])
+        return out
+
+    def split(self, flat):
+        """{name: host array} of a flat array laid out like `value`."""
+        host = flat if isinstance(flat, np.ndarray) else flat.copy_to_host()
+        return {name: host[a:b].reshape(shape).copy()
+                for name, (a, b), shape in zip(self.names(), self.spans, self.shapes)}
+
+    def load(self, named):
+        """Overwrite every value from {name: host array} (one copy; the views stay)."""
+        missing = [n for n in self.names() if n not in named]
+        if missing:
+            raise KeyError(f"no saved value for real parameter {missing[0]!r}")
+        src = self._host_flat(named)
+        if self.device:
+            self.value.copy_to_device(src)
+        else:
+            self.value[:] = src
+
+
 class Model:
     """A ternary network: forward/backward over its layers, parameters and state."""
 
@@ -127,6 +187,8 @@ class Model:
         self.net = build_layers(archmod.parse(arch), in_shape, num_classes, self.qmax, act_kw,
                                 generator(seed, "init"))
         self.device = False
+        params = self.rparams()
+        self.reals = RealBuffers(params, [p.value for p in params], False)
 
     def forward(self, x, train=True):
         return self.net.forward(x, train)
@@ -157,14 +219,13 @@ class Model:
         """Host copies: {'weights': {name: int8}, 'real': {name: float32}, 'buffers': {...}}."""
         host = lambda a: a.copy_to_host() if self.device else np.array(a)
         return {"weights": {p.name: host(p.q) for p in self.tparams()},
-                "real": {p.name: host(p.value) for p in self.rparams()},
+                "real": self.reals.split(self.reals.value),
                 "buffers": {k: host(v) for k, v in self.buffers().items()}}
 
     def load_state_dict(self, state):
         for p in self.tparams():
             _assign(p, "q", state["weights"][p.name], self.device)
-        for p in self.rparams():
-            _assign(p, "value", state["real"][p.name], self.device)
+        self.reals.load(state["real"])
         for layer in walk(self.net):
             if isinstance(layer, BatchNorm):
                 _assign(layer, "running_mean", state["buffers"][layer.name + ".running_mean"], self.device)
@@ -176,8 +237,10 @@ class Model:
             return self
         state = self.state_dict()
         self.device = device
-        for p in self.tparams() + self.rparams():
+        for p in self.tparams():
             p.grad = None
+        params = self.rparams()
+        self.reals = RealBuffers(params, [state["real"][p.name] for p in params], device)
         self.load_state_dict(state)
         for p in self.tparams():
             for k, v in list(p.slots.items()):
@@ -192,9 +255,13 @@ def _move(a, device):
     return a.copy_to_host() if not isinstance(a, np.ndarray) else a
 
 
+def _check_shape(what, value, shape):
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{what}: saved shape {value.shape} != model shape {tuple(shape)}")
+
+
 def _assign(obj, attr, value, device):
     cur = getattr(obj, attr)
-    if tuple(cur.shape) != tuple(value.shape):
-        raise ValueError(f"{getattr(obj, 'name', attr)}.{attr}: saved shape {value.shape} != model shape {cur.shape}")
+    _check_shape(f"{getattr(obj, 'name', attr)}.{attr}", value, cur.shape)
     setattr(obj, attr, _move(np.ascontiguousarray(value, dtype=cur.dtype), device) if device
             else np.array(value, dtype=cur.dtype))

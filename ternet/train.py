@@ -143,7 +143,7 @@ class Trainer:
             loss_forward_backward(dlogits, logits, to_side(y, self.device), cfg.loss, self.acc)
             self.model.backward(dlogits)
         self.sampler.step(self.tparams, [p.grad for p in self.tparams], t)
-        self.optimizer.step(self.model.rparams(), cfg.bn_lr * self.sampler.lr(t) / cfg.lr, t + 1)
+        self.optimizer.step(self.model.reals, cfg.bn_lr * self.sampler.lr(t) / cfg.lr, t + 1)
 
     # -- metrics ---------------------------------------------------------------------------------
     def _read_acc(self):

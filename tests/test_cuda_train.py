@@ -1,10 +1,18 @@
 """The trainer on the device path (the simulator on machines without a GPU): a tiny run writes
-its metrics and checkpoints, moves weights, and repeats bit for bit."""
+its metrics and checkpoints, moves weights, and repeats bit for bit; sharded steps with the
+kept per-layer arrays and the flat optimizer equal fresh arrays and per-tensor updates."""
 import numpy as np
 import pytest
+from numba import cuda
 
 from cudacheck import needs_cuda
 from ternet.config import Config
+from ternet.data_parallel import ShardedStep
+from ternet.distributed import LocalCollective
+from ternet.kernels import StepBuffers, fresh, zeros
+from ternet.kernels.elementwise import adam_update
+from ternet.model import Model
+from ternet.optim import RealOptimizer
 from ternet.run import RunDir
 from ternet.train import Trainer
 
@@ -59,3 +67,52 @@ def test_device_training_over_shards(micro_data, tmp_path):
     for k, v in after["buffers"].items():      # moved once per step from the shards' mean statistics
         assert np.isfinite(v).all() and (v != before["buffers"][k]).any(), k
     assert [r["type"] for r in run.metrics()] == ["init", "step", "step", "epoch"]
+
+
+class PerTensorOptimizer(RealOptimizer):
+    """RealOptimizer as it was before the flat buffers: one launch per parameter tensor."""
+
+    def __init__(self, kind):
+        super().__init__(kind)
+        self.slots = {}
+
+    def step(self, reals, lr, t):
+        f32 = np.float32
+        for p in reals.params:
+            if p.name not in self.slots:
+                self.slots[p.name] = [cuda.to_device(np.zeros(p.value.shape, np.float32)) for _ in range(2)]
+            m, v = self.slots[p.name]
+            adam_update(p.value, p.grad, m, v, f32(lr), f32(self.b1), f32(self.b2), f32(1 - self.b1 ** t),
+                        f32(1 - self.b2 ** t), f32(self.eps))
+
+
+def sharded_steps(optimizer=RealOptimizer, steps=2, shards=2):
+    """Device state after `steps` steps over `shards` shards of one batch (forward, backward,
+    reduction, Adam on batch norm; the discrete weights stay): fused batch norm with the
+    triangular window (it keeps copies of gamma and beta), then the classifier's plain one."""
+    model = Model("4C3-GAP-3", (6, 6, 2), 3, seed=2, window="tri").to(True)
+    sharded = ShardedStep(model, "xent", shards, LocalCollective(), True)
+    opt = optimizer("adam")
+    acc = zeros((2,), np.float64, True)
+    rng = np.random.default_rng(0)
+    for t in range(steps):
+        x = cuda.to_device(rng.standard_normal((4 * shards, 6, 6, 2)).astype(np.float32))
+        y = cuda.to_device(rng.integers(0, 3, 4 * shards).astype(np.int32))
+        sharded(x, y, acc)
+        opt.step(model.reals, 0.01, t + 1)
+    state = model.state_dict()
+    grads = {f"g/{p.name}": p.grad.copy_to_host() for p in model.tparams() + model.rparams()}
+    return {**grads, **{f"r/{k}": v for k, v in state["real"].items()},
+            **{f"b/{k}": v for k, v in state["buffers"].items()}, "acc": acc.copy_to_host()}
+
+
+def test_sharded_steps_equal_per_call_allocation_and_per_tensor_updates(monkeypatch):
+    """Kept per-layer arrays (StepBuffers) and one flat Adam launch give the bits of fresh arrays
+    and one launch per tensor, over several steps of two shards each (the arrays are rewritten by
+    the second shard's forward after the first shard's backward read them)."""
+    kept = sharded_steps()
+    monkeypatch.setattr(StepBuffers, "__call__", lambda self, role, shape, dtype: fresh(role, shape, dtype))
+    reference = sharded_steps(PerTensorOptimizer)
+    assert kept.keys() == reference.keys()
+    for k in kept:
+        np.testing.assert_array_equal(kept[k], reference[k], err_msg=k)

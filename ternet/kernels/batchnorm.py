@@ -17,7 +17,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import SIMULATOR, THREADS, check, empty, grid1d, on_device, scratch, zeros
+from . import SIMULATOR, THREADS, check, empty, fresh, grid1d, on_device, scratch, zeros
 from .activation import ActSaved, bit_of, num_words, pack_tile, ternary_backward, ternary_forward
 from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize, ternarize,
                      window_grad)
@@ -390,15 +390,15 @@ def _reduce_grid(m, c):
     return (chunks, (c + TILE_C - 1) // TILE_C), (TILE_C, LANES)
 
 
-def _cuda_stats(x, eps, stats, s=np.float32(0)):
-    """Batch statistics of x (M, C) on the device: (mean, invstd) float32 (C,), stats (2, C) =
-    mean and unbiased variance overwritten; with s > 0 also whether x * s is an exact int16 everywhere (checked on the
-    device, read back only with TERNET_CHECK_INT16=1)."""
+def _cuda_stats(x, eps, stats, s=np.float32(0), buffers=fresh):
+    """Batch statistics of x (M, C) on the device: (mean, invstd) float32 (C,) from `buffers`,
+    stats (2, C) = mean and unbiased variance overwritten; with s > 0 also whether x * s is an
+    exact int16 everywhere (checked on the device, read back only with TERNET_CHECK_INT16=1)."""
     m, c = x.shape
     grid, block = _reduce_grid(m, c)
     part = scratch("bn.part", (grid[0], 2, c), np.float64)
     mean = scratch("bn.mean", c, np.float64)
-    mean32, invstd = empty(c, np.float32, True), empty(c, np.float32, True)
+    mean32, invstd = buffers("bn.mean", c, np.float32), buffers("bn.invstd", c, np.float32)
     flag = zeros((1,), np.int32, True) if s > 0 and CHECK_INT16 else scratch("bn.flag", 1, np.int32)
     _colsum_cuda[grid, block](x, mean, 0, s, flag, part)
     _mean_cuda[grid1d(c)](part, np.float64(m), mean)
@@ -450,17 +450,19 @@ def batchnorm_update_running(running_mean, running_var, stats, momentum):
     _update_running(running_mean, running_var, stats, np.float32(momentum))
 
 
-def batchnorm_forward_train(out, xhat, inp, gamma, beta, running_mean, running_var, momentum, eps, stats=None):
+def batchnorm_forward_train(out, xhat, inp, gamma, beta, running_mean, running_var, momentum, eps, stats=None,
+                            buffers=fresh):
     """Batch-statistics forward; overwrites out and xhat (same shape as inp, float32) and stats
     (float32 (2, C): batch mean, unbiased variance; allocated when None), then updates the running
     statistics in place from them (skipped when running_mean is None). Returns invstd (C,)
-    float32 (on inp's side), for the backward."""
+    float32 (on inp's side), for the backward; on the device taken from `buffers(role, shape,
+    dtype)` (a layer's StepBuffers, or `fresh`)."""
     c = _channels(inp)
     check(gamma.shape == (c,) and out.shape == inp.shape, "batchnorm: shape mismatch")
     dev = on_device(out, inp, gamma)
     stats = _stats_out(stats, c, dev)
     if dev:
-        mean, invstd, _ = _cuda_stats(_flat(inp), eps, stats)
+        mean, invstd, _ = _cuda_stats(_flat(inp), eps, stats, buffers=buffers)
         _normalize_cuda[grid1d(inp.size)](_vec(inp), mean, invstd, gamma, beta, _vec(out), _vec(xhat))
     else:
         x = _flat(inp)
@@ -530,20 +532,21 @@ class BNActSaved:
         return sum(int(a.size) * a.dtype.itemsize for a in kept)
 
 
-def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale):
+def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale, buffers):
     n, s = inp.size, np.float32(max(int_scale, 0))
-    mean, invstd, exact = _cuda_stats(_flat(inp), eps, stats, s)
+    mean, invstd, exact = _cuda_stats(_flat(inp), eps, stats, s, buffers)
     if s > 0 and not exact:
         warnings.warn("bn_act: inp * int_scale is not an exact int16 everywhere (non-integers, or values beyond "
                       "32767); keeping the input as float32 for the backward (4 bytes per element, not 2)")
         s = np.float32(0)
     rect = shape == WINDOW_RECT
-    xq = empty(n if s > 0 else 1, np.int16, True)
-    xf = empty(1 if s > 0 else n, np.float32, True)
-    bits = empty(num_words(n) if rect else 1, np.uint32, True)
+    # per-element records are allocated per call (StepBuffers says why), 1-element placeholders kept
+    xq = empty(n, np.int16, True) if s > 0 else buffers("bn_act.xq", 1, np.int16)
+    xf = buffers("bn_act.xf", 1, np.float32) if s > 0 else empty(n, np.float32, True)
+    bits = empty(num_words(n), np.uint32, True) if rect else buffers("bn_act.bits", 1, np.uint32)
     cg, cb = gamma, beta
     if not rect:   # the backward needs this step's gamma, beta, even if an optimizer updates them first
-        cg, cb = empty(gamma.size, np.float32, True), empty(beta.size, np.float32, True)
+        cg, cb = buffers("bn_act.gamma", gamma.size, np.float32), buffers("bn_act.beta", beta.size, np.float32)
         cg.copy_to_device(gamma)
         cb.copy_to_device(beta)
     r32, a32 = np.float32(r), np.float32(a)
@@ -565,7 +568,7 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
 
 
 def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momentum, eps, r, a, shape,
-                         int_scale=0, stats=None):
+                         int_scale=0, stats=None, buffers=fresh):
     """out (int8) = phi_r(gamma * xhat + beta), batch statistics; overwrites out and stats (as
     batchnorm_forward_train), updates the running statistics in place unless running_mean is None.
 
@@ -573,12 +576,14 @@ def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momen
     ActSaved); on the GPU a BNActSaved (see there for the bytes kept per element). int_scale > 0
     promises that inp * int_scale holds integers (a ternary conv's accumulators); the GPU then keeps
     the input as int16, after checking that every value round-trips exactly (the one host read
-    of the forward: 4 bytes); it falls back to float32, with a warning, where not.
+    of the forward: 4 bytes); it falls back to float32, with a warning, where not. The GPU's
+    per-channel arrays and placeholders come from `buffers(role, shape, dtype)` (a layer's
+    StepBuffers, or `fresh`).
     """
     check(out.shape == inp.shape and gamma.shape == (_channels(inp),), "bn_act: shape mismatch")
     if on_device(out, inp, gamma):
         stats = _stats_out(stats, _channels(inp), True)
-        saved = _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale)
+        saved = _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale, buffers)
         if running_mean is not None:
             batchnorm_update_running(running_mean, running_var, stats, momentum)
         return saved
