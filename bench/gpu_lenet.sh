@@ -2,14 +2,15 @@
 # Long lenet runs on one GPU, all at once, in one device call (docs/results.md):
 #   full Fashion-MNIST with DST and the plain SGD step (no per-weight memory) at large batches,
 #   MNIST end to end (PNG folders -> `ternet prep` -> lenet), and the CUDA test suite beside them.
-#   bash bench/gpu_lenet.sh [main|refs|r05|long|final|next|mnist4|fm4]   (LIMIT=seconds per run, default 480)
+#   bash bench/gpu_lenet.sh [main|refs|r05|long|final|next|mnist4|fm4|fmlong]   (LIMIT=seconds per run, default 480)
 # main: the runs below; refs: Bop on Fashion-MNIST (what lenet reaches with a rule that keeps
 # per-weight memory), DST-sgd with the authors' squared hinge loss, DST-sgd with threshold r = 0.5;
 # r05: r = 0.5 with other lr, batch and schedule; long: r = 0.5 with 3x the epochs, and a longer
 # annealed MNIST run (LIMIT=555); final: the exp-lr 600-epoch run with crop+flip, with r = 0.3, and with
 # lr 0.1, and MNIST for 50 epochs (LIMIT=555); next: r = 0.3 to the end, with a wider window, and
 # cosine (three runs, LIMIT=560; not yet run); mnist4: MNIST with 1-2 px shifts and r = 0.5, and the CUDA
-# tests; fm4: r = 0.3 at BATCHES for EPOCHS epochs (fourth session).
+# tests; fm4: r = 0.3 at BATCHES for EPOCHS epochs (fourth session); fmlong: one such run over two calls
+# (fifth session, below).
 # Carries: .whl (numpy for the host), .data/fm (Debian's Fashion-MNIST IDX files, images
 # re-compressed with xz to fit a call), .data/mnist-png.tar.gz. Results: $OUT/runs.tar.gz (config,
 # metrics, timing of each run), $OUT/logs.txt, and the table on stdout (a call returns few files).
@@ -34,8 +35,10 @@ for f in pathlib.Path(".data/fm").iterdir():
         shutil.copy(f, dst)
 PY
 python3 -m ternet prep mnist /tmp/fm-src /tmp/fm-full --classes fashion-mnist --quiet
-tar -xzf .data/mnist-png.tar.gz -C /tmp/src-mnist
-python3 -m ternet prep folder /tmp/src-mnist /tmp/data-mnist --channels 1 --name mnist --quiet
+if [ "$WHAT" != fmlong ] && [ "$WHAT" != fm4 ]; then   # the modes with MNIST runs
+    tar -xzf .data/mnist-png.tar.gz -C /tmp/src-mnist
+    python3 -m ternet prep folder /tmp/src-mnist /tmp/data-mnist --channels 1 --name mnist --quiet
+fi
 echo "data ready in $(python3 -c "import time; print(round(time.time() - $t0, 1))") s"
 
 run() {  # run NAME ARGS...: one training process in the background, cut at LIMIT seconds
@@ -87,6 +90,25 @@ elif [ "$WHAT" = fm4 ]; then
 EXP=("${DST[@]}" --act-r 0.3 --lr "${LR:-0.05}" --lr-schedule exp --lr-end "${LR_END:-0.0005}" --epochs "${EPOCHS:-1000}")
 for b in ${BATCHES:-30000 60000}; do
     run fm-dst-r0.3-exp-b$b-${EPOCHS:-1000}-lr${LR:-0.05}-${LR_END:-0.0005} "${EXP[@]}" --batch-size "$b"; done
+elif [ "$WHAT" = fmlong ]; then
+# one fm4 run longer than a device call: the first call starts it and is cut at LIMIT (the run keeps its
+# newest checkpoints); the next call carries the returned run.tar.gz back as .data/fmrun/run.tar.gz and
+# resumes it exactly (`ternet train --resume`), with the CUDA tests beside it when TESTS=1
+# TAG and EXTRA (extra train options, e.g. EXTRA="--augment crop --crop-pad 1" TAG=-pad1) name variants
+name=fm-dst-r0.3-exp-b30000-${EPOCHS:-3400}-lr${LR:-0.02}-${LR_END:-0.0002}${TAG:-}
+if [ -f .data/fmrun/run.tar.gz ]; then
+    mkdir -p "$RUNS/$name" && tar -xzf .data/fmrun/run.tar.gz -C "$RUNS/$name"
+    timeout "$LIMIT" python3 -m ternet train --quiet --resume "$RUNS/$name" >> "$RUNS/$name.log" 2>&1 &
+else
+    run "$name" "${DST[@]}" --act-r 0.3 --lr "${LR:-0.02}" --lr-schedule exp --lr-end "${LR_END:-0.0002}" \
+        --epochs "${EPOCHS:-3400}" --batch-size 30000 ${EXTRA:-}
+fi
+if [ "${TESTS:-0}" = 1 ]; then
+    timeout "$LIMIT" python3 -m pytest -q tests/test_launch.py tests/test_cuda_*.py tests/test_device_data.py > "$RUNS/pytest_cuda.log" 2>&1
+    timeout "$LIMIT" python3 -m pytest -q -m gpu tests/test_gpu_full.py > "$RUNS/pytest_gpu.log" 2>&1
+fi
+wait
+tar -czf "$OUT/run.tar.gz" -C "$RUNS/$name" .
 elif [ "$WHAT" = r05 ]; then
 run fm-dst-r0.5-b30000-lr0.05-exp "${DST[@]}" --act-r 0.5 --batch-size 30000 --lr 0.05 --lr-schedule exp --lr-end 0.0005 --epochs 200
 run fm-dst-r0.5-b30000-lr0.1 "${DST[@]}" --act-r 0.5 --batch-size 30000 --lr 0.1 --epochs 200
