@@ -128,6 +128,34 @@ def test_rms_normalised_step():
     np.testing.assert_array_equal(zero, q0)
 
 
+@pytest.mark.parametrize("bits,decay,lr", [(1, 0.1, 0.5), (2, 0.05, 0.5), (1, 0.02, 0.3)])
+def test_decay_pulls_toward_zero(bits, decay, lr):
+    """--set decay: with no gradient a weight at value w steps toward 0 with DST's probability for
+    dW = -decay w (binomial interval), a weight at 0 stays; with a gradient the decay adds to the
+    step (a gradient that cancels it moves nothing)."""
+    qmax = 2 ** (bits - 1)
+    key = stream_key(3, "test", bits)
+    for q0 in (qmax, -qmax, 1, 0):
+        q = np.full(N_DRAWS, q0, np.int8)
+        counts = np.zeros(1, np.int64)
+        dst_sgd(q, np.zeros(N_DRAWS, np.float32), lr, qmax, 3.0, key, counts, decay=decay)
+        if q0 == 0:
+            assert counts[0] == 0 and (q == 0).all()
+            continue
+        w = q0 / qmax
+        base, extra, tau = expected(q0, float(np.float32(-decay * w)), qmax, 3.0)
+        assert base == q0 and abs(extra) == abs(q0) - 1, (base, extra)
+        assert set(np.unique(q).tolist()) <= {base, extra}
+        k = int((q == extra).sum())
+        sigma = math.sqrt(N_DRAWS * tau * (1 - tau))
+        assert abs(k - N_DRAWS * tau) <= 5 * sigma + 1, f"q0 {q0}: {k} moves, expected {N_DRAWS * tau:.0f}"
+        assert counts[0] == k
+    # a gradient step that cancels the decay at w = 1 (to float32 rounding: tau ~ 1e-8) moves nothing
+    q = np.full(1000, qmax, np.int8)
+    dst_sgd(q, np.full(1000, -decay / lr, np.float32), lr, qmax, 3.0, key, np.zeros(1, np.int64), decay=decay)
+    np.testing.assert_array_equal(q, qmax)
+
+
 def test_rms_norm_options():
     from ternet.config import Config
     from ternet.samplers import make_sampler
@@ -137,5 +165,9 @@ def test_rms_norm_options():
         make_sampler("dst", seed=0, lr=s, m=s, source="adam", norm="rms")
     with pytest.raises(ValueError, match="choose none or rms"):
         make_sampler("dst", seed=0, lr=s, m=s, norm="l2")
+    with pytest.raises(ValueError, match="decay adds to the sgd step"):
+        make_sampler("dst", seed=0, lr=s, m=s, source="adam", decay=0.5)
+    with pytest.raises(ValueError, match="decay=-1.0; use a finite value >= 0"):
+        make_sampler("dst", seed=0, lr=s, m=s, decay="-1")
     assert Config(sampler="dst", extra=(("norm", "rms"),)).resolve().lr == 0.03
     assert Config(sampler="dst").resolve().lr == 20.0

@@ -18,6 +18,8 @@ KEYS = tuple(stream_key(9, s, 3, 1) for s in ("transition-mix", "transition", "t
 CASES = {
     "dst-sgd": (lambda q, mo, ve, c, g, qmax: dst_sgd(q, g, 0.7, qmax, 3.0, KEYS[1], c), 1),
     "dst-sgd-rms": (lambda q, mo, ve, c, g, qmax: dst_sgd(q, g, 0.3, qmax, 3.0, KEYS[1], c, ss=_sumsq(g)), 1),
+    "dst-sgd-rms-decay": (lambda q, mo, ve, c, g, qmax: dst_sgd(q, g, 0.3, qmax, 3.0, KEYS[1], c, ss=_sumsq(g),
+                                                                decay=0.37), 1),
     "dst-adam": (lambda q, mo, ve, c, g, qmax: dst_adam(q, g, mo, ve, 0.05, 3, qmax, 3.0, KEYS[1], c), 1),
     "mh-dst-sgd": (lambda q, mo, ve, c, g, qmax: metropolis(q, g, None, None, KEYS, c, lr=0.7, qmax=qmax, m=3.0,
                                                             eps=0.3, dst_on=True, h=0.2, temp=0.05), 5),

@@ -110,6 +110,14 @@ def dst_may_move(q, dw, qmax, m, u):
 
 
 @numba.njit(inline="always")
+def sgd_dw(g, q, lr, decay, qmax):
+    """DST's plain step for one weight: dW = -lr g - decay w, w = q / qmax (decay: the step's
+    pull toward state 0, lr(t) times the weight-decay factor). Rounded once, via affine(), so
+    the CPU and the GPU agree; with decay 0 it is float32(-lr g), the same bits as before."""
+    return affine(g, -lr, -decay * (F32(q) / F32(qmax)))
+
+
+@numba.njit(inline="always")
 def rms_lr(lr, ss, n):
     """The learning rate of a step normalised by the gradient's root mean square: lr / rms(g)
     with rms = sqrt(ss / n) from the sum of squares ss (float64) of n gradients, rounded once to

@@ -11,7 +11,7 @@ import numpy as np
 from numba import cuda
 
 from . import check, grid1d, on_device
-from .scalar import adam_dw, adam_moments, bop_step, dst_may_move, dst_target, mh_step, rms_lr, uniform
+from .scalar import adam_dw, adam_moments, bop_step, dst_may_move, dst_target, mh_step, rms_lr, sgd_dw, uniform
 
 CHUNKS = 64
 MH_COUNTERS = 4       # proposals, accepts, uphill proposals, uphill accepts (accepts = flips)
@@ -21,7 +21,7 @@ MH_COUNTERS = 4       # proposals, accepts, uphill proposals, uphill accepts (ac
 # CPU implementation (integer counters summed over a fixed partition: deterministic)
 
 @numba.njit(parallel=True, cache=True)
-def _dst_sgd(q, g, lr, ss, norm, qmax, m, key):
+def _dst_sgd(q, g, lr, ss, norm, decay, qmax, m, key):
     # two passes per chunk: a vectorised screen (dst_may_move: one draw per weight, no tanh) marks
     # the few weights that can move, then the exact rule runs on those alone (~10x fewer ns per
     # weight than dst_target on every weight, whose tanh test and conditional store do not vectorise)
@@ -34,12 +34,12 @@ def _dst_sgd(q, g, lr, ss, norm, qmax, m, key):
         lo, hi = ch * step, min(n, (ch + 1) * step)
         may = np.empty(max(0, hi - lo), np.bool_)
         for i in range(lo, hi):
-            may[i - lo] = dst_may_move(q[i], -lr * g[i], qmax, m, uniform(key, i))
+            may[i - lo] = dst_may_move(q[i], sgd_dw(g[i], q[i], lr, decay, qmax), qmax, m, uniform(key, i))
         flips = 0
         for i in range(lo, hi):
             if may[i - lo]:
                 old = q[i]
-                new = dst_target(old, -lr * g[i], qmax, m, uniform(key, i))
+                new = dst_target(old, sgd_dw(g[i], old, lr, decay, qmax), qmax, m, uniform(key, i))
                 if new != old:
                     q[i] = new
                     flips += 1
@@ -118,13 +118,13 @@ def _bop(q, g, mom, vel, gamma, gamma2, thr, norm, reset, qmax):
 # totals do not depend on the order)
 
 @cuda.jit
-def _dst_sgd_cuda(q, g, lr, ss, norm, qmax, m, key, counts):
+def _dst_sgd_cuda(q, g, lr, ss, norm, decay, qmax, m, key, counts):
     if norm:
         lr = rms_lr(lr, ss[0], q.size)
     flips = 0
     for i in range(cuda.grid(1), q.size, cuda.gridsize(1)):
         old = q[i]
-        new = dst_target(old, -lr * g[i], qmax, m, uniform(key, i))
+        new = dst_target(old, sgd_dw(g[i], old, lr, decay, qmax), qmax, m, uniform(key, i))
         if new != old:
             q[i] = new
             flips += 1
@@ -198,15 +198,17 @@ def _flat(*arrays):
 # ----------------------------------------------------------------------------------------------
 # launchers (in place on q and the per-weight buffers; counters are accumulated, never reset)
 
-def dst_sgd(q, g, lr, qmax, m, key, counts, ss=None):
-    """In place: q <- DST(q, dW = -lr * g). q int8 (any shape), g float32 (same shape).
-    With ss (float64, one element on q's side: the sum of squares of g, stats.sum_squares) the
-    step is normalised by the layer's gradient rms: dW = -lr * g / rms(g) (scalar.rms_lr).
-    Accumulates the number of weights whose state changed into counts[0] (int64, same side)."""
+def dst_sgd(q, g, lr, qmax, m, key, counts, ss=None, decay=0.0):
+    """In place: q <- DST(q, dW = -lr * g - decay * q / qmax). q int8 (any shape), g float32 (same
+    shape). With ss (float64, one element on q's side: the sum of squares of g, stats.sum_squares)
+    the gradient part is normalised by the layer's gradient rms: -lr * g / rms(g) (scalar.rms_lr);
+    the decay part is not. Accumulates the number of weights whose state changed into counts[0]
+    (int64, same side)."""
     check(q.shape == g.shape and q.dtype == np.int8, "dst_sgd: q must be int8 with g's shape")
     dev = on_device(q, g, counts, ss)
     norm = ss is not None
-    args = (np.float32(lr), ss if norm else _dummy(dev, np.float64), np.int64(norm), qmax, np.float32(m), key)
+    args = (np.float32(lr), ss if norm else _dummy(dev, np.float64), np.int64(norm), np.float32(decay), qmax,
+            np.float32(m), key)
     if dev:
         _dst_sgd_cuda[grid1d(q.size)](*_flat(q, g), *args, counts)
         return
