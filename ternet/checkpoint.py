@@ -24,8 +24,9 @@ class CheckpointError(Exception):
     pass
 
 
-def save(path, config_json, model, optimizer, trainer_state):
-    """Write a checkpoint atomically (temp file + rename)."""
+def save(path, config_json, model, optimizer, trainer_state, seconds=0.0):
+    """Write a checkpoint atomically (temp file + rename). `seconds`: wall-clock seconds of training
+    so far (over every resume), kept apart from the trainer state, which is deterministic."""
     state = model.state_dict()
     host = lambda a: a if isinstance(a, np.ndarray) else a.copy_to_host()
     tmp = f"{path}.tmp"
@@ -33,6 +34,7 @@ def save(path, config_json, model, optimizer, trainer_state):
         f.attrs["format"], f.attrs["version"] = FORMAT, VERSION
         f.attrs["config"] = config_json
         f.attrs["trainer"] = json.dumps(trainer_state, sort_keys=True)
+        f.attrs["seconds"] = float(seconds)
         for group, items in (("weights", state["weights"]), ("real", state["real"]),
                              ("buffers", state["buffers"]), ("optim", optimizer.state_dict())):
             g = f.create_group(group)
@@ -49,7 +51,7 @@ def save(path, config_json, model, optimizer, trainer_state):
 
 
 def load(path):
-    """Read a checkpoint into host arrays: dict with config, trainer, weights, real, buffers, optim, slots."""
+    """Read a checkpoint into host arrays: dict with config, trainer, seconds, weights, real, buffers, optim, slots."""
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -59,7 +61,8 @@ def load(path):
         if fmt != FORMAT or ver != VERSION:
             raise CheckpointError(f"{path}: format {fmt!r} version {ver!r}, expected {FORMAT!r} version {VERSION}. "
                                   "HINT: it was written by another ternet version; re-run training with this one")
-        out = {"config": json.loads(f.attrs["config"]), "trainer": json.loads(f.attrs["trainer"])}
+        out = {"config": json.loads(f.attrs["config"]), "trainer": json.loads(f.attrs["trainer"]),
+               "seconds": float(f.attrs.get("seconds", 0.0))}
         for group in ("weights", "real", "buffers", "optim"):
             out[group] = {k.replace("|", "/"): f[group][k][()] for k in f[group]}
         out["slots"] = {p: {k: f["slots"][p][k][()] for k in f["slots"][p]} for p in f["slots"]}

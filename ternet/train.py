@@ -126,6 +126,7 @@ class Trainer:
         self.state = {"step": 0, "epoch": 0, "batch": 0, "metrics_bytes": 0, "acc": [0.0, 0.0],
                       "interval": self._fresh(), "epoch_totals": self._fresh()}
         self._stop = False
+        self._seconds_before = 0.0      # training time before this process (from a checkpoint)
 
     def _fresh(self):
         return {"loss": 0.0, "correct": 0.0, "count": 0, "steps": 0, "counters": None}
@@ -190,7 +191,7 @@ class Trainer:
         st["metrics_bytes"] = self.run.append(self.run.metrics_path, rec)
         self.sampler.observe(counters, iv["steps"], st["step"] - 1)   # adaptive rules update here
         now = time.perf_counter()
-        self.run.append(self.run.timing_path, {"step": st["step"], "epoch": st["epoch"], "seconds": now - self._t0,
+        self.run.append(self.run.timing_path, {"step": st["step"], "epoch": st["epoch"], "seconds": self.seconds(now),
                                                "img_per_s": iv["count"] / max(now - self._t_iv, 1e-9)})
         self._t_iv = now
         st["interval"] = self._fresh()
@@ -207,7 +208,7 @@ class Trainer:
         rec["layers"] = self._layer_stats(ep["counters"], ep["steps"])
         st["metrics_bytes"] = self.run.append(self.run.metrics_path, rec)
         self.run.append(self.run.timing_path, {"epoch": st["epoch"], "step": st["step"],
-                                               "seconds": time.perf_counter() - self._t0})
+                                               "seconds": self.seconds()})
         st["epoch_totals"], st["epoch"], st["batch"] = self._fresh(), st["epoch"] + 1, 0
         return rec
 
@@ -223,7 +224,7 @@ class Trainer:
         path = None
         if self.main:        # every rank holds the same state: rank 0 writes it
             path = self.run.checkpoint_path(self.state["step"])
-            checkpoint.save(path, self.cfg.to_json(), self.model, self.optimizer, self.state)
+            checkpoint.save(path, self.cfg.to_json(), self.model, self.optimizer, self.state, self.seconds())
             self.run.prune(self.cfg.keep_last)
         self._restore_counters()
         return path
@@ -247,6 +248,11 @@ class Trainer:
         self._set_acc(self.state["acc"])
         self._restore_counters()
         self.run.truncate_metrics(self.state["metrics_bytes"])
+        self._seconds_before = ck.get("seconds", 0.0)
+
+    def seconds(self, now=None):
+        """Wall-clock seconds of training, counted on from the checkpoint a run resumed from."""
+        return self._seconds_before + (time.perf_counter() if now is None else now) - self._t0
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self):

@@ -130,12 +130,18 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, tmp_path):
     proc.wait()
     steps = latest_checkpoint(run)["trainer"]["step"]
     assert 14 <= steps < 60, f"killed too late (checkpoint at step {steps})"
+    before, n0 = latest_checkpoint(run)["seconds"], len(run.timing_path.read_text().splitlines())
     res = _cli("train", "--resume", str(run.path), "--quiet")
     assert res.returncode == 0, res.stderr
     wa, wb = _weights(RunDir(tmp_path / "ref").checkpoints()[-1]), _weights(run.checkpoints()[-1])
     for k in wa:
         np.testing.assert_array_equal(wa[k], wb[k])
     assert (tmp_path / "ref" / "metrics.jsonl").read_bytes() == run.metrics_path.read_bytes()
+    # the wall clock goes on from the checkpoint: the resumed process's timing lines start at its
+    # seconds, and the last checkpoint counts the time before the resume too
+    resumed = [json.loads(line)["seconds"] for line in run.timing_path.read_text().splitlines()[n0:]]
+    assert before > 0 and resumed and min(resumed) >= before
+    assert latest_checkpoint(run)["seconds"] >= max(resumed) - 1e-6
 
 
 def test_eval_and_inspect(tiny_data, tmp_path):
