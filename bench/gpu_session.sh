@@ -13,8 +13,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,no
 python3 -c "import numba, numba_cuda, numpy; print('numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'numpy', numpy.__version__)"
 case " $what " in *" bench "*|*" all "*)
     # numba's launches against the planned ones where the host matters; resnet18-224 is GPU-bound
-    python3 bench/bench_gpu.py --launch both vgg resnet18-64 2>&1 | tee "$OUT/bench_gpu.log" | tail -8
-    python3 bench/bench_gpu.py resnet18-224 2>&1 | tee -a "$OUT/bench_gpu.log" | tail -3 ;;
+    python3 bench/bench_gpu.py --rounds 3 --launch both vgg resnet18-64 2>&1 | tee "$OUT/bench_gpu.log" | tail -8
+    python3 bench/bench_gpu.py --rounds 3 resnet18-224 2>&1 | tee -a "$OUT/bench_gpu.log" | tail -3 ;;
 esac
 case " $what " in *" peer "*|*" all "*)
     python3 bench/peer_gpu.py 2>&1 | grep '^{' | tee "$OUT/peer.log" ;;
