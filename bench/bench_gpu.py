@@ -160,8 +160,8 @@ if __name__ == "__main__":
     prof = "--profile" in sys.argv
     mode = sys.argv[sys.argv.index("--launch") + 1] if "--launch" in sys.argv else "planned"
     modes = {"planned": [True], "numba": [False], "both": [False, True]}[mode]
-    which = [a for a in sys.argv[1:] if not a.startswith("--") and a not in ("planned", "numba", "both")
-             and not a.isdigit()] or list(CONFIGS)
+    values = {i + 1 for i, a in enumerate(sys.argv) if a in ("--launch", "--rounds")}    # option arguments
+    which = [a for i, a in enumerate(sys.argv) if i and i not in values and not a.startswith("--")] or list(CONFIGS)
     rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 1
     rows = []
     for name in which:

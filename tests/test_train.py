@@ -128,9 +128,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    steps = latest_checkpoint(run)["trainer"]["step"]
+    ck = latest_checkpoint(run)
+    steps, before, n0 = ck["trainer"]["step"], ck["seconds"], len(run.timing_path.read_text().splitlines())
     assert 14 <= steps < 60, f"killed too late (checkpoint at step {steps})"
-    before, n0 = latest_checkpoint(run)["seconds"], len(run.timing_path.read_text().splitlines())
     res = _cli("train", "--resume", str(run.path), "--quiet")
     assert res.returncode == 0, res.stderr
     wa, wb = _weights(RunDir(tmp_path / "ref").checkpoints()[-1]), _weights(run.checkpoints()[-1])
