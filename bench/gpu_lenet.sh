@@ -10,7 +10,7 @@
 # lr 0.1, and MNIST for 50 epochs (LIMIT=555); next: r = 0.3 to the end, with a wider window, and
 # cosine (three runs, LIMIT=560; not yet run); mnist4: MNIST with 1-2 px shifts and r = 0.5, and the CUDA
 # tests; fm4: r = 0.3 at BATCHES for EPOCHS epochs (fourth session); fmlong: one such run over two calls
-# (fifth session, below).
+# (fifth session, below); fmcool: a second stage for that run, from its last checkpoint (sixth session).
 # Carries: .whl (numpy for the host), .data/fm (Debian's Fashion-MNIST IDX files, images
 # re-compressed with xz to fit a call), .data/mnist-png.tar.gz. Results: $OUT/runs.tar.gz (config,
 # metrics, timing of each run), $OUT/logs.txt, and the table on stdout (a call returns few files).
@@ -35,7 +35,7 @@ for f in pathlib.Path(".data/fm").iterdir():
         shutil.copy(f, dst)
 PY
 python3 -m ternet prep mnist /tmp/fm-src /tmp/fm-full --classes fashion-mnist --quiet
-if [ "$WHAT" != fmlong ] && [ "$WHAT" != fm4 ]; then   # the modes with MNIST runs
+if [ "$WHAT" != fmlong ] && [ "$WHAT" != fm4 ] && [ "$WHAT" != fmcool ]; then   # the modes with MNIST runs
     tar -xzf .data/mnist-png.tar.gz -C /tmp/src-mnist
     python3 -m ternet prep folder /tmp/src-mnist /tmp/data-mnist --channels 1 --name mnist --quiet
 fi
@@ -109,6 +109,16 @@ if [ "${TESTS:-0}" = 1 ]; then
 fi
 wait
 tar -czf "$OUT/run.tar.gz" -C "$RUNS/$name" .
+elif [ "$WHAT" = fmcool ]; then
+# a second stage for the 3,400-epoch fmlong run (its last checkpoint carried as .data/fminit/ckpt.h5,
+# loaded with --init): the full batch (60,000: no minibatch noise, a colder chain) against the same
+# stage at batch 30,000; EPOCHS (default 600) each, batch-norm lr at the first stage's lr ratio
+COOL=("${DST[@]}" --act-r 0.3 --init .data/fminit/ckpt.h5 --epochs "${EPOCHS:-600}")
+run fm-cool-b60000-exp0.002 "${COOL[@]}" --batch-size 60000 --lr 0.002 --lr-schedule exp --lr-end 0.0002 --bn-lr 0.001
+if [ "${ALONE:-0}" = 0 ]; then   # ALONE=1: the first run only, alone on the GPU
+run fm-cool-b30000-exp0.002 "${COOL[@]}" --batch-size 30000 --lr 0.002 --lr-schedule exp --lr-end 0.0002 --bn-lr 0.001
+run fm-cool-b60000-const0.0005 "${COOL[@]}" --batch-size 60000 --lr 0.0005 --lr-schedule constant --bn-lr 0.00025
+fi
 elif [ "$WHAT" = r05 ]; then
 run fm-dst-r0.5-b30000-lr0.05-exp "${DST[@]}" --act-r 0.5 --batch-size 30000 --lr 0.05 --lr-schedule exp --lr-end 0.0005 --epochs 200
 run fm-dst-r0.5-b30000-lr0.1 "${DST[@]}" --act-r 0.5 --batch-size 30000 --lr 0.1 --epochs 200

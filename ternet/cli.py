@@ -75,6 +75,10 @@ TRAIN_OPTIONS = [
     ("grad_shards", int, "Split each (global) batch into this many shards: each gets its own forward, loss, backward "
                          "and batch-norm statistics, the gradients are averaged. Default: the number of processes "
                          "(--procs/--gpus); `--grad-shards K` in one process reproduces a K-process run."),
+    ("init", str, "Start from the weights of this checkpoint (an .h5 file, or a run folder: its newest): discrete "
+                  "states, batch-norm parameters and running statistics. The schedules, the sampler's and the "
+                  "optimizer's state start fresh, e.g. a second stage at a larger batch. Same --arch, --bits "
+                  "and class count as that run."),
     ("check_every", int, "With several processes: steps between checks that all replicas hold identical weights "
                          "(0: never)."),
 ]
@@ -171,6 +175,9 @@ def _resolve_run(ctx, opts, extra, name, runs_dir, resume, world, main):
             opts = dict(opts, grad_shards=world)
         cfg = Config(**opts, extra=tuple(sorted(extra.items()))).resolve()
         _check_data(cfg.data)
+        if cfg.init and not pathlib.Path(cfg.init).exists():
+            raise click.BadParameter(f"{cfg.init} does not exist; give a checkpoint file (ckpt-*.h5) or a run folder",
+                                     param_hint="--init")
         run = RunDir(pathlib.Path(runs_dir) / (name or _default_name(cfg)))
         if main and run.exists():
             raise click.UsageError(f"{run.path} already holds a run; pick another --name, or continue it with "
@@ -200,6 +207,11 @@ def _train_rank(coll, cfg_json, run_path, resume, quiet):
         else:
             trainer.run.truncate_metrics(0)
     else:
+        if cfg.init:                     # before the run folder exists: a bad checkpoint leaves nothing behind
+            try:
+                trainer.initialize(cfg.init)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--init") from None
         trainer.run.create(cfg)          # rank 0's; the others' is a NullRunDir
     if main:
         _describe(trainer, run, quiet)

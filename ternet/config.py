@@ -46,6 +46,8 @@ class Config:
     check_every: int = 100          # steps between replica checksum comparisons (several processes; 0 = never)
     # sampler extras (temperature, proposals ...), kept as a sorted tuple of (key, value) pairs
     extra: tuple = ()
+    # a checkpoint (file, or run folder: its newest) whose weights start this run (ternet.train.Trainer.initialize)
+    init: str = ""
 
     def to_json(self):
         d = dataclasses.asdict(self)

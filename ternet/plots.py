@@ -31,8 +31,9 @@ def state_figure(info, path):
     img = Image.new("RGB", (W_BAR + W_FLIP + PAD * 4, h), "white")
     d = ImageDraw.Draw(img)
     cols = _colors(len(info["states"]))
-    d.text((PAD, PAD), f"{info['run']}  ({info['arch']}): weight states per epoch, and flip rate", fill="black", font=font)
-    lx = PAD + W_BAR - 60 * len(cols)
+    title = f"{info['run']}  ({info['arch']}): weight states per epoch, and flip rate"
+    d.text((PAD, PAD), title, fill="black", font=font)
+    lx = max(PAD + W_BAR - 60 * len(cols), PAD + int(d.textlength(title, font=font)) + 20)   # never over the title
     for k, (s, c) in enumerate(zip(info["states"], cols)):
         d.rectangle([lx + 60 * k, PAD, lx + 60 * k + 10, PAD + 10], fill=c)
         d.text((lx + 60 * k + 14, PAD), f"{s:+g}" if s else "0", fill="black", font=font)

@@ -250,6 +250,27 @@ class Trainer:
         self.run.truncate_metrics(self.state["metrics_bytes"])
         self._seconds_before = ck.get("seconds", 0.0)
 
+    def initialize(self, path):
+        """Start from the weights of another run's checkpoint (--init): discrete states, batch-norm
+        parameters and running statistics. The step count, the schedules, the sampler's per-weight
+        state and the optimizer's moments start fresh. Raises ValueError when the checkpoint does
+        not fit this model (names the first parameter that differs)."""
+        ck = load_init(path)
+        theirs = ck["config"]
+        if theirs.get("bits", 1) != self.cfg.bits:
+            raise ValueError(f"{path}: its weights have --bits {theirs.get('bits')} states, this run --bits "
+                             f"{self.cfg.bits}; use the same --bits")
+        mine = self.model.state_dict()
+        for group in ("weights", "real", "buffers"):
+            for name, a in mine[group].items():
+                b = ck[group].get(name)
+                if b is None or b.shape != a.shape:
+                    there = "missing" if b is None else f"shape {b.shape}"
+                    raise ValueError(f"{path}: {group}/{name} is {there} there, shape {a.shape} in this model "
+                                     f"(--arch {self.cfg.arch}; the checkpoint's run: --arch {theirs.get('arch')}); "
+                                     "use the same architecture and class count")
+        self.model.load_state_dict(ck)
+
     def seconds(self, now=None):
         """Wall-clock seconds of training, counted on from the checkpoint a run resumed from."""
         return self._seconds_before + (time.perf_counter() if now is None else now) - self._t0
@@ -336,6 +357,20 @@ def _epoch_line(rec, epochs):
         if f"{split}_acc" in rec:
             parts.append(f"{split} loss {rec[f'{split}_loss']:.4f} acc {rec[f'{split}_acc']:.4f}")
     return " | ".join(parts)
+
+
+def load_init(path):
+    """The checkpoint named by --init: a checkpoint file, or a run folder's newest one."""
+    if os.path.isdir(path):
+        ck = latest_checkpoint(RunDir(path))
+        if ck is None:
+            raise ValueError(f"{path}: a folder without a readable checkpoint (ckpt-*.h5); give a run folder "
+                             "that has trained at least one epoch, or a checkpoint file")
+        return ck
+    try:
+        return checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        raise ValueError(str(e)) from None
 
 
 def latest_checkpoint(run: RunDir):

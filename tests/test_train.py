@@ -109,7 +109,7 @@ def test_exact_resume_in_process(tiny_data, tmp_path):
 
 def _cli(*args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "ternet", *args], capture_output=True, text=True, env=env, **kw)
+    return subprocess.run([sys.executable, "-m", "ternet", *map(str, args)], capture_output=True, text=True, env=env, **kw)
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, tmp_path):
@@ -185,3 +185,46 @@ def test_inspect_outlines_a_long_run_and_draws_it(tiny_data, tmp_path):
     png = tmp_path / "long.png"
     inspect_run(run.path, png=str(png), echo=lambda *_: None)
     assert png.stat().st_size > 1000
+
+
+def test_init_starts_from_another_runs_weights(tiny_data, tmp_path):
+    """--init: a second stage (here at another batch size and lr) starts from the first run's
+    newest checkpoint: the same states, batch-norm parameters and statistics, fresh step count."""
+    cfg, run_a = make(tiny_data, tmp_path / "a", epochs=1)
+    first = fresh_run(cfg, run_a)
+    source = latest_checkpoint(run_a)
+    r = _cli("train", "--data", str(tiny_data), "--arch", SMALL, "--sampler", "dst", "--device", "cpu", "--quiet",
+             "--epochs", 1, "--batch-size", 100, "--lr", 0.001, "--init", run_a.path,
+             "--runs-dir", tmp_path, "--name", "b")
+    assert r.returncode == 0, r.stderr
+    run_b = RunDir(tmp_path / "b")
+    init = run_b.metrics()[0]
+    assert init["type"] == "init"
+    assert {k: v["counts"] for k, v in init["layers"].items()} == \
+        {p.name: [int(c) for c in np.bincount(p.q.ravel() + 1, minlength=3)] for p in first.model.tparams()}
+    second = Trainer(Config.from_dict(json.loads(run_b.config_path.read_text())), RunDir(tmp_path / "c"),
+                     progress=False)
+    second.initialize(str(run_a.checkpoints()[-1]))          # a checkpoint file works too
+    mine = second.model.state_dict()
+    for group in ("weights", "real", "buffers"):
+        for k, a in mine[group].items():
+            np.testing.assert_array_equal(a, source[group][k])
+    assert second.state["step"] == 0
+    assert latest_checkpoint(run_b)["trainer"]["step"] == second.spe     # one epoch at batch 100, from 0
+
+
+def test_init_errors_name_the_checkpoint_and_leave_no_run(tiny_data, tmp_path):
+    cfg, run_a = make(tiny_data, tmp_path / "a", epochs=1)
+    fresh_run(cfg, run_a)
+    base = ("train", "--data", str(tiny_data), "--sampler", "dst", "--device", "cpu", "--quiet", "--epochs", 1,
+            "--runs-dir", tmp_path / "runs", "--name", "b")
+    r = _cli(*base, "--arch", "8C5p0-MP2-16C5p0-MP2-64FC", "--init", run_a.path)
+    assert r.returncode == 2 and "--init" in r.stderr and "use the same architecture" in r.stderr
+    r = _cli(*base, "--arch", SMALL, "--bits", 2, "--init", run_a.path)
+    assert r.returncode == 2 and "--bits 1" in r.stderr and "use the same --bits" in r.stderr
+    r = _cli(*base, "--arch", SMALL, "--init", tmp_path / "nowhere")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = _cli(*base, "--arch", SMALL, "--init", tmp_path / "empty")
+    assert r.returncode == 2 and "without a readable checkpoint" in r.stderr
+    assert not (tmp_path / "runs" / "b").exists()
