@@ -17,6 +17,7 @@ when it is close to step_ms the GPU is waiting for the host, and the rate moves 
 other work from round to round and call to call (resnet18 at 64 px: 17,700-23,400 img/s between
 calls of one session): quote the median of rounds with their range.
 """
+import gc
 import json
 import sys
 import time
@@ -128,6 +129,8 @@ def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False):
     arch, shape, classes, batch = CONFIGS[name]
     cuda_memory.install()
     launch.install() if fast else launch.uninstall()
+    gc.collect()                      # the previous round's model is gone before this one's is built
+    held_before = cuda_memory.in_use_bytes()
     model, step = training_step(arch, shape, classes, batch)
     for t in range(warm):
         step(t)
@@ -153,7 +156,8 @@ def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False):
         print(json.dumps({"profile": name, "synced_step_ms": round(total, 2), **parts}), flush=True)
     return dict(impl="ternet", launch="planned" if fast else "numba", model=name, batch=batch, step_ms=round(med, 3),
                 host_ms=round(host[len(host) // 2], 3), img_per_s=round(batch / med * 1e3, 1),
-                peak_gib=round(cuda_memory.peak_bytes() / 2 ** 30, 3), **(launch.stats() if fast else {}))
+                peak_gib=round(cuda_memory.peak_bytes() / 2 ** 30, 3),
+                held_before_gib=round(held_before / 2 ** 30, 3), **(launch.stats() if fast else {}))
 
 
 if __name__ == "__main__":
@@ -173,6 +177,7 @@ if __name__ == "__main__":
             if rounds > 1:
                 rec["img_per_s_rounds"] = [x["img_per_s"] for x in recs]
                 rec["host_ms_rounds"] = [x["host_ms"] for x in recs]
+                rec["peak_gib_rounds"] = [x["peak_gib"] for x in recs]
             rec["wall_s"] = round(time.time() - t0, 1)
             print(json.dumps(rec), flush=True)
             rows.append(rec)

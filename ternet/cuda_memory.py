@@ -93,6 +93,11 @@ def peak_bytes():
     return max((m.peak for m in STATS), default=0)
 
 
+def in_use_bytes():
+    """Device bytes held by live arrays now (0 if not installed)."""
+    return sum(m.in_use for m in STATS)
+
+
 def reset_peak():
     for m in STATS:
         m.peak = m.in_use
