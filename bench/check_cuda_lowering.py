@@ -1,4 +1,4 @@
-"""Type-check and lower the transition CUDA kernels for a real GPU target (sm_90) without a GPU:
+"""Type-check and lower the transition CUDA kernels (and the loader's cutout) for a real GPU target (sm_90) without a GPU:
 run WITHOUT NUMBA_ENABLE_CUDASIM. On a machine without NVRTC/NVVM the compile stops at the PTX
 step ("libnvrtc ... not found") -- which means typing and lowering to LLVM IR, including the
 shared kernels.scalar functions inlined as device functions, succeeded; any other error is real.
@@ -10,6 +10,7 @@ import sys
 from numba import cuda, types
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from ternet import device_data as D   # noqa: E402
 from ternet.kernels import transitions as T   # noqa: E402
 
 f32, i64, u64, i8 = types.float32, types.int64, types.uint64, types.int8
@@ -20,9 +21,11 @@ SIGS = {
                          u64, u64, u64, i64[:]),
     "_bop_cuda": (i8[:], f32[:], f32[:], f32[:], f32, f32, f32, i64, i64, i64, i64[:]),
 }
-for name, sig in SIGS.items():
+KERNELS = {name: (getattr(T, name), sig) for name, sig in SIGS.items()}
+KERNELS["_cutout_cuda"] = (D._cutout_cuda, (i64[:], i64[:], i64, f32[:], types.Array(f32, 4, "C")))
+for name, (kernel, sig) in KERNELS.items():
     try:
-        cuda.compile_ptx(getattr(T, name).py_func, sig, cc=(9, 0))
+        cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
         print(f"{name}: PTX ok")
     except Exception as e:  # noqa: BLE001 - report and go on
         msg = str(e).splitlines()[0][:200]

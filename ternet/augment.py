@@ -1,5 +1,6 @@
 """Host-side augmentation kernels for the loader: crop with padding + flip, and random-resized-crop
-+ flip, fused with the gather from the shard arrays and the normalisation, in one pass per image.
++ flip, fused with the gather from the shard arrays and the normalisation, in one pass per image;
+cutout on the filled batch.
 
 Images are addressed flat (pixels, offset, h, w), so fixed-size and variable-size shards share
 the kernels; one row of output is one flat loop (no per-channel modulo), which vectorises. Kernels are nogil, not parallel=True: the loader runs them on its own threads, which
@@ -114,6 +115,21 @@ def resized_crop(src, offs, hs, ws, rows, pos, boxes, flip, scale, shift, out):
                 orow[i] = (u + ty * (d - u)) * sc[i] + sh[i]
 
 
+@numba.njit(nogil=True, cache=True)
+def cutout(x, pos, cy, cx, size, fill):
+    """Cutout (DeVries & Taylor 2017): in place, the size x size square centred at (cy[p], cx[p])
+    of image p of x (B, H, W, C), for p in pos, set to fill (C,) -- the mean pixel: 0 in
+    normalised batches. The square's top-left is (cy - size // 2, cx - size // 2); it is clipped
+    at the image's edges, so a centre near an edge cuts out less."""
+    _, h, w, c = x.shape
+    for p in pos:
+        y0, x0 = cy[p] - size // 2, cx[p] - size // 2
+        for y in range(max(0, y0), min(h, y0 + size)):
+            for xx in range(max(0, x0), min(w, x0 + size)):
+                for k in range(c):
+                    x[p, y, xx, k] = fill[k]
+
+
 # ----------------------------------------------------------------------------------------------
 # parameter draws (host, vectorised; every draw comes from the batch's own generator)
 
@@ -127,6 +143,11 @@ def draw_crop_flip(gen, hw, out_hw, pad, flip=True):
     ox = (hw[:, 1] - ow) // 2 + shift[:, 1]
     flips = gen.random(len(hw)) < 0.5 if flip else np.zeros(len(hw), bool)
     return oy.astype(np.int64), ox.astype(np.int64), flips
+
+
+def draw_cutout(gen, n, out_hw):
+    """(cy, cx) int64 (n,): cutout centres, uniform over the output image's pixels."""
+    return gen.integers(0, out_hw[0], size=n), gen.integers(0, out_hw[1], size=n)
 
 
 def draw_resized_crop(gen, hw, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10):

@@ -67,6 +67,9 @@ TRAIN_OPTIONS = [
                       "width, then a crop back to the image size). 0: automatic, round(H/8) and at least 1, "
                       "e.g. 4 px at 32 px (and at 28 px); 1 or 2 keeps 28-px digits more intact. Not used by "
                       "the other augmentations, so a value > 0 with them is an error."),
+    ("cutout", int, "Cutout (DeVries & Taylor 2017): a random N x N square of every training image set to the "
+                    "mean pixel (0 after normalisation), its centre uniform over the image and the square "
+                    "clipped at the edges; after --augment's crop and flip. 0: none. E.g. 8 or 16 at 32 px."),
     ("seed", int, "Seed of every random stream (initialisation, shuffling, augmentation, transitions)."),
     ("device", click.Choice(["auto", "cpu", "cuda"]), "Where to train."),
     ("log_every", int, "Steps between metrics lines."),

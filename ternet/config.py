@@ -36,6 +36,7 @@ class Config:
     eval_batch_size: int = 1000
     augment: str = "auto"           # none | auto | crop-flip | crop | rrc-flip
     crop_pad: int = 0               # crop-flip / crop: largest random shift in pixels; 0 = round(H/8), >= 1
+    cutout: int = 0                 # side of a square set to the mean in every training image; 0 = none
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
     log_every: int = 50             # steps between metrics lines
@@ -93,6 +94,8 @@ def validate(cfg):
         raise ValueError(f"--act-a must be > 0 and --act-r >= 0, got a={cfg.act_a}, r={cfg.act_r}")
     if cfg.lr < 0 or cfg.bn_lr <= 0 or cfg.m <= 0 or cfg.ckpt_every < 0 or cfg.check_every < 0:
         raise ValueError("--lr, --bn-lr and --m must be positive and --ckpt-every, --check-every >= 0")
+    if cfg.cutout < 0:
+        raise ValueError(f"--cutout must be >= 0 (the side of the square in pixels; 0 = none), got {cfg.cutout}")
     if cfg.crop_pad < 0:
         raise ValueError(f"--crop-pad must be >= 0 (pixels; 0 = automatic, round(H/8)), got {cfg.crop_pad}")
     if cfg.crop_pad and cfg.augment in ("none", "rrc-flip"):

@@ -1,6 +1,6 @@
 """A GPU-resident dataset split: the uint8 pixels go to the device once, and each batch is
 gathered, augmented (random crop with padding and flip, or random-resized-crop and flip) and
-normalised by a CUDA kernel. The host only draws the batch's plan -- the same indices and the
+normalised by a CUDA kernel (and cutout by a second one). The host only draws the batch's plan -- the same indices and the
 same augmentation parameters, from the same seeded streams, as ternet.loader.Loader -- so the
 batches equal the host loader's (up to float rounding of the normalisation).
 Exercise: pytest tests/test_device_data.py.
@@ -57,6 +57,20 @@ def _resized_crop_cuda(src, offs, hs, ws, rows, boxes, flip, scale, shift, out):
             out[p, y, x, k] = float32(v) * scale[k] + shift[k]
 
 
+@cuda.jit
+def _cutout_cuda(cy, cx, size, fill, out):
+    """augment.cutout on the device: the square of image p around (cy[p], cx[p]) set to fill."""
+    b_n, oh, ow, c = out.shape
+    for t in range(cuda.grid(1), b_n * oh * ow, cuda.gridsize(1)):
+        p = t // (oh * ow)
+        y = (t // ow) % oh
+        x = t % ow
+        y0, x0 = cy[p] - size // 2, cx[p] - size // 2
+        if y0 <= y < y0 + size and x0 <= x < x0 + size:
+            for k in range(c):
+                out[p, y, x, k] = fill[k]
+
+
 def fits_on_device(loader, fraction=0.25):
     """Does the split's pixel data fit comfortably (a fraction of the free device memory)?"""
     if not loader.in_memory:
@@ -77,6 +91,7 @@ class DeviceLoader:
         self.hs, self.ws = cuda.to_device(src.hs), cuda.to_device(src.ws)
         self.labels = cuda.to_device(loader.labels.astype(np.int32))
         self.scale, self.shift = cuda.to_device(loader.scale), cuda.to_device(loader.shift)
+        self.fill = cuda.to_device(np.zeros(loader.output_shape[-1], np.float32))   # cutout: the mean
         self.output_shape = loader.output_shape
 
     def __len__(self):
@@ -102,10 +117,13 @@ class DeviceLoader:
         params = [cuda.to_device(np.ascontiguousarray(np.concatenate([p[k] for _, p in plans])))
                   for k in range(len(plans[0][1]))]
         kernel = _resized_crop_cuda if ld.augment == "rrc-flip" else _crop_flip_cuda
+        params, cut = params[:ld.n_params], params[ld.n_params:]     # cut: cutout centres (cy, cx)
         for j in range(len(plans)):
             lo, hi = int(bounds[j]), int(bounds[j + 1])
             x = cuda.device_array((hi - lo, oh, ow, c), np.float32)
             grid = grid1d((hi - lo) * oh * ow)
             kernel[grid](self.pixels, self.offs, self.hs, self.ws, rows[lo:hi], *(a[lo:hi] for a in params),
                          self.scale, self.shift, x)
+            if cut:
+                _cutout_cuda[grid](cut[0][lo:hi], cut[1][lo:hi], ld.cutout, self.fill, x)
             yield x, labels[lo:hi]

@@ -55,7 +55,8 @@ class Loader:
     resized crop to the output size, flip). "auto" = crop-flip for fixed-size images <= 64 px,
     rrc-flip otherwise (resolve_augment). crop_pad: largest shift of crop-flip and crop in
     pixels; 0 = round(H/8), at least 1 (4 at 32 px); an error with the other augmentations.
-    drop_last defaults to shuffle. in_memory None = when the split fits in
+    cutout: side in pixels of a square set to the mean pixel in every image (augment.cutout),
+    after any of the augmentations; 0 = none. drop_last defaults to shuffle. in_memory None = when the split fits in
     half the available RAM (divided by ram_share: processes of one host that each hold a copy);
     otherwise shards are memory-mapped and read on demand. prefetch:
     batches computed ahead on background threads. output_size: side of x (default: the stored
@@ -65,7 +66,7 @@ class Loader:
 
     def __init__(self, dataset, split, batch_size, *, shuffle=True, augment="auto", seed=0,
                  drop_last=None, in_memory=None, prefetch=2, threads=None, output_size=None,
-                 shuffle_window=None, rrc_scale=(0.08, 1.0), ram_share=1, crop_pad=0):
+                 shuffle_window=None, rrc_scale=(0.08, 1.0), ram_share=1, crop_pad=0, cutout=0):
         self.dataset = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
         ds = self.dataset
         self.split, self.batch_size, self.seed = split, int(batch_size), seed
@@ -80,6 +81,10 @@ class Loader:
             raise ValueError(f"crop_pad={crop_pad}: a shift of >= 0 pixels, for augment crop-flip or crop "
                              f"(here {augment!r})")
         self.augment, self.rrc_scale = augment, rrc_scale
+        if cutout < 0:
+            raise ValueError(f"cutout={cutout}: the side of the square, in pixels (0 = none)")
+        self.cutout = int(cutout)
+        self.n_params = 2 if augment == "rrc-flip" else 3    # the crop draws; cutout's centres follow them
         self.pad = (int(crop_pad) or max(1, int(round(h / 8)))) if augment in CROPS else 0
         side = output_size or None
         self.output_shape = (side or h, side or w, c)
@@ -217,6 +222,8 @@ class Loader:
             params = aug.draw_resized_crop(gen, hw, scale=self.rrc_scale)
         else:
             params = aug.draw_crop_flip(gen, hw, self.output_shape[:2], self.pad, self.augment == "crop-flip")
+        if self.cutout:      # drawn after the crops: the crops stay those of a run without cutout
+            params = (*params, *aug.draw_cutout(gen, len(idx), self.output_shape[:2]))
         if part is None:
             return idx, params
         i, k = part
@@ -238,6 +245,7 @@ class Loader:
         return futures, x, y
 
     def _fill(self, x, idx, sid, pos, params, raw):
+        params, cut = params[:self.n_params], params[self.n_params:]
         for s in np.unique(sid[pos]):
             p = pos[sid[pos] == s]
             src = self.sources[s]
@@ -248,6 +256,9 @@ class Loader:
                 aug.resized_crop(*args, *(self._raw_half if raw else self._norm), x)
             else:
                 aug.crop_flip(*args, *(self._raw if raw else self._norm), x)
+        if cut:              # the mean pixel: 0 once normalised, the rounded mean in raw uint8
+            fill = np.round(255 * self.dataset.mean).astype(np.uint8) if raw else np.zeros(x.shape[-1], np.float32)
+            aug.cutout(x, pos, *cut, self.cutout, fill)
 
 
 def _concat(sources):

@@ -94,7 +94,8 @@ class Trainer:
         self.data = open_data(cfg)
         share = self.coll.local_world           # processes of this host share its cores and RAM
         self.train_loader = Loader(self.data, "train", cfg.batch_size, shuffle=True,
-                                   augment=train_augment(cfg, self.data), crop_pad=cfg.crop_pad, seed=cfg.seed,
+                                   augment=train_augment(cfg, self.data), crop_pad=cfg.crop_pad,
+                                   cutout=cfg.cutout, seed=cfg.seed,
                                    ram_share=share,
                                    threads=max(1, len(os.sched_getaffinity(0)) // share))
         self.eval_loaders = {s: Loader(self.data, s, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)

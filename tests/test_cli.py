@@ -81,3 +81,15 @@ def test_crop_pad_reaches_the_loader_and_old_runs_resume_with_the_automatic_pad(
     r = train_cli("--resume", run.path, "--quiet")
     assert r.exit_code == 0 and "at epoch 2" in r.output, r.output
     assert run.metrics_path.read_bytes() == whole
+
+
+def test_cutout_option_trains_and_rejects_a_negative_side(tiny_data, tmp_path):
+    import json
+    base = ("--data", tiny_data, "--arch", SMALL, "--runs-dir", tmp_path, "--device", "cpu", "--quiet")
+    r = train_cli(*base, "--cutout", -1)
+    assert r.exit_code == 2 and "--cutout must be >= 0" in r.output
+    assert not any(tmp_path.iterdir())
+    r = train_cli(*base, "--cutout", 8, "--epochs", 1, "--batch-size", 50, "--name", "c")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["cutout"] == 8
+    assert "Cutout" in train_cli("--help").output

@@ -11,12 +11,13 @@ from ternet.shards import open_dataset
 pytestmark = needs_cuda
 
 
-@pytest.mark.parametrize("augment, crop_pad", [("none", 0), ("crop-flip", 0), ("crop", 0), ("crop", 2),
-                                               ("rrc-flip", 0)])
-def test_device_batches_equal_host_batches(tiny_data, augment, crop_pad):
+@pytest.mark.parametrize("augment, crop_pad, cutout", [("none", 0, 0), ("crop-flip", 0, 0), ("crop", 0, 0),
+                                                       ("crop", 2, 0), ("rrc-flip", 0, 0), ("crop-flip", 0, 8),
+                                                       ("rrc-flip", 0, 5)])
+def test_device_batches_equal_host_batches(tiny_data, augment, crop_pad, cutout):
     from ternet.device_data import DeviceLoader
     ds = open_dataset(tiny_data)
-    kw = dict(shuffle=True, augment=augment, seed=3, in_memory=True, crop_pad=crop_pad,
+    kw = dict(shuffle=True, augment=augment, seed=3, in_memory=True, crop_pad=crop_pad, cutout=cutout,
               output_size=24 if augment == "rrc-flip" else None)
     host = Loader(ds, "train", 8, **kw)
     dev = DeviceLoader(Loader(ds, "train", 8, **kw))

@@ -229,3 +229,25 @@ def test_bad_arguments(small):
     for augment in ("none", "rrc-flip"):
         with pytest.raises(ValueError, match=f"crop_pad=2.*{augment}"):
             Loader(small, "train", 8, augment=augment, crop_pad=2)
+
+
+@pytest.mark.parametrize("augment", ["crop-flip", "rrc-flip", "none"])
+def test_cutout_sets_one_clipped_square_to_the_mean_and_leaves_the_rest(small, augment):
+    """With cutout, each image equals the batch without it except one square around the drawn
+    centre (clipped at the edges), which holds the mean: 0 normalised, round(255 mean) raw."""
+    kw = dict(shuffle=True, augment=augment, seed=5, output_size=6 if augment == "rrc-flip" else None)
+    plain, cut = Loader(small, "train", 8, **kw), Loader(small, "train", 8, cutout=3, **kw)
+    order = cut._order(1)
+    for raw in (False, True):
+        fill = np.round(255 * small.mean).astype(np.uint8) if raw else np.zeros(3, np.float32)
+        for b, ((xa, _), (xb, _)) in enumerate(zip(_epoch(plain, 1, raw=raw), _epoch(cut, 1, raw=raw))):
+            _, params = cut.plan(1, b, order)
+            cy, cx = params[-2:]
+            h, w = xa.shape[1:3]
+            for p in range(len(xa)):
+                inside = np.zeros((h, w), bool)
+                inside[max(0, cy[p] - 1):cy[p] + 2, max(0, cx[p] - 1):cx[p] + 2] = True
+                np.testing.assert_array_equal(xb[p][~inside], xa[p][~inside])
+                assert (xb[p][inside] == fill).all() and inside.sum() >= 4
+    with pytest.raises(ValueError, match="cutout=-1"):
+        Loader(small, "train", 8, cutout=-1)
