@@ -1,7 +1,8 @@
-"""Type-check and lower the transition CUDA kernels (and the loader's cutout) for a real GPU target (sm_90) without a GPU:
-run WITHOUT NUMBA_ENABLE_CUDASIM. On a machine without NVRTC/NVVM the compile stops at the PTX
-step ("libnvrtc ... not found") -- which means typing and lowering to LLVM IR, including the
-shared kernels.scalar functions inlined as device functions, succeeded; any other error is real.
+"""Type-check and lower the transition CUDA kernels (and the loader's cutout) for a real GPU
+target (sm_90) without a GPU: run WITHOUT NUMBA_ENABLE_CUDASIM. On a machine without NVRTC/NVVM
+the compile stops at the PTX step ("libnvrtc ... not found") -- which means typing and lowering
+to LLVM IR, including the shared kernels.scalar functions inlined as device functions,
+succeeded; any other error is real.
 Usage: python bench/check_cuda_lowering.py
 """
 import pathlib

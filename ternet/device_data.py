@@ -1,8 +1,9 @@
 """A GPU-resident dataset split: the uint8 pixels go to the device once, and each batch is
 gathered, augmented (random crop with padding and flip, or random-resized-crop and flip) and
-normalised by a CUDA kernel (and cutout by a second one). The host only draws the batch's plan -- the same indices and the
-same augmentation parameters, from the same seeded streams, as ternet.loader.Loader -- so the
-batches equal the host loader's (up to float rounding of the normalisation).
+normalised by a CUDA kernel (cutout, when asked for, by a second one). The host only draws the
+batch's plan -- the same indices and the same augmentation parameters, from the same seeded
+streams, as ternet.loader.Loader -- so the batches equal the host loader's (up to float rounding
+of the normalisation).
 Exercise: pytest tests/test_device_data.py.
 """
 import math

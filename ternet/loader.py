@@ -56,8 +56,8 @@ class Loader:
     rrc-flip otherwise (resolve_augment). crop_pad: largest shift of crop-flip and crop in
     pixels; 0 = round(H/8), at least 1 (4 at 32 px); an error with the other augmentations.
     cutout: side in pixels of a square set to the mean pixel in every image (augment.cutout),
-    after any of the augmentations; 0 = none. drop_last defaults to shuffle. in_memory None = when the split fits in
-    half the available RAM (divided by ram_share: processes of one host that each hold a copy);
+    after any of the augmentations; 0 = none. drop_last defaults to shuffle. in_memory None =
+    when the split fits in half the available RAM (divided by ram_share: processes of one host that each hold a copy);
     otherwise shards are memory-mapped and read on demand. prefetch:
     batches computed ahead on background threads. output_size: side of x (default: the stored
     size). shuffle_window: images mixed at a time by the shuffle (default: all that fit in 1 GiB;

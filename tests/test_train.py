@@ -109,7 +109,8 @@ def test_exact_resume_in_process(tiny_data, tmp_path):
 
 def _cli(*args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "ternet", *map(str, args)], capture_output=True, text=True, env=env, **kw)
+    return subprocess.run([sys.executable, "-m", "ternet", *map(str, args)], capture_output=True, text=True,
+                          env=env, **kw)
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, tmp_path):
