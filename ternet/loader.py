@@ -102,6 +102,8 @@ class Loader:
         self._norm = ((1.0 / (255.0 * std)).astype(np.float32), (-ds.mean / std).astype(np.float32))
         self._raw = (np.ones(c, np.float32), np.zeros(c, np.float32))
         self._raw_half = (np.ones(c, np.float32), np.full(c, 0.5, np.float32))
+        # cutout's fill, the mean pixel: 0 once normalised, the rounded mean in raw uint8 batches
+        self._cut_fill = {False: np.zeros(c, np.float32), True: np.round(255 * ds.mean).astype(np.uint8)}
         self._pool = None
 
     @property
@@ -256,9 +258,8 @@ class Loader:
                 aug.resized_crop(*args, *(self._raw_half if raw else self._norm), x)
             else:
                 aug.crop_flip(*args, *(self._raw if raw else self._norm), x)
-        if cut:              # the mean pixel: 0 once normalised, the rounded mean in raw uint8
-            fill = np.round(255 * self.dataset.mean).astype(np.uint8) if raw else np.zeros(x.shape[-1], np.float32)
-            aug.cutout(x, pos, *cut, self.cutout, fill)
+        if cut:
+            aug.cutout(x, pos, *cut, self.cutout, self._cut_fill[raw])
 
 
 def _concat(sources):
