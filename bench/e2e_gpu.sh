@@ -4,6 +4,9 @@
 # Wall time is measured from the start of preparation. Usage (in a device call, after
 #   the numpy wheel install of gpu_session.sh):
 #   bash bench/e2e_gpu.sh cifar|mnist [extra ternet train options...]
+# Two at once on a two-GPU host, each alone on its GPU, with their own folders:
+#   CUDA_VISIBLE_DEVICES=0 OUT=/tmp/e2e-a bash bench/e2e_gpu.sh cifar ... &
+#   CUDA_VISIBLE_DEVICES=1 OUT=/tmp/e2e-b bash bench/e2e_gpu.sh cifar ...
 # Pass --batch-size 256 or more for CIFAR-10: below that the vgg-gxnor step is bound by the host
 # (~26 ms a step at any batch with numba's own launches; less with the planned launches, not yet
 # re-measured for this net at small batches: docs/performance.md).
@@ -11,16 +14,17 @@ set -u
 OUT=${OUT:-/tmp/ternet-e2e}
 what=$1; shift
 t0=$(date +%s.%N)
-src=/tmp/src-$what
+src=$OUT/src-$what
+data=$OUT/data-$what
 mkdir -p "$src" "$OUT"
 if [ "$what" = cifar ]; then
     tar -xzf .data/cifar10-jpg.tar.gz -C "$src"
-    python3 -m ternet prep cifar10 "$src" /tmp/data-cifar --quiet
-    args=(--data /tmp/data-cifar --arch vgg-gxnor)
+    python3 -m ternet prep cifar10 "$src" "$data" --quiet
+    args=(--data "$data" --arch vgg-gxnor)
 else
     tar -xzf .data/mnist-png.tar.gz -C "$src"
-    python3 -m ternet prep folder "$src" /tmp/data-mnist --channels 1 --name mnist --quiet
-    args=(--data /tmp/data-mnist --arch lenet)
+    python3 -m ternet prep folder "$src" "$data" --channels 1 --name mnist --quiet
+    args=(--data "$data" --arch lenet)
 fi
 t1=$(date +%s.%N)
 # LIMIT (seconds, default 590): the training is cut there so that the summary below still prints

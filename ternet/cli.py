@@ -115,8 +115,8 @@ def _explicit(ctx):
               help="Data-parallel on the CPU: K processes of this host, each on its shards of the batch "
                    "(shared-memory collective). Bit-identical to one process with --grad-shards K.")
 @click.option("--gpus", default=1, show_default=True, type=click.IntRange(1),
-              help="Data-parallel on K GPUs of this host, one process each (NCCL through cupy; not yet run on "
-                   "real hardware, see docs/distributed.md).")
+              help="Data-parallel on K GPUs of this host, one process each (NCCL through cupy; bit-identical "
+                   "to one process with --grad-shards K; run on 2 GPUs so far, see docs/distributed.md).")
 @click.option("--launcher", default="spawn", show_default=True, type=click.Choice(["spawn", "env"]),
               help="spawn: this command starts the --procs/--gpus processes. env: this process is one rank of a "
                    "job started by mpirun or srun, one per GPU (rank and world from the environment).")
