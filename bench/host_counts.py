@@ -1,5 +1,7 @@
 """What the host does per GPU training step, counted without a GPU: kernel launches, device
-allocations and array views (reshape) per step, and where they come from. Runs the step's Python
+allocations and array views (reshape) per step, and where they come from. Reshapes counted
+are those a step still makes: kernels.view serves the others from the views an array keeps
+(the simulator's arrays keep theirs as the GPU's do). Runs the step's Python
 (layers, launchers) under numba's simulator with every kernel launch replaced by a counter, so
 the counts are those of the GPU path's Python, except inside the convolutions: the simulator has no
 tensor cores, so convolutions count the pure-numba path's launches (the tensor-core path adds a

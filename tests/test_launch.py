@@ -103,3 +103,76 @@ def test_not_installed_under_the_simulator():
         pytest.skip("a real CUDA driver: the GPU tests cover the installed launcher")
     assert launch.install() is False          # the simulator's kernels are Python, not CUfunctions
     assert launch.stats() == {"planned": 0, "numba": 0}
+
+
+# kernels.view: the launchers' reshape of device arrays, built directly and kept on the array
+
+def _c_array(shape, dtype=np.float32):
+    itemsize, strides = np.dtype(dtype).itemsize, []
+    for d in reversed(shape):
+        strides.insert(0, itemsize)
+        itemsize *= d
+    return _array(shape, tuple(strides), dtype)
+
+
+RESHAPES = [((8, 4, 4, 3), (128, 3)), ((8, 4, 4, 3), (-1, 3)), ((8, 4, 4, 3), (384,)), ((384,), (8, 1, 1, 48)),
+            ((6, 5), (1, 30)), ((6, 5), (30, 1)), ((1, 7), (7,)), ((12,), (2, -1, 3)), ((2, 3), (2, 3))]
+
+
+@real_numba
+@pytest.mark.parametrize("described", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.int8])
+@pytest.mark.parametrize("base,shape", RESHAPES)
+def test_view_is_numbas_reshape(base, shape, dtype, described):
+    from ternet.kernels import view
+    a = _c_array(base, dtype)
+    if described:                       # a launch saw `a` first: the view inherits its description
+        launch.describe(a)
+    v, ref = view(a, *shape), a.reshape(*shape)
+    assert type(v) is type(ref) and v.gpu_data is a.gpu_data
+    assert (v.shape, v.strides, v.dtype, v.size, v.alloc_size, v.stream) == \
+           (ref.shape, ref.strides, ref.dtype, ref.size, ref.alloc_size, ref.stream)
+    assert vars(v._dummy) == vars(ref._dummy) and v.flags == ref.flags
+    assert v._numba_type_ == ref._numba_type_
+    assert launch.describe(v) == launch.describe(ref)
+    assert view(a, *shape) is v and view(a, shape) is v      # kept on a, either spelling
+
+
+@real_numba
+def test_view_keeps_no_cycle_and_defers_to_numba():
+    import weakref
+
+    from ternet.kernels import view
+    a = _c_array((4, 6))
+    assert view(a, 4, 6) is a                                # its own shape: a itself, not cached
+    v = view(a, 24)
+    probe = weakref.ref(a)
+    del a                                                    # freed by its reference count at once
+    assert probe() is None and v.shape == (24,)
+    for strides in [(4, 16), (24, 4)]:                       # not C-contiguous: numba's reshape decides
+        b = _array((4, 3), strides)
+        try:
+            ref = b.reshape(12)
+        except NotImplementedError:
+            with pytest.raises(NotImplementedError):
+                view(b, 12)
+        else:
+            v = view(b, 12)
+            assert (v.shape, v.strides) == (ref.shape, ref.strides)
+    with pytest.raises(ValueError):
+        _c_array((4, 6)).reshape(5, 5)
+    with pytest.raises(ValueError):
+        view(_c_array((4, 6)), 5, 5)
+    h = np.arange(12, dtype=np.float32)                      # host arrays: numpy's reshape
+    assert view(h, 3, -1).shape == (3, 4) and view(h, 3, -1).base is h
+
+
+def test_launch_objects_are_kept_per_configuration():
+    class Dispatcher:
+        pass
+    k1, k2 = Dispatcher(), Dispatcher()
+    l1 = launch._getitem(k1, ((40,), 256))
+    assert launch._getitem(k1, ((40,), 256)) is l1 and l1.grid == (40, 1, 1) and l1.block == (256, 1, 1)
+    assert launch._getitem(k1, ((41,), 256)) is not l1 and launch._getitem(k2, ((40,), 256)) is not l1
+    assert launch._getitem(k1, ([40], 256)).grid == (40, 1, 1)   # unhashable: built each time
+    launch._LAUNCHES.clear()

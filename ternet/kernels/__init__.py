@@ -104,6 +104,75 @@ def check(cond, msg):
         raise ValueError(msg)
 
 
+_VIEWS = "_ternet_views"        # on a device array: {shape: view} of the views made of it
+_LAUNCH_ATTR = "_ternet_launch"  # where kernels.launch keeps an array's launch description
+_REAL = []                       # numba's DeviceNDArray class and dummyarray module, once imported
+
+
+def view(a, *shape):
+    """a.reshape(*shape) in C order, without a copy: the same array under another shape.
+
+    A training step reshapes hundreds of device arrays, most of them a layer's weights and
+    buffers that live across steps (docs/performance.md). So a device array keeps its views: the
+    next call with the same shape returns the same view object (a dict lookup). A C-contiguous
+    numba device array's view is built directly, with the planned launcher's description of it
+    (numba's reshape takes ~8 us of host time through its dummy-array machinery, this ~2).
+    Simulator arrays take their own reshape and keep it when it cannot be a copy (a C-contiguous
+    array), so the tests run the same caching. Host arrays: numpy's reshape. A view refers to
+    `a`'s memory, not to `a`, so the cache keeps nothing alive beyond `a` itself."""
+    if len(shape) == 1 and isinstance(shape[0], tuple):
+        shape = shape[0]
+    if type(a) is np.ndarray or not is_device_array(a):
+        return a.reshape(shape)
+    cache = a.__dict__.get(_VIEWS)
+    if cache is None:
+        cache = a.__dict__[_VIEWS] = {}
+    v = cache.get(shape)
+    if v is None:
+        v, keep = _make_view(a, shape)
+        if keep and v is not a:        # (a in its own cache would be a reference cycle)
+            cache[shape] = v
+    return v
+
+
+def _make_view(a, shape):
+    """(view, whether it may be kept)."""
+    if SIMULATOR:
+        return a.reshape(shape), a.is_c_contiguous()
+    if not _REAL:
+        from numba.cuda.cudadrv import devicearray, dummyarray
+        _REAL[:] = [devicearray.DeviceNDArray, dummyarray]
+    if type(a) is not _REAL[0]:
+        return a.reshape(shape), False
+    shape = tuple(int(d) for d in shape)
+    if shape.count(-1) == 1 and a.size:
+        known = 1
+        for d in shape:
+            known *= d if d != -1 else 1
+        if known > 0 and a.size % known == 0:
+            shape = tuple(a.size // known if d == -1 else d for d in shape)
+    n = 1
+    for d in shape:
+        n *= d
+    if (n != a.size or not a.size or min(shape, default=1) < 0 or 0 in a.strides
+            or not a.flags["C_CONTIGUOUS"]):
+        return a.reshape(shape), True  # numba's answer (a view, never a copy), or its error
+    if shape == tuple(a.shape):
+        return a, False
+    itemsize, strides, step = a.dtype.itemsize, [], a.dtype.itemsize
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    dummy = _REAL[1].Array.from_desc(0, shape, tuple(reversed(strides)), itemsize)
+    v = object.__new__(_REAL[0])       # what DeviceNDArray.__init__ sets, given gpu_data
+    v.__dict__.update(ndim=len(shape), _dummy=dummy, shape=dummy.shape, strides=dummy.strides,
+                      dtype=a.dtype, size=a.size, alloc_size=a.alloc_size, gpu_data=a.gpu_data, stream=0)
+    d = a.__dict__.get(_LAUNCH_ATTR)          # the launcher's description, as launch.describe gives it
+    head = d[1][:5] if d is not None else (0, 0, a.size, itemsize, a.device_ctypes_pointer.value or 0)
+    v.__dict__[_LAUNCH_ATTR] = ((a.dtype, len(shape), "C"), head + dummy.shape + dummy.strides)
+    return v, True
+
+
 def empty(shape, dtype, device):
     """Uninitialised array on the host (device=False) or the GPU (device=True)."""
     if device:

@@ -9,7 +9,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import THREADS, check, empty, grid1d, on_device
+from . import THREADS, check, empty, grid1d, on_device, view
 from .scalar import WINDOW_RECT, ternarize, window_grad
 
 
@@ -135,7 +135,7 @@ def _mul_cuda(a, b, out):
 # launchers
 
 def _flat(a):
-    return a.reshape(a.size)
+    return view(a, a.size)
 
 
 def ternary_forward(out, inp, r, a, shape, train=True):

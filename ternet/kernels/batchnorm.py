@@ -17,7 +17,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import SIMULATOR, THREADS, check, empty, fresh, grid1d, on_device, scratch, zeros
+from . import SIMULATOR, THREADS, check, empty, fresh, grid1d, on_device, scratch, view, zeros
 from .activation import ActSaved, bit_of, num_words, pack_tile, ternary_backward, ternary_forward
 from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize, ternarize,
                      window_grad)
@@ -425,11 +425,11 @@ def _channels(a):
 
 
 def _flat(a):
-    return a.reshape(-1, _channels(a))
+    return view(a, -1, _channels(a))
 
 
 def _vec(a):
-    return a.reshape(a.size)
+    return view(a, a.size)
 
 
 def _stats_out(stats, c, dev):
@@ -595,7 +595,7 @@ def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momen
     _bn_act_fwd(x, mean, invstd, gamma, beta, np.float32(r), np.float32(a), shape, _flat(out), xhat, deriv)
     if running_mean is not None:
         batchnorm_update_running(running_mean, running_var, stats, momentum)
-    return xhat, invstd, ActSaved(x.size, deriv=deriv.reshape(-1))
+    return xhat, invstd, ActSaved(x.size, deriv=view(deriv, -1))
 
 
 def bn_act_forward_eval(out, inp, gamma, beta, running_mean, running_var, eps, r):
@@ -615,7 +615,7 @@ def bn_act_backward(dinp, dgamma, dbeta, dout, saved, gamma):
     if on_device(dinp, dout, gamma):
         return _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma)
     xhat, invstd, act = saved
-    dy, deriv = _flat(dout), act.deriv.reshape(xhat.shape)
+    dy, deriv = _flat(dout), view(act.deriv, tuple(xhat.shape))
     sums = _bn_act_bwd_sums(dy, deriv, xhat)
     dbeta[:] = sums[0]
     dgamma[:] = sums[1]

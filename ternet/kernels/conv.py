@@ -8,7 +8,7 @@ import numba
 import numpy as np
 from numba import cuda, float32
 
-from . import check, on_device, scratch, stream_threads
+from . import check, on_device, scratch, stream_threads, view
 
 
 def out_size(h, k, stride, pad):
@@ -295,8 +295,8 @@ def _conv2d_forward_cuda(out, inp, weight, scale, stride, pad):
         return
     n, oh, ow, k = out.shape
     kw = weight.shape[2]
-    out2 = out.reshape(n * oh * ow, k)
-    w2 = weight.reshape(k, weight.size // k)
+    out2 = view(out, n * oh * ow, k)
+    w2 = view(weight, k, weight.size // k)
     _conv_fwd_cuda[_grid2(n * oh * ow, k), 256](inp, w2, out2, np.float32(scale), oh, ow, kw, stride, pad)
 
 
@@ -306,7 +306,7 @@ def _conv2d_backward_input_cuda(dinp, dout, weight, scale, stride, pad):
         return
     n, h, w, c = dinp.shape
     kw = weight.shape[2]
-    dx2 = dinp.reshape(n * h * w, c)
+    dx2 = view(dinp, n * h * w, c)
     _conv_dx_cuda[_grid2(n * h * w, c), 256](dout, weight, dx2, np.float32(scale), h, w, kw, stride, pad)
 
 
@@ -320,8 +320,8 @@ def _conv2d_backward_weight_cuda(dweight, dout, inp, stride, pad):
         splits = (m + DW_CHUNK - 1) // DW_CHUNK
         part = scratch("conv.dw_part", (splits, k, r), np.float32)
         gx, gy = _grid2(k, r)
-        _conv_dw_cuda[(gx, gy, splits), 256](dout.reshape(m, k), inp, part, oh, ow, kw, stride, pad, DW_CHUNK)
-    dw2 = dweight.reshape(k, r)
+        _conv_dw_cuda[(gx, gy, splits), 256](view(dout, m, k), inp, part, oh, ow, kw, stride, pad, DW_CHUNK)
+    dw2 = view(dweight, k, r)
     _sum_splits_cuda[max(1, min(4096, (k * r + 255) // 256)), 256](part, dw2)
 
 

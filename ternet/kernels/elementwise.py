@@ -8,7 +8,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import grid1d, on_device
+from . import grid1d, on_device, view
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def _sgd_cuda(p, g, buf, lr, mu):
 
 
 def _flat(a):
-    return a.reshape(a.size)
+    return view(a, a.size)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ CPU: float32 GEMM (BLAS) on the exact ternary values. CUDA: the convolution kern
 """
 import numpy as np
 
-from . import check, on_device
+from . import check, on_device, view
 from .conv import (_as_float_weight, _conv2d_backward_input_cuda, _conv2d_backward_weight_cuda,
                    _conv2d_forward_cuda)
 
@@ -16,8 +16,8 @@ def linear_forward(out, inp, weight, scale):
     check(wf == f, f"linear: input has {f} features, weight expects {wf}")
     check(out.shape == (n, k), f"linear: out shape {out.shape} != {(n, k)}")
     if on_device(out, inp, weight):   # a 1x1 convolution on 1x1 images
-        return _conv2d_forward_cuda(out.reshape(n, 1, 1, k), inp.reshape(n, 1, 1, f),
-                                    weight.reshape(k, 1, 1, f), scale, 1, 0)
+        return _conv2d_forward_cuda(view(out, n, 1, 1, k), view(inp, n, 1, 1, f),
+                                    view(weight, k, 1, 1, f), scale, 1, 0)
     np.matmul(inp.astype(np.float32, copy=False), _as_float_weight(weight, scale).T, out=out)
 
 
@@ -26,8 +26,8 @@ def linear_backward_input(dinp, dout, weight, scale):
     if on_device(dinp, dout, weight):
         n, k = dout.shape
         f = weight.shape[1]
-        return _conv2d_backward_input_cuda(dinp.reshape(n, 1, 1, f), dout.reshape(n, 1, 1, k),
-                                           weight.reshape(k, 1, 1, f), scale, 1, 0)
+        return _conv2d_backward_input_cuda(view(dinp, n, 1, 1, f), view(dout, n, 1, 1, k),
+                                           view(weight, k, 1, 1, f), scale, 1, 0)
     np.matmul(dout, _as_float_weight(weight, scale), out=dinp)
 
 
@@ -36,6 +36,6 @@ def linear_backward_weight(dweight, dout, inp):
     if on_device(dweight, dout, inp):
         n, k = dout.shape
         f = inp.shape[1]
-        return _conv2d_backward_weight_cuda(dweight.reshape(k, 1, 1, f), dout.reshape(n, 1, 1, k),
-                                            inp.reshape(n, 1, 1, f), 1, 0)
+        return _conv2d_backward_weight_cuda(view(dweight, k, 1, 1, f), view(dout, n, 1, 1, k),
+                                            view(inp, n, 1, 1, f), 1, 0)
     np.matmul(dout.T, inp.astype(np.float32, copy=False), out=dweight)

@@ -7,7 +7,7 @@ import numpy as np
 
 from numba import cuda
 
-from . import check, grid1d, on_device, stream_threads
+from . import check, grid1d, on_device, stream_threads, view
 from .conv import out_size
 
 
@@ -304,6 +304,6 @@ def global_avgpool_backward(dinp, dout):
     """dinp (N, H, W, C) = dout (N, C) / (H*W) broadcast; overwrites dinp."""
     n, h, w, c = dinp.shape
     if on_device(dinp, dout):
-        _gap_bwd_cuda[grid1d(dinp.size)](dout, np.float32(1.0 / (h * w)), h * w * c, dinp.reshape(dinp.size))
+        _gap_bwd_cuda[grid1d(dinp.size)](dout, np.float32(1.0 / (h * w)), h * w * c, view(dinp, dinp.size))
         return
     dinp[:] = (dout * np.float32(1.0 / (h * w)))[:, None, None, :]

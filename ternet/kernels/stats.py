@@ -5,7 +5,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import check, empty, grid1d, on_device, workspace, zeros
+from . import check, empty, grid1d, on_device, view, workspace, zeros
 
 MAX_STATES = 16      # shared histogram size of the CUDA kernel (2 * qmax + 1 <= 9 for N <= 3 bits)
 
@@ -109,7 +109,7 @@ def state_counts(q, qmax):
     if on_device(q):
         check(2 * qmax + 1 <= MAX_STATES, f"state_counts: at most {MAX_STATES} states on the device")
         counts = zeros((2 * qmax + 1,), np.int64, True)
-        _state_counts_cuda[grid1d(q.size)](q.reshape(q.size), qmax, counts)
+        _state_counts_cuda[grid1d(q.size)](view(q, q.size), qmax, counts)
         return counts.copy_to_host()
     return np.bincount(q.reshape(-1).astype(np.int64) + qmax, minlength=2 * qmax + 1)
 
@@ -123,7 +123,7 @@ def sum_squares(x, out):
     nl = max(1, min(LANES, x.size))
     if on_device(x, out):       # every lane is written: no fill needed
         lanes = empty((nl,), np.float64, True)
-        _lane_squares_cuda[grid1d(nl)](x.reshape(x.size), lanes)
+        _lane_squares_cuda[grid1d(nl)](view(x, x.size), lanes)
         _fold_lanes_cuda[1, FOLD](lanes, out)
         return
     out[0] = _sum_squares(x.reshape(-1), workspace(sum_squares, "lanes", (nl,), np.float64))
