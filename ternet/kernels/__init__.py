@@ -116,7 +116,8 @@ def view(a, *shape):
     buffers that live across steps (docs/performance.md). So a device array keeps its views: the
     next call with the same shape returns the same view object (a dict lookup). A C-contiguous
     numba device array's view is built directly, with the planned launcher's description of it
-    (numba's reshape takes ~8 us of host time through its dummy-array machinery, this ~2).
+    (`bench/bench_host.py` on the development machine: numba's reshape through its dummy-array
+    machinery plus that description ~8 us of host time, a view built here ~5, a kept one ~0.5).
     Simulator arrays take their own reshape and keep it when it cannot be a copy (a C-contiguous
     array), so the tests run the same caching. Host arrays: numpy's reshape. A view refers to
     `a`'s memory, not to `a`, so the cache keeps nothing alive beyond `a` itself."""
@@ -133,6 +134,11 @@ def view(a, *shape):
         if keep and v is not a:        # (a in its own cache would be a reference cycle)
             cache[shape] = v
     return v
+
+
+def flat(a):
+    """a as one dimension (a view, see view): what elementwise kernels index."""
+    return view(a, a.size)
 
 
 def _make_view(a, shape):

@@ -9,7 +9,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import THREADS, check, empty, grid1d, on_device, view
+from . import THREADS, check, empty, flat, grid1d, on_device
 from .scalar import WINDOW_RECT, ternarize, window_grad
 
 
@@ -134,10 +134,6 @@ def _mul_cuda(a, b, out):
 # ----------------------------------------------------------------------------------------------
 # launchers
 
-def _flat(a):
-    return view(a, a.size)
-
-
 def ternary_forward(out, inp, r, a, shape, train=True):
     """out = phi_r(inp) (int8, overwritten); inp float32.
 
@@ -147,7 +143,7 @@ def ternary_forward(out, inp, r, a, shape, train=True):
     """
     check(out.shape == inp.shape, "ternary: out shape differs from input")
     dev, n = on_device(out, inp), int(np.prod(inp.shape))
-    x, o = _flat(inp), _flat(out)
+    x, o = flat(inp), flat(out)
     r32, a32 = np.float32(r), np.float32(a)
     if not train:
         (_ternary_eval_cuda[grid1d(n)] if dev else _ternary_eval)(x, r32, o)
@@ -166,7 +162,7 @@ def ternary_backward(dinp, dout, saved):
     """dinp = dout * phi'(x) with phi' from the forward's ActSaved; overwrites dinp (float32)."""
     check(int(np.prod(dinp.shape)) == saved.size, "ternary_backward: size differs from the forward's")
     dev = on_device(dinp, dout)
-    d, g = _flat(dinp), _flat(dout)
+    d, g = flat(dinp), flat(dout)
     if saved.bits is not None:
         _ternary_bwd_bits_cuda[grid1d(saved.size)](g, saved.bits, saved.height, d)
     elif dev:

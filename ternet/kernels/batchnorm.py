@@ -17,7 +17,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import SIMULATOR, THREADS, check, empty, fresh, grid1d, on_device, scratch, view, zeros
+from . import SIMULATOR, THREADS, check, empty, flat, fresh, grid1d, on_device, scratch, view, zeros
 from .activation import ActSaved, bit_of, num_words, pack_tile, ternary_backward, ternary_forward
 from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize, ternarize,
                      window_grad)
@@ -424,12 +424,9 @@ def _channels(a):
     return tuple(a.shape)[-1]      # (the simulator's device shapes refuse negative indices)
 
 
-def _flat(a):
+def _rows(a):
+    """a as (rows, channels): one row per pixel, channels last."""
     return view(a, -1, _channels(a))
-
-
-def _vec(a):
-    return view(a, a.size)
 
 
 def _stats_out(stats, c, dev):
@@ -462,12 +459,12 @@ def batchnorm_forward_train(out, xhat, inp, gamma, beta, running_mean, running_v
     dev = on_device(out, inp, gamma)
     stats = _stats_out(stats, c, dev)
     if dev:
-        mean, invstd, _ = _cuda_stats(_flat(inp), eps, stats, buffers=buffers)
-        _normalize_cuda[grid1d(inp.size)](_vec(inp), mean, invstd, gamma, beta, _vec(out), _vec(xhat))
+        mean, invstd, _ = _cuda_stats(_rows(inp), eps, stats, buffers=buffers)
+        _normalize_cuda[grid1d(inp.size)](flat(inp), mean, invstd, gamma, beta, flat(out), flat(xhat))
     else:
-        x = _flat(inp)
+        x = _rows(inp)
         mean, invstd = _cpu_stats(x, eps, stats)
-        _normalize(x, mean, invstd, gamma, beta, _flat(out), _flat(xhat))
+        _normalize(x, mean, invstd, gamma, beta, _rows(out), _rows(xhat))
     if running_mean is not None:
         batchnorm_update_running(running_mean, running_var, stats, momentum)
     return invstd
@@ -477,12 +474,12 @@ def batchnorm_forward_eval(out, inp, gamma, beta, running_mean, running_var, eps
     """Running-statistics forward; overwrites out."""
     if on_device(out, inp, gamma):
         scale, shift = _cuda_eval_coeffs(gamma, beta, running_mean, running_var, eps)
-        _affine_cuda[grid1d(inp.size)](_vec(inp), scale, shift, _vec(out))
+        _affine_cuda[grid1d(inp.size)](flat(inp), scale, shift, flat(out))
         return
     c = gamma.size
     scale, shift = np.empty(c, np.float32), np.empty(c, np.float32)
     _eval_coeffs(gamma, beta, running_mean, running_var, np.float64(eps), scale, shift)
-    _affine(_flat(inp), scale, shift, _flat(out))
+    _affine(_rows(inp), scale, shift, _rows(out))
 
 
 def batchnorm_backward(dinp, dgamma, dbeta, dout, xhat, gamma, invstd):
@@ -491,19 +488,19 @@ def batchnorm_backward(dinp, dgamma, dbeta, dout, xhat, gamma, invstd):
     dgamma = sum(dout * xhat), dbeta = sum(dout),
     dinp = gamma * invstd * (dout - (dbeta + xhat * dgamma) / M), M = elements per channel.
     """
-    dy, xh = _flat(dout), _flat(xhat)
+    dy, xh = _rows(dout), _rows(xhat)
     m = np.float64(dy.shape[0])
     if on_device(dinp, dout, xhat):
         grid, block = _reduce_grid(dy.shape[0], dy.shape[1])
         part = scratch("bn.part", (grid[0], 2, dy.shape[1]), np.float64)
         _bwd_sums_cuda[grid, block](dy, xh, part)
         _bwd_final_cuda[grid1d(gamma.size)](part, dgamma, dbeta)
-        _bwd_dx_cuda[grid1d(dout.size)](_vec(dout), _vec(xhat), gamma, invstd, dbeta, dgamma, m, _vec(dinp))
+        _bwd_dx_cuda[grid1d(dout.size)](flat(dout), flat(xhat), gamma, invstd, dbeta, dgamma, m, flat(dinp))
         return
     sums = _bn_bwd_sums(dy, xh)
     dbeta[:] = sums[0]
     dgamma[:] = sums[1]
-    _bn_bwd_dx(dy, xh, gamma, invstd, dbeta, dgamma, m, _flat(dinp))
+    _bn_bwd_dx(dy, xh, gamma, invstd, dbeta, dgamma, m, _rows(dinp))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,7 +531,7 @@ class BNActSaved:
 
 def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale, buffers):
     n, s = inp.size, np.float32(max(int_scale, 0))
-    mean, invstd, exact = _cuda_stats(_flat(inp), eps, stats, s, buffers)
+    mean, invstd, exact = _cuda_stats(_rows(inp), eps, stats, s, buffers)
     if s > 0 and not exact:
         warnings.warn("bn_act: inp * int_scale is not an exact int16 everywhere (non-integers, or values beyond "
                       "32767); keeping the input as float32 for the backward (4 bytes per element, not 2)")
@@ -550,7 +547,7 @@ def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, i
         cg.copy_to_device(gamma)
         cb.copy_to_device(beta)
     r32, a32 = np.float32(r), np.float32(a)
-    _bn_act_fwd_cuda[grid1d(n)](_vec(inp), mean, invstd, gamma, beta, r32, a32, shape, s, _vec(out), xq, xf, bits)
+    _bn_act_fwd_cuda[grid1d(n)](flat(inp), mean, invstd, gamma, beta, r32, a32, shape, s, flat(out), xq, xf, bits)
     return BNActSaved(xq=xq, xf=xf, s=s, mean=mean, invstd=invstd, bits=bits, cg=cg, cb=cb, r=r32, a=a32,
                       shape=shape, height=np.float32(window_grad(r32, r32, a32, WINDOW_RECT)))
 
@@ -562,9 +559,9 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
     args = (t.xq, t.xf, t.s, t.mean, t.invstd, t.bits, t.height, t.cg, t.cb, t.r, t.a, t.shape)
     grid, block = _reduce_grid(m, c)
     part = scratch("bn.part", (grid[0], 2, c), np.float64)
-    _bn_act_bwd_sums_cuda[grid, block](_vec(dout), *args, part)
+    _bn_act_bwd_sums_cuda[grid, block](flat(dout), *args, part)
     _bwd_final_cuda[grid1d(c)](part, dgamma, dbeta)
-    _bn_act_bwd_dx_cuda[grid1d(dout.size)](_vec(dout), *args, gamma, dbeta, dgamma, np.float64(m), _vec(dinp))
+    _bn_act_bwd_dx_cuda[grid1d(dout.size)](flat(dout), *args, gamma, dbeta, dgamma, np.float64(m), flat(dinp))
 
 
 def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momentum, eps, r, a, shape,
@@ -589,10 +586,10 @@ def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momen
         return saved
     c = gamma.size
     stats = _stats_out(stats, c, False)
-    x = _flat(inp)
+    x = _rows(inp)
     mean, invstd = _cpu_stats(x, eps, stats)
     xhat, deriv = np.empty(x.shape, np.float32), np.empty(x.shape, np.float32)
-    _bn_act_fwd(x, mean, invstd, gamma, beta, np.float32(r), np.float32(a), shape, _flat(out), xhat, deriv)
+    _bn_act_fwd(x, mean, invstd, gamma, beta, np.float32(r), np.float32(a), shape, _rows(out), xhat, deriv)
     if running_mean is not None:
         batchnorm_update_running(running_mean, running_var, stats, momentum)
     return xhat, invstd, ActSaved(x.size, deriv=view(deriv, -1))
@@ -602,7 +599,7 @@ def bn_act_forward_eval(out, inp, gamma, beta, running_mean, running_var, eps, r
     """out (int8) = phi_r(BN(inp)) with the running statistics; overwrites out."""
     if on_device(out, inp, gamma):
         scale, shift = _cuda_eval_coeffs(gamma, beta, running_mean, running_var, eps)
-        _affine_act_cuda[grid1d(inp.size)](_vec(inp), scale, shift, np.float32(r), _vec(out))
+        _affine_act_cuda[grid1d(inp.size)](flat(inp), scale, shift, np.float32(r), flat(out))
         return
     y = np.empty(inp.shape, np.float32)
     batchnorm_forward_eval(y, inp, gamma, beta, running_mean, running_var, eps)
@@ -615,8 +612,8 @@ def bn_act_backward(dinp, dgamma, dbeta, dout, saved, gamma):
     if on_device(dinp, dout, gamma):
         return _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma)
     xhat, invstd, act = saved
-    dy, deriv = _flat(dout), view(act.deriv, tuple(xhat.shape))
+    dy, deriv = _rows(dout), view(act.deriv, tuple(xhat.shape))
     sums = _bn_act_bwd_sums(dy, deriv, xhat)
     dbeta[:] = sums[0]
     dgamma[:] = sums[1]
-    _bn_act_bwd_dx(dy, deriv, xhat, gamma, invstd, dbeta, dgamma, np.float64(dy.shape[0]), _flat(dinp))
+    _bn_act_bwd_dx(dy, deriv, xhat, gamma, invstd, dbeta, dgamma, np.float64(dy.shape[0]), _rows(dinp))

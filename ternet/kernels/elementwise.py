@@ -8,7 +8,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import grid1d, on_device, view
+from . import flat, grid1d, on_device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,17 +74,13 @@ def _sgd_cuda(p, g, buf, lr, mu):
         p[i] -= lr * b
 
 
-def _flat(a):
-    return view(a, a.size)
-
-
 # ----------------------------------------------------------------------------------------------
 # launchers
 
 def add_forward(out, a, b):
     """out = a + b (any dtypes, float32 out); overwrites out. Backward: both inputs get dout."""
     if on_device(out, a, b):
-        _add_cuda[grid1d(out.size)](_flat(a), _flat(b), _flat(out))
+        _add_cuda[grid1d(out.size)](flat(a), flat(b), flat(out))
         return
     _add(a.reshape(-1), b.reshape(-1), out.reshape(-1))
 
@@ -92,7 +88,7 @@ def add_forward(out, a, b):
 def fill(out, value):
     """out[...] = value."""
     if on_device(out):
-        _fill_cuda[grid1d(out.size)](_flat(out), out.dtype.type(value))
+        _fill_cuda[grid1d(out.size)](flat(out), out.dtype.type(value))
         return
     out[...] = value
 
@@ -101,7 +97,7 @@ def divide(out, a, d):
     """out = a / d elementwise, d a scalar of out's dtype (IEEE division on both paths); overwrites out."""
     d = out.dtype.type(d)
     if on_device(out, a):
-        _div_cuda[grid1d(out.size)](_flat(a), d, _flat(out))
+        _div_cuda[grid1d(out.size)](flat(a), d, flat(out))
         return
     np.divide(a, d, out=out)
 

@@ -14,8 +14,8 @@ same work once per *plan* and then only packs numbers:
   of its flattened parameters into one 8-byte slot each, with the pointer array cuLaunchKernel
   reads them through;
 * the launcher object of `kernel[grid, block]` is kept per (kernel, grid, block): a training
-  step repeats the same few hundred launches (building one with its grid and block tuples took
-  ~4 us of host time, about a third of a planned launch's own Python);
+  step repeats the same few hundred launches (building one with its grid and block tuples takes
+  2-3 us of host time, `bench/bench_host.py`);
 * the first launch of a plan goes through numba unchanged (it compiles the kernel when needed),
   and the plan is kept only if numba's own marshalling of those arguments gives the same values
   (`_Plan.verify`). Anything else (explicit streams or shared memory, records, booleans, host
@@ -34,12 +34,14 @@ import threading
 
 import numpy as np
 
+from . import _LAUNCH_ATTR
+
 SLOT = 8                    # every flattened parameter gets one 8-byte slot in the buffer
 _CODES = {"int64": "q", "uint64": "Q", "int32": "i", "uint32": "I", "int16": "h", "uint16": "H",
           "int8": "b", "uint8": "B", "float32": "f", "float64": "d"}
 _SCALARS = {int, float, np.int64, np.int32, np.uint64, np.uint32, np.int16, np.uint16, np.int8,
             np.uint8, np.float32, np.float64}
-from . import _LAUNCH_ATTR as _ATTR    # where an array keeps its description (kernels.view too)
+_ATTR = _LAUNCH_ATTR        # where an array keeps its description (kernels.view writes it too)
 
 _state = {"installed": False, "original": None}
 _PLANS = {}

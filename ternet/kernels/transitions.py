@@ -10,7 +10,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import check, grid1d, on_device, view
+from . import check, flat, grid1d, on_device
 from .scalar import adam_dw, adam_moments, bop_step, dst_may_move, dst_target, mh_step, rms_lr, sgd_dw, uniform
 
 CHUNKS = 64
@@ -192,7 +192,7 @@ def _bop_cuda(q, g, mom, vel, gamma, gamma2, thr, norm, reset, qmax, counts):
 
 
 def _flat(*arrays):
-    return [view(a, a.size) for a in arrays]
+    return [flat(a) for a in arrays]
 
 
 # ----------------------------------------------------------------------------------------------
