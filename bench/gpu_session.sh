@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Everything the GPU path needs checked and timed, in one device call (see docs/performance.md):
-#   bash bench/gpu_session.sh [tests|bench|peer|all ...]   (timings first, then the tests; TEST_LIMIT s each)
+#   bash bench/gpu_session.sh [tests|bench|peer|ab|all ...]   (timings first, then the tests; TEST_LIMIT s each)
+# ab: this code against an earlier commit's copy in .data/base (made here with
+#   `rm -rf .data/base && mkdir -p .data/base && git archive REV bench ternet | tar -x -C .data/base`,
+#   carried with the call), `bench_gpu.py $AB` (default resnet18-64) alternating, AB_ROUNDS pairs.
 # Expects the numpy 2.4.6 wheel in .whl/ (the host's numpy 2.5 breaks numba-cuda 0.30) and the
 # PyTorch peer in .data/peer/. Logs go to $OUT (default /tmp/ternet-gpu).
 set -u
@@ -15,6 +18,12 @@ case " $what " in *" bench "*|*" all "*)
     # numba's launches against the planned ones where the host matters; resnet18-224 is GPU-bound
     python3 bench/bench_gpu.py --rounds 3 --launch both vgg resnet18-64 2>&1 | tee "$OUT/bench_gpu.log" | tail -8
     python3 bench/bench_gpu.py --rounds 3 resnet18-224 2>&1 | tee -a "$OUT/bench_gpu.log" | tail -3 ;;
+esac
+case " $what " in *" ab "*)
+    for r in $(seq "${AB_ROUNDS:-3}"); do
+        (cd .data/base && python3 bench/bench_gpu.py ${AB:-resnet18-64} 2>&1 | grep '^{' | sed 's/^/before /')
+        python3 bench/bench_gpu.py ${AB:-resnet18-64} 2>&1 | grep '^{' | sed 's/^/after  /'
+    done | tee "$OUT/ab.log" ;;
 esac
 case " $what " in *" peer "*|*" all "*)
     python3 bench/peer_gpu.py 2>&1 | grep '^{' | tee "$OUT/peer.log" ;;

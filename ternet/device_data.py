@@ -1,17 +1,24 @@
-"""A GPU-resident dataset split: the uint8 pixels go to the device once, and each batch is
-gathered, augmented (random crop with padding and flip, or random-resized-crop and flip) and
-normalised by a CUDA kernel (cutout, when asked for, by a second one). The host only draws the
-batch's plan -- the same indices and the same augmentation parameters, from the same seeded
+"""Batches on the GPU, two ways.
+
+DeviceLoader, a GPU-resident dataset split: the uint8 pixels go to the device once, and each
+batch is gathered, augmented (random crop with padding and flip, or random-resized-crop and flip)
+and normalised by a CUDA kernel (cutout, when asked for, by a second one). The host only draws
+the batch's plan -- the same indices and the same augmentation parameters, from the same seeded
 streams, as ternet.loader.Loader -- so the batches equal the host loader's (up to float rounding
 of the normalisation).
+
+StreamLoader, for a split too large to keep there (ILSVRC2012 at 224 px): the host Loader's
+batches, written into page-locked buffers and copied over asynchronously on a stream of their
+own while the GPU works on the previous step.
 Exercise: pytest tests/test_device_data.py.
 """
+import collections
 import math
 
 import numpy as np
 from numba import cuda, float32
 
-from .kernels import grid1d
+from .kernels import SIMULATOR, grid1d
 
 
 @cuda.jit
@@ -128,3 +135,119 @@ class DeviceLoader:
             if cut:
                 _cutout_cuda[grid](cut[0][lo:hi], cut[1][lo:hi], ld.cutout, self.fill, x)
             yield x, labels[lo:hi]
+
+
+_COPY_STREAM = []
+
+
+def _copy_stream():
+    """The process's stream for host-to-device batch copies: one that does not synchronise with
+    the legacy default stream the kernels run on (numba's own streams do), so a copy can run while
+    a step's kernels do. The simulator has no such streams; its copies are synchronous anyway."""
+    if not _COPY_STREAM:
+        if SIMULATOR:
+            _COPY_STREAM.append(cuda.stream())
+        else:
+            from cuda.bindings import driver as drv
+            cuda.current_context()
+            err, handle = drv.cuStreamCreate(drv.CUstream_flags.CU_STREAM_NON_BLOCKING.value)
+            if err != drv.CUresult.CUDA_SUCCESS:
+                raise RuntimeError(f"cuStreamCreate(non-blocking) failed: {err!r}")
+            _COPY_STREAM.append(cuda.external_stream(int(handle)))    # kept for the process's life
+    return _COPY_STREAM[0]
+
+
+def _event():
+    return cuda.event() if SIMULATOR else cuda.event(timing=False)
+
+
+class StreamLoader:
+    """Batches (x float32, y int32, on the device) of a host Loader's split that is not kept on
+    the GPU: the host Loader's own batches, bit for bit, moved over without stalling the step.
+
+    The host Loader augments and normalises on its threads straight into page-locked (pinned)
+    buffers; each batch goes to the device by an asynchronous copy on a copy stream that does not
+    synchronise with the default stream, and the default stream waits for that copy (an event)
+    before the step's kernels read the batch. Batch i+1's copy is issued when batch i is handed
+    out, so it can run while the GPU still works on the steps queued before it (not yet measured
+    on a GPU). A synchronous copy per step (the trainer's path before) waits for the GPU's whole
+    queue, then makes the GPU wait for the host's next launches.
+    Device buffers: a ring of `depth` slots (>= 3), each written again only after the default
+    stream has passed the step that read it (an event recorded there when the next batch is asked
+    for). Host buffers: a ring of prefetch + 3, each refilled only after its copy has finished.
+    Memory: depth device batches and prefetch + 3 pinned host batches."""
+
+    def __init__(self, loader, depth=3):
+        if depth < 3:
+            raise ValueError(f"StreamLoader: depth={depth}; it needs >= 3 slots (one read, one copied, one free)")
+        self.host, self.output_shape, self.depth = loader, loader.output_shape, depth
+        self._rows = None           # rows of the largest batch the rings hold
+        self._pinned = self._slots = None
+        self._views = {}
+
+    def __len__(self):
+        return len(self.host)
+
+    def _rings(self, rows):
+        if self._rows == rows:
+            return
+        shape = (rows, *self.output_shape)
+        self._pinned = [(cuda.pinned_array(shape, np.float32), cuda.pinned_array(rows, np.int32), _event())
+                        for _ in range(self.host.prefetch + 3)]
+        self._slots = [(cuda.device_array(shape, np.float32), cuda.device_array(rows, np.int32), _event(), _event())
+                       for _ in range(self.depth)]
+        self._rows, self._views = rows, {}
+
+    def _device_view(self, j, n):
+        v = self._views.get((j, n))
+        if v is None:
+            dx, dy = self._slots[j][:2]
+            v = self._views[j, n] = (dx[:n], dy[:n])
+        return v
+
+    def batches(self, epoch, start=0, part=None):
+        """As Loader.batches (part=(i, k): rows i B/k .. (i+1) B/k of each batch), on the device."""
+        ld = self.host
+        self._rings(ld.batch_size // (part[1] if part else 1))
+        copy, handed = _copy_stream(), collections.deque()     # handed: pinned slots, in batch order
+        turn = [0]
+
+        def take(shape, dtype):
+            """The next pinned slot for the host Loader to fill, once its last copy is done."""
+            assert dtype == np.float32 and shape[0] <= self._rows, (shape, dtype)
+            k = turn[0] % len(self._pinned)
+            turn[0] += 1
+            px, _, done = self._pinned[k]
+            done.synchronize()
+            handed.append(k)
+            return px[:shape[0]]
+
+        def issue(x, y, i):
+            px, py, done = self._pinned[handed.popleft()]
+            j, n = i % self.depth, len(y)
+            dx, dy = self._device_view(j, n)
+            copied, used = self._slots[j][2:]
+            used.wait(copy)                      # the step that last read slot j is past
+            py[:n] = y
+            dx.copy_to_device(x, stream=copy)
+            dy.copy_to_device(py[:n], stream=copy)
+            copied.record(copy)
+            done.record(copy)                    # the pinned slot may be refilled after this
+            return dx, dy, copied, used
+
+        ahead, i = None, 0
+        for x, y in ld.batches(epoch, start=start, part=part, out=take):
+            nxt = issue(x, y, i)
+            i += 1
+            if ahead is not None:
+                yield from self._hand_out(ahead)
+            ahead = nxt
+        if ahead is not None:
+            yield from self._hand_out(ahead)
+
+    @staticmethod
+    def _hand_out(batch):
+        dx, dy, copied, used = batch
+        copied.wait(0)                           # the default stream: the step's kernels follow the copy
+        yield dx, dy
+        used.record(0)                           # everything the step queued that reads dx comes before

@@ -185,12 +185,14 @@ class Loader:
 
     # ------------------------------------------------------------------------------------------
 
-    def batches(self, epoch, start=0, raw=False, part=None):
+    def batches(self, epoch, start=0, raw=False, part=None, out=None):
         """Yield (x, y) for batches start..len-1 of `epoch`: x float32 (B, H, W, C) normalised
         ((x/255 - mean)/std), or uint8 un-normalised with raw=True (still augmented); y int32 (B,).
         batches(e, start=k) yields exactly what batches(e) yields from batch k on. part=(i, k):
         only rows [i B/k, (i+1) B/k) of each batch, with the augmentation drawn for the whole batch,
-        so the k parts put side by side are the batch (one data-parallel rank reads one part)."""
+        so the k parts put side by side are the batch (one data-parallel rank reads one part).
+        out(shape, dtype): where each batch's x is written (default: a new array), called in batch
+        order, e.g. page-locked buffers for asynchronous copies to a GPU (device_data.StreamLoader)."""
         if not 0 <= start <= len(self):
             raise ValueError(f"start={start}: an epoch has {len(self)} batches")
         order = self._order(epoch)
@@ -201,7 +203,7 @@ class Loader:
         try:
             while nxt < len(self) or pending:
                 while nxt < len(self) and len(pending) <= self.prefetch:
-                    pending.append(self._submit(epoch, nxt, order, raw, part))
+                    pending.append(self._submit(epoch, nxt, order, raw, part, out))
                     nxt += 1
                 futures, x, y = pending.popleft()
                 for f in futures:
@@ -234,11 +236,11 @@ class Loader:
         lo, hi = i * len(idx) // k, (i + 1) * len(idx) // k
         return idx[lo:hi], tuple(a[lo:hi] for a in params)
 
-    def _submit(self, epoch, batch, order, raw, part=None):
+    def _submit(self, epoch, batch, order, raw, part=None, out=None):
         """Draw the batch's augmentation, then fill x on the thread pool (split by positions)."""
         idx, params = self.plan(epoch, batch, order, part)
         oh, ow, c = self.output_shape
-        x = np.empty((len(idx), oh, ow, c), np.uint8 if raw else np.float32)
+        x = (out or np.empty)((len(idx), oh, ow, c), np.uint8 if raw else np.float32)
         y = self.labels[idx]
         sid = np.searchsorted(self.starts, idx, side="right") - 1
         chunks = np.array_split(np.arange(len(idx)), min(self.threads, max(1, len(idx))))

@@ -59,10 +59,10 @@ def train_augment(cfg, data):
 
 
 def on_gpu(loader):
-    """The split kept and augmented on the GPU when it fits, else the host loader (batches are
-    then copied over by to_side)."""
-    from .device_data import DeviceLoader, fits_on_device
-    return DeviceLoader(loader) if fits_on_device(loader) else loader
+    """The split kept and augmented on the GPU when it fits, else the host loader's batches
+    streamed over ahead of their steps (device_data.StreamLoader)."""
+    from .device_data import DeviceLoader, StreamLoader, fits_on_device
+    return DeviceLoader(loader) if fits_on_device(loader) else StreamLoader(loader)
 
 
 def open_data(cfg):

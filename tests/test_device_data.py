@@ -39,3 +39,34 @@ def test_device_parts_make_up_the_batch(tiny_data):
     parts = [next(dev.batches(1, start=2, part=(i, 2))) for i in range(2)]
     for k in range(2):
         np.testing.assert_array_equal(np.concatenate([p[k].copy_to_host() for p in parts]), whole[k].copy_to_host())
+
+
+@pytest.mark.parametrize("augment, cutout, part, in_memory", [("crop-flip", 8, None, True), ("rrc-flip", 0, None, False),
+                                                              ("crop-flip", 0, (1, 2), True)])
+def test_streamed_batches_are_the_host_batches(tiny_data, augment, cutout, part, in_memory):
+    """A split that is not kept on the GPU: the host Loader's batches, bit for bit, through the
+    pinned and device rings (more batches than either ring has slots, the last one short)."""
+    from ternet.device_data import StreamLoader
+    ds = open_dataset(tiny_data)
+    kw = dict(shuffle=True, augment=augment, seed=3, in_memory=in_memory, cutout=cutout, drop_last=False,
+              output_size=24 if augment == "rrc-flip" else None)
+    host, stream = Loader(ds, "train", 24, **kw), StreamLoader(Loader(ds, "train", 24, **kw))
+    for epoch, start in ((1, 7), (2, 0)):
+        n = 0
+        for (hx, hy), (dx, dy) in zip(host.batches(epoch, start=start, part=part),
+                                      stream.batches(epoch, start=start, part=part)):
+            np.testing.assert_array_equal(dy.copy_to_host(), hy)
+            np.testing.assert_array_equal(dx.copy_to_host(), hx)
+            n += 1
+        assert n == len(host) - start and len(hy) == 16 // (part[1] if part else 1)   # 400 = 16 x 24 + 16
+
+
+def test_a_split_too_large_for_the_gpu_is_streamed(tiny_data, monkeypatch):
+    from ternet import device_data
+    from ternet.train import on_gpu
+    ld = Loader(open_dataset(tiny_data), "test", 50, shuffle=False, augment="none")
+    assert isinstance(on_gpu(ld), device_data.DeviceLoader)
+    monkeypatch.setattr(device_data, "fits_on_device", lambda loader, fraction=0.25: False)
+    assert isinstance(on_gpu(ld), device_data.StreamLoader)
+    with pytest.raises(ValueError, match="depth"):
+        device_data.StreamLoader(ld, depth=2)

@@ -115,3 +115,28 @@ def test_planned_launches_give_the_same_bits(tiny_data, tmp_path, monkeypatch):
     for sampler in ("dst", "bop"):
         for k in weights[sampler, False]:
             np.testing.assert_array_equal(weights[sampler, True][k], weights[sampler, False][k])
+
+
+def test_streamed_batches_train_as_the_host_batches_copied_per_step(tiny_data, tmp_path, monkeypatch):
+    """A split that is not kept on the GPU (forced here): batches through StreamLoader's pinned
+    buffers, copy stream and events give the weights of the same run with each host batch copied
+    synchronously before its step (the trainer's path before StreamLoader), bit for bit."""
+    from ternet import device_data, train
+    from ternet.config import Config
+    from ternet.run import RunDir
+    monkeypatch.setattr(device_data, "fits_on_device", lambda loader, fraction=0.25: False)
+    weights = {}
+    for how in ("stream", "copy"):
+        if how == "copy":       # the host Loader itself: the trainer copies each batch with to_side
+            monkeypatch.setattr(train, "on_gpu", lambda loader: loader)
+        cfg = Config(data=str(tiny_data), arch="64C3-MP2-64C3-MP2-64FC", epochs=2, batch_size=50,
+                     cutout=6, device="cuda").resolve()
+        run = RunDir(tmp_path / how)
+        run.create(cfg)
+        t = train.Trainer(cfg, run, progress=False)
+        assert isinstance(t.train_loader, device_data.StreamLoader) == (how == "stream")
+        t.fit()
+        weights[how] = (t.model.state_dict()["weights"], run.metrics_path.read_bytes())
+    for k in weights["copy"][0]:
+        np.testing.assert_array_equal(weights["stream"][0][k], weights["copy"][0][k])
+    assert weights["stream"][1] == weights["copy"][1]
