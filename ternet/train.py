@@ -60,9 +60,12 @@ def train_augment(cfg, data):
 
 def on_gpu(loader):
     """The split kept and augmented on the GPU when it fits, else the host loader's batches
-    streamed over ahead of their steps (device_data.StreamLoader)."""
+    streamed over ahead of their steps (device_data.StreamLoader; TERNET_STREAM=0: copied
+    synchronously before each step instead, by to_side)."""
     from .device_data import DeviceLoader, StreamLoader, fits_on_device
-    return DeviceLoader(loader) if fits_on_device(loader) else StreamLoader(loader)
+    if fits_on_device(loader):
+        return DeviceLoader(loader)
+    return loader if os.environ.get("TERNET_STREAM", "1") == "0" else StreamLoader(loader)
 
 
 def open_data(cfg):

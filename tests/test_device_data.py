@@ -68,5 +68,7 @@ def test_a_split_too_large_for_the_gpu_is_streamed(tiny_data, monkeypatch):
     assert isinstance(on_gpu(ld), device_data.DeviceLoader)
     monkeypatch.setattr(device_data, "fits_on_device", lambda loader, fraction=0.25: False)
     assert isinstance(on_gpu(ld), device_data.StreamLoader)
+    monkeypatch.setenv("TERNET_STREAM", "0")                 # the synchronous copy per step instead
+    assert on_gpu(ld) is ld
     with pytest.raises(ValueError, match="depth"):
         device_data.StreamLoader(ld, depth=2)

@@ -128,7 +128,7 @@ def test_streamed_batches_train_as_the_host_batches_copied_per_step(tiny_data, t
     weights = {}
     for how in ("stream", "copy"):
         if how == "copy":       # the host Loader itself: the trainer copies each batch with to_side
-            monkeypatch.setattr(train, "on_gpu", lambda loader: loader)
+            monkeypatch.setenv("TERNET_STREAM", "0")
         cfg = Config(data=str(tiny_data), arch="64C3-MP2-64C3-MP2-64FC", epochs=2, batch_size=50,
                      cutout=6, device="cuda").resolve()
         run = RunDir(tmp_path / how)
