@@ -9,7 +9,7 @@ of the normalisation).
 
 StreamLoader, for a split too large to keep there (ILSVRC2012 at 224 px): the host Loader's
 batches, written into page-locked buffers and copied over asynchronously on a stream of their
-own while the GPU works on the previous step.
+own, one batch ahead, so that the copy can overlap the steps before it.
 Exercise: pytest tests/test_device_data.py.
 """
 import collections
@@ -249,5 +249,7 @@ class StreamLoader:
     def _hand_out(batch):
         dx, dy, copied, used = batch
         copied.wait(0)                           # the default stream: the step's kernels follow the copy
-        yield dx, dy
-        used.record(0)                           # everything the step queued that reads dx comes before
+        try:
+            yield dx, dy
+        finally:                                 # also when the consumer stops early (close)
+            used.record(0)                       # everything the step queued that reads dx comes before

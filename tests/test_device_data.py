@@ -72,3 +72,17 @@ def test_a_split_too_large_for_the_gpu_is_streamed(tiny_data, monkeypatch):
     assert on_gpu(ld) is ld
     with pytest.raises(ValueError, match="depth"):
         device_data.StreamLoader(ld, depth=2)
+
+
+def test_a_stream_stopped_early_starts_over_cleanly(tiny_data):
+    """An epoch left after two batches (its generator closed), then a full one: still the host batches."""
+    from ternet.device_data import StreamLoader
+    ds = open_dataset(tiny_data)
+    kw = dict(shuffle=True, augment="crop-flip", seed=5, in_memory=True)
+    host, stream = Loader(ds, "train", 40, **kw), StreamLoader(Loader(ds, "train", 40, **kw))
+    it = stream.batches(0)
+    next(it), next(it)
+    it.close()
+    for (hx, hy), (dx, dy) in zip(host.batches(1), stream.batches(1)):
+        np.testing.assert_array_equal(dx.copy_to_host(), hx)
+        np.testing.assert_array_equal(dy.copy_to_host(), hy)
