@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from ternet.kernels import _VIEWS, launch, view  # noqa: E402
+from ternet.kernels import _VIEWS, c_strides, launch, view  # noqa: E402
 
 
 class _Mem:
@@ -37,11 +37,7 @@ class _Mem:
 
 def _array(shape, dtype=np.float32):
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
-    itemsize, strides = np.dtype(dtype).itemsize, []
-    for d in reversed(shape):
-        strides.insert(0, itemsize)
-        itemsize *= d
-    return DeviceNDArray(shape, tuple(strides), dtype, gpu_data=_Mem())
+    return DeviceNDArray(shape, c_strides(shape, np.dtype(dtype).itemsize), dtype, gpu_data=_Mem())
 
 
 def per_call_us(fn, n):

@@ -13,6 +13,7 @@ own, one batch ahead, so that the copy can overlap the steps before it.
 Exercise: pytest tests/test_device_data.py.
 """
 import collections
+import itertools
 import math
 
 import numpy as np
@@ -210,13 +211,12 @@ class StreamLoader:
         ld = self.host
         self._rings(ld.batch_size // (part[1] if part else 1))
         copy, handed = _copy_stream(), collections.deque()     # handed: pinned slots, in batch order
-        turn = [0]
+        turn = itertools.count()
 
         def take(shape, dtype):
             """The next pinned slot for the host Loader to fill, once its last copy is done."""
             assert dtype == np.float32 and shape[0] <= self._rows, (shape, dtype)
-            k = turn[0] % len(self._pinned)
-            turn[0] += 1
+            k = next(turn) % len(self._pinned)
             px, _, done = self._pinned[k]
             done.synchronize()
             handed.append(k)

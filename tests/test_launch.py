@@ -108,11 +108,8 @@ def test_not_installed_under_the_simulator():
 # kernels.view: the launchers' reshape of device arrays, built directly and kept on the array
 
 def _c_array(shape, dtype=np.float32):
-    itemsize, strides = np.dtype(dtype).itemsize, []
-    for d in reversed(shape):
-        strides.insert(0, itemsize)
-        itemsize *= d
-    return _array(shape, tuple(strides), dtype)
+    from ternet.kernels import c_strides
+    return _array(shape, c_strides(shape, np.dtype(dtype).itemsize), dtype)
 
 
 RESHAPES = [((8, 4, 4, 3), (128, 3)), ((8, 4, 4, 3), (-1, 3)), ((8, 4, 4, 3), (384,)), ((384,), (8, 1, 1, 48)),

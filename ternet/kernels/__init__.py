@@ -136,6 +136,15 @@ def view(a, *shape):
     return v
 
 
+def c_strides(shape, itemsize):
+    """Byte strides of a C-contiguous array of this shape."""
+    strides, step = [], itemsize
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return tuple(reversed(strides))
+
+
 def flat(a):
     """a as one dimension (a view, see view): what elementwise kernels index."""
     return view(a, a.size)
@@ -165,11 +174,8 @@ def _make_view(a, shape):
         return a.reshape(shape), True  # numba's answer (a view, never a copy), or its error
     if shape == tuple(a.shape):
         return a, False
-    itemsize, strides, step = a.dtype.itemsize, [], a.dtype.itemsize
-    for d in reversed(shape):
-        strides.append(step)
-        step *= d
-    dummy = _REAL[1].Array.from_desc(0, shape, tuple(reversed(strides)), itemsize)
+    itemsize = a.dtype.itemsize
+    dummy = _REAL[1].Array.from_desc(0, shape, c_strides(shape, itemsize), itemsize)
     v = object.__new__(_REAL[0])       # what DeviceNDArray.__init__ sets, given gpu_data
     v.__dict__.update(ndim=len(shape), _dummy=dummy, shape=dummy.shape, strides=dummy.strides,
                       dtype=a.dtype, size=a.size, alloc_size=a.alloc_size, gpu_data=a.gpu_data, stream=0)
