@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from .distributed import Collective
+from .kernels import c_strides
 
 # nccl.h: ncclDataType_t and ncclRedOp_t (values stable since NCCL 2.0)
 NCCL_TYPES = {np.dtype(np.int8): 0, np.dtype(np.int32): 2, np.dtype(np.int64): 4, np.dtype(np.float32): 7,
@@ -96,17 +97,9 @@ def _buffer(a):
     if dt not in NCCL_TYPES:
         raise TypeError(f"nccl: no NCCL type for {dt}")
     shape = tuple(cai["shape"])
-    if cai.get("strides") is not None and tuple(cai["strides"]) != _c_strides(shape, dt.itemsize):
+    if cai.get("strides") is not None and tuple(cai["strides"]) != c_strides(shape, dt.itemsize):
         raise ValueError("nccl: arrays must be C-contiguous")
     return cai["data"][0], int(np.prod(shape)), NCCL_TYPES[dt]
-
-
-def _c_strides(shape, itemsize):
-    out, step = [], itemsize
-    for n in reversed(shape):
-        out.append(step)
-        step *= n
-    return tuple(reversed(out))
 
 
 def _rendezvous(path, rank, make_id, timeout):
