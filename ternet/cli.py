@@ -72,6 +72,11 @@ TRAIN_OPTIONS = [
                     "clipped at the edges; after --augment's crop and flip. 0: none. E.g. 8 or 16 at 32 px."),
     ("seed", int, "Seed of every random stream (initialisation, shuffling, augmentation, transitions)."),
     ("device", click.Choice(["auto", "cpu", "cuda"]), "Where to train."),
+    ("cuda_graph", click.Choice(["off", "on"]), "on: capture the GPU training step once as a CUDA graph and replay "
+                                               "it for every full batch (one launch instead of ~100-400 from "
+                                               "Python: for small batches, where the host bounds the step). Same "
+                                               "results bit for bit. Needs --device cuda, one process, no "
+                                               "--grad-shards, and a sampler that supports it (bop)."),
     ("log_every", int, "Steps between metrics lines."),
     ("ckpt_every", int, "Steps between mid-epoch checkpoints (0: only at epoch ends)."),
     ("keep_last", int, "Checkpoints to keep."),

@@ -39,6 +39,7 @@ class Config:
     cutout: int = 0                 # side of a square set to the mean in every training image; 0 = none
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
+    cuda_graph: str = "off"         # on: replay each full-batch GPU step from a captured CUDA graph
     log_every: int = 50             # steps between metrics lines
     ckpt_every: int = 500           # steps between mid-epoch checkpoints (0 = at epoch ends only)
     keep_last: int = 3              # checkpoints kept
@@ -73,7 +74,7 @@ class Config:
 
 
 CHOICES = {
-    "window": ("rect", "tri"), "loss": ("xent", "sqhinge"), "source": ("sgd", "adam"),
+    "window": ("rect", "tri"), "cuda_graph": ("off", "on"), "loss": ("xent", "sqhinge"), "source": ("sgd", "adam"),
     "lr_schedule": ("constant", "step", "exp", "cosine", "linear"), "bn_optim": ("adam", "sgd"),
     "augment": ("none", "auto", "crop-flip", "crop", "rrc-flip"), "device": ("auto", "cpu", "cuda"),
 }

@@ -28,24 +28,28 @@ def _make_manager():
             super().__init__(*args, **kwargs)
             self.free_blocks = collections.defaultdict(list)
             self.in_use = self.peak = self.reserved = 0
+            self.pool = None        # a Pool that serves every allocation while it is set (graph capture)
             STATS.append(self)
 
         def memalloc(self, size):
             size = _rounded(size)
-            blocks = self.free_blocks[size]
-            if blocks:
-                ptr = blocks.pop()
+            pool = self.pool
+            free = (pool.free if pool is not None else self.free_blocks)[size]
+            if free:
+                ptr = free.pop()
             else:
                 ptr = self._attempt_allocation(lambda: self._malloc_or_trim(size))
                 self.reserved += size
+                if pool is not None:
+                    pool.spans.append((int(ptr) if not hasattr(ptr, "value") else ptr.value, size))
             self.in_use += size
             self.peak = max(self.peak, self.in_use)
             key = int(ptr) if not hasattr(ptr, "value") else ptr.value
 
-            def release(mgr=weakref.proxy(self), ptr=ptr, size=size, key=key):
+            def release(mgr=weakref.proxy(self), ptr=ptr, size=size, key=key, pool=pool):
                 mgr.allocations.pop(key, None)
-                mgr.in_use -= size
-                mgr.free_blocks[size].append(ptr)
+                mgr.in_use -= size     # back where it came from: a pool's blocks stay the pool's
+                (pool.free if pool is not None else mgr.free_blocks)[size].append(ptr)
 
             mem = driver.AutoFreePointer(weakref.proxy(self.context), ptr, size, finalizer=release)
             self.allocations[key] = mem
@@ -96,6 +100,35 @@ def peak_bytes():
 def in_use_bytes():
     """Device bytes held by live arrays now (0 if not installed)."""
     return sum(m.in_use for m in STATS)
+
+
+class Pool:
+    """Device blocks set apart for one captured CUDA graph (ternet.cuda_graph): while a Pool is
+    active, every allocation comes from its free lists (or new memory), and a block allocated
+    from it goes back to it when freed, whenever that is. Blocks freed during the capture are
+    handed out again within it, in stream order, as in an ordinary step; none of them is ever
+    handed to other work, which the graph's replays would overwrite."""
+
+    def __init__(self):
+        self.free = collections.defaultdict(list)
+        self.spans = []         # (address, bytes) of every block it allocated
+
+
+class use_pool:
+    """with use_pool(pool): allocations of this block come from pool (no-op when not installed)."""
+
+    def __init__(self, pool):
+        self.pool, self.saved = pool, []
+
+    def __enter__(self):
+        self.saved = [(m, m.pool) for m in STATS]
+        for m in STATS:
+            m.pool = self.pool
+        return self.pool
+
+    def __exit__(self, *exc):
+        for m, p in self.saved:
+            m.pool = p
 
 
 def reset_peak():

@@ -22,17 +22,26 @@ class RealOptimizer:
         self.reals, self.moments = None, ()
         self.loaded = {}      # state loaded before the first step: laid out when it comes
 
-    def step(self, reals, lr, t):
+    def scalars(self, lr, t):
+        """The per-step values of step(reals, lr, t) its GPU kernel reads from hp: lr, and
+        Adam's bias corrections."""
+        if self.kind == "adam":
+            return lr, 1 - self.b1 ** t, 1 - self.b2 ** t
+        return (lr,)
+
+    def step(self, reals, lr, t, hp=None):
         """One update of every real parameter of `reals` (a model's RealBuffers) with lr; t is
-        the 1-based step (Adam bias correction)."""
+        the 1-based step (Adam bias correction). hp: None, or a float32 device array holding
+        scalars(lr, t), which the kernel then reads on the device (ternet.cuda_graph)."""
         if reals is not self.reals:
             self._lay_out(reals, self.state_dict())
         f32, g = np.float32, reals.grad
         if self.kind == "adam":
+            lr, c1, c2 = self.scalars(lr, t)
             adam_update(reals.value, g, *self.moments, f32(lr), f32(self.b1), f32(self.b2),
-                        f32(1 - self.b1 ** t), f32(1 - self.b2 ** t), f32(self.eps))
+                        f32(c1), f32(c2), f32(self.eps), hp=hp)
         else:
-            sgd_update(reals.value, g, *self.moments, f32(lr), f32(self.momentum))
+            sgd_update(reals.value, g, *self.moments, f32(lr), f32(self.momentum), hp=hp)
 
     def _lay_out(self, reals, state):
         """Flat moments on reals' side and in its layout, from state ('<param>/<i>': host arrays;

@@ -81,9 +81,17 @@ class Sampler:
             p.slots[name] = zeros(p.q.shape, np.float32, on_device(p.q))
         return p.slots[name]
 
-    def step(self, states, grads, t):
-        """Move every weight of `states` given `grads` at step t; returns the counter array."""
+    def step(self, states, grads, t, hp=None):
+        """Move every weight of `states` given `grads` at step t; returns the counter array.
+        hp: None, or (samplers whose GRAPH is True) a float32 device array holding scalars(t),
+        which the kernels then read on the device (a captured CUDA graph, ternet.cuda_graph)."""
         raise NotImplementedError
+
+    GRAPH = False       # can a step be captured as a CUDA graph (every per-step value read from hp)?
+
+    def scalars(self, t):
+        """The per-step values of step t the device kernels read from hp (GRAPH samplers)."""
+        return ()
 
     def summarize(self, row, n_weights, steps, layer=None):
         """Per-layer rates for the metrics from one layer's counters over `steps` steps."""
@@ -152,7 +160,7 @@ class DST(Sampler):
             raise ValueError("dst: --set decay adds to the sgd step; drop it or use --source sgd")
         self.sumsq = None
 
-    def step(self, states, grads, t):
+    def step(self, states, grads, t, hp=None):
         lr, m, counts, o = self.lr(t), self.m(t), self.counters(states), self.opts
         if o["norm"] == "rms" and self.sumsq is None:      # one float64 per layer, on the weights' side
             self.sumsq = zeros((len(states),), np.float64, on_device(states[0].q))
@@ -238,7 +246,7 @@ class Metropolis(Sampler):
         lr0 = self.lr(0)
         return self.eps * (self.lr(t) / lr0 if self.opts["follow_lr"] and lr0 > 0 else 1.0)
 
-    def step(self, states, grads, t):
+    def step(self, states, grads, t, hp=None):
         lr, m, counts, o = self.lr(t), self.m(t), self.counters(states), self.opts
         for i, (p, g) in enumerate(zip(states, grads)):
             keys = (self.key(t, i, "transition-mix"), self.key(t, i), self.key(t, i, "transition-accept"))
@@ -333,12 +341,18 @@ class BopTernary(Sampler):
         self.gamma = Schedule(o["gamma_schedule"], o["gamma"], o["gamma_end"], total)
         self.threshold = Schedule(o["threshold_schedule"], o["threshold"], o["threshold_end"], total)
 
-    def step(self, states, grads, t):
+    GRAPH = True        # no random draws; gamma(t) and threshold(t) are read from hp on the device
+
+    def scalars(self, t):
+        return self.gamma(t), self.threshold(t)
+
+    def step(self, states, grads, t, hp=None):
         counts, o = self.counters(states), self.opts
+        gamma, thr = self.scalars(t)
         for i, (p, g) in enumerate(zip(states, grads)):
             vel = self.slot(p, "bop_v") if o["norm"] == "rms" else None
-            bop(p.q, g, self.slot(p, "bop_m"), vel, counts[i], gamma=self.gamma(t), thr=self.threshold(t),
-                qmax=p.qmax, gamma2=o["gamma2"], reset=bool(o["reset"]))
+            bop(p.q, g, self.slot(p, "bop_m"), vel, counts[i], gamma=gamma, thr=thr,
+                qmax=p.qmax, gamma2=o["gamma2"], reset=bool(o["reset"]), hp=hp)
         return counts
 
     def hparams(self, t):

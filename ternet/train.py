@@ -20,6 +20,7 @@ from .data_parallel import ShardedStep, validate_world
 from .distributed import LocalCollective
 from .evaluate import evaluate, to_side
 from .kernels import configure_cpu_threads, empty, zeros
+from .kernels.elementwise import put_scalars
 from .kernels.loss import loss_forward_backward
 from .kernels.stats import state_counts
 from .model import Model
@@ -127,6 +128,12 @@ class Trainer:
         if cfg.grad_shards > 1 or self.coll.world > 1:
             self.sharded = ShardedStep(self.model, cfg.loss, cfg.grad_shards, self.coll, self.device)
         self.part = {"part": (self.coll.rank, self.coll.world)} if self.coll.world > 1 else {}
+        self.hp = self.hp_sampler = self.hp_optim = None
+        if self.device:      # the step's per-step values, read by the update kernels on the device
+            n = len(self.sampler.scalars(0))
+            self.hp = empty((n + len(self.optimizer.scalars(1.0, 1)),), np.float32, True)
+            self.hp_sampler, self.hp_optim = (self.hp[:n] if n else None), self.hp[n:]
+        self.graph = self._step_graph() if cfg.cuda_graph == "on" else None
         self.state = {"step": 0, "epoch": 0, "batch": 0, "metrics_bytes": 0, "acc": [0.0, 0.0],
                       "interval": self._fresh(), "epoch_totals": self._fresh()}
         self._stop = False
@@ -135,11 +142,40 @@ class Trainer:
     def _fresh(self):
         return {"loss": 0.0, "correct": 0.0, "count": 0, "steps": 0, "counters": None}
 
+    def _step_graph(self):
+        """--cuda-graph on: the StepGraph that replays full-batch steps, or a ValueError naming
+        what in this run's options stands in the way."""
+        from .cuda_graph import StepGraph
+        from .kernels import SIMULATOR, launch
+        why = ("needs --device cuda on a GPU" if not self.device or SIMULATOR else
+               "needs the planned launches (unset TERNET_FAST_LAUNCH=0)" if not launch.install() else
+               f"does not support --sampler {self.cfg.sampler}: its kernels take per-step values (random keys) as "
+               "launch arguments; use --sampler bop" if not self.sampler.GRAPH else
+               "needs one process and --grad-shards 1" if self.sharded is not None else
+               "does not support an annealed activation window (--set a_end)" if self.window is not None else "")
+        if why:
+            raise ValueError(f"--cuda-graph on {why}, or leave --cuda-graph off")
+        return StepGraph(self._step, rows=self.cfg.batch_size)
+
     # -- one step --------------------------------------------------------------------------------
     def train_step(self, x, y):
         cfg, t = self.cfg, self.state["step"]
         if self.window is not None:
             set_window(self.model, self.window(t))
+        if self.hp is not None:      # one launch writes every per-step value the update kernels read
+            put_scalars(self.hp, *self.sampler.scalars(t), *self.optimizer.scalars(self._bn_lr(t), t + 1))
+        if self.graph is not None:
+            self.graph(x, y)
+        else:
+            self._step(x, y)
+
+    def _bn_lr(self, t):
+        return self.cfg.bn_lr * self.sampler.lr(t) / self.cfg.lr
+
+    def _step(self, x, y):
+        """Forward, loss, backward and updates of one batch. On the GPU its per-step values come
+        from self.hp (train_step), so the same launches serve every step (--cuda-graph)."""
+        cfg, t = self.cfg, self.state["step"]
         if self.sharded is not None:     # over shards (and processes): mean gradients left in p.grad
             self.sharded(x, y, self.acc)
         else:
@@ -147,8 +183,8 @@ class Trainer:
             dlogits = empty(logits.shape, np.float32, self.device)
             loss_forward_backward(dlogits, logits, to_side(y, self.device), cfg.loss, self.acc)
             self.model.backward(dlogits)
-        self.sampler.step(self.tparams, [p.grad for p in self.tparams], t)
-        self.optimizer.step(self.model.reals, cfg.bn_lr * self.sampler.lr(t) / cfg.lr, t + 1)
+        self.sampler.step(self.tparams, [p.grad for p in self.tparams], t, hp=self.hp_sampler)
+        self.optimizer.step(self.model.reals, self._bn_lr(t), t + 1, hp=self.hp_optim)
 
     # -- metrics ---------------------------------------------------------------------------------
     def _read_acc(self):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from cudacheck import SIZES, both, needs_cuda
-from ternet.kernels.elementwise import adam_update, add_forward, fill, sgd_update
+from ternet.kernels.elementwise import adam_update, add_forward, copy, fill, put_scalars, sgd_update
 
 pytestmark = needs_cuda
 
@@ -31,3 +31,37 @@ def test_optimizer_updates(n):
     cpu, gpu = both(lambda p, g, b: sgd_update(p, g, b, f32(0.1), f32(0.9)), [p, g, m], [], inplace=True)
     for c, d in zip(cpu, gpu):
         np.testing.assert_allclose(c, d, rtol=1e-6, atol=1e-7)
+
+
+def test_put_scalars_and_copy():
+    """put_scalars writes float32 values into the front of an array (one launch on the GPU); copy
+    is a kernel copy, both on either side alike."""
+    vals = (0.1, -2.5, 3.0, 1e-8, 7.0)
+    cpu, gpu = both(lambda out: put_scalars(out, *vals), [np.full(8, 9, np.float32)], [])
+    np.testing.assert_array_equal(cpu[0], gpu[0])
+    np.testing.assert_array_equal(gpu[0], np.array(vals + (9, 9, 9), np.float32))
+    with pytest.raises(ValueError, match="9 values for 9 slots"):
+        put_scalars(np.zeros(9, np.float32), *range(9))
+    a = np.arange(70, dtype=np.float32)
+    cpu, gpu = both(copy, [np.zeros(70, np.float32)], [a])
+    np.testing.assert_array_equal(gpu[0], a)
+
+
+def test_updates_read_their_per_step_values_from_hp():
+    """adam_update, sgd_update with hp: the kernels take lr (and the bias corrections) from the
+    device array, not from the arguments (what a replayed CUDA graph relies on)."""
+    from numba import cuda
+    f32 = np.float32
+    rng = np.random.default_rng(3)
+    p, g = rng.standard_normal(40).astype(np.float32), rng.standard_normal(40).astype(np.float32)
+    ref = [a.copy() for a in (p, g, np.zeros(40, np.float32), np.ones(40, np.float32))]
+    adam_update(*ref, f32(0.01), f32(0.9), f32(0.999), f32(0.19), f32(0.002), f32(1e-8))
+    dev = [cuda.to_device(a) for a in (p, g, np.zeros(40, np.float32), np.ones(40, np.float32))]
+    hp = cuda.to_device(np.array([0.01, 0.19, 0.002], np.float32))
+    adam_update(*dev, f32(5.0), f32(0.9), f32(0.999), f32(5.0), f32(5.0), f32(1e-8), hp=hp)   # ignored: hp rules
+    np.testing.assert_allclose(dev[0].copy_to_host(), ref[0], rtol=1e-6, atol=1e-7)
+    ref = [p.copy(), g, np.zeros(40, np.float32)]
+    sgd_update(*ref, f32(0.1), f32(0.9))
+    dev = [cuda.to_device(a) for a in (p, g, np.zeros(40, np.float32))]
+    sgd_update(*dev, f32(7.0), f32(0.9), hp=cuda.to_device(np.array([0.1], np.float32)))
+    np.testing.assert_allclose(dev[0].copy_to_host(), ref[0], rtol=1e-6, atol=1e-7)

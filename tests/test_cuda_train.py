@@ -51,6 +51,17 @@ def test_device_training_runs_and_repeats(micro_data, tmp_path):
     assert states[0][1] == states[1][1]
 
 
+def test_cuda_graph_option_names_what_stands_in_the_way(micro_data, tmp_path):
+    """--cuda-graph on is refused with a reason where a step cannot be captured (here: the
+    simulator; on a GPU also samplers with per-step random keys, several shards, a window schedule)."""
+    cfg = Config(data=str(micro_data), arch="4C3-MP2-8FC", sampler="bop", epochs=1, batch_size=16,
+                 device="cuda", cuda_graph="on").resolve()
+    run = RunDir(tmp_path / "g")
+    run.create(cfg)
+    with pytest.raises(ValueError, match="--cuda-graph on needs --device cuda on a GPU"):
+        Trainer(cfg, run, progress=False)
+
+
 def test_device_training_over_shards(micro_data, tmp_path):
     """grad_shards=2 on the device path: kept shard copies, device sums and division, running
     statistics moved by their own kernel (one run: the simulator takes minutes per run)."""

@@ -140,3 +140,28 @@ def test_streamed_batches_train_as_the_host_batches_copied_per_step(tiny_data, t
     for k in weights["copy"][0]:
         np.testing.assert_array_equal(weights["stream"][0][k], weights["copy"][0][k])
     assert weights["stream"][1] == weights["copy"][1]
+
+
+def test_cuda_graph_replays_train_as_the_eager_steps(tiny_data, tmp_path):
+    """--cuda-graph on: full batches replayed from one captured step (the short last batch of each
+    epoch eager, evaluation between epochs, checkpoints) give the eager run's weights, batch-norm
+    state and metrics, bit for bit; and the graph did replace the steps."""
+    from ternet.config import Config
+    from ternet.run import RunDir
+    from ternet.train import Trainer
+    out = {}
+    for graph in ("off", "on"):
+        cfg = Config(data=str(tiny_data), arch="64C3-MP2-64C3-MP2-64FC", sampler="bop", epochs=3, batch_size=64,
+                     augment="crop", cutout=6, cuda_graph=graph, ckpt_every=5, device="cuda").resolve()
+        run = RunDir(tmp_path / graph)
+        run.create(cfg)
+        t = Trainer(cfg, run, progress=False)
+        t.fit()
+        if graph == "on":
+            assert t.graph.failed is None and t.graph.graph is not None and t.graph.calls == 3 * (400 // 64)
+        sd = t.model.state_dict()
+        out[graph] = (sd, run.metrics_path.read_bytes())
+    for group in ("weights", "real", "buffers"):
+        for k in out["off"][0][group]:
+            np.testing.assert_array_equal(out["on"][0][group][k], out["off"][0][group][k])
+    assert out["on"][1] == out["off"][1]

@@ -19,6 +19,7 @@ from numba import cuda
 
 from . import SIMULATOR, THREADS, check, empty, flat, fresh, grid1d, on_device, scratch, view, zeros
 from .activation import ActSaved, bit_of, num_words, pack_tile, ternary_backward, ternary_forward
+from .elementwise import copy
 from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize, ternarize,
                      window_grad)
 
@@ -544,8 +545,8 @@ def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, i
     cg, cb = gamma, beta
     if not rect:   # the backward needs this step's gamma, beta, even if an optimizer updates them first
         cg, cb = buffers("bn_act.gamma", gamma.size, np.float32), buffers("bn_act.beta", beta.size, np.float32)
-        cg.copy_to_device(gamma)
-        cb.copy_to_device(beta)
+        copy(cg, gamma)
+        copy(cb, beta)
     r32, a32 = np.float32(r), np.float32(a)
     _bn_act_fwd_cuda[grid1d(n)](flat(inp), mean, invstd, gamma, beta, r32, a32, shape, s, flat(out), xq, xf, bits)
     return BNActSaved(xq=xq, xf=xf, s=s, mean=mean, invstd=invstd, bits=bits, cg=cg, cb=cb, r=r32, a=a32,

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import flat, grid1d, on_device
+from . import check, flat, grid1d, on_device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,6 +45,12 @@ def _add_cuda(a, b, out):
 
 
 @cuda.jit
+def _copy_cuda(a, out):
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        out[i] = a[i]
+
+
+@cuda.jit
 def _div_cuda(a, d, out):
     for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         out[i] = a[i] / d
@@ -57,7 +63,8 @@ def _fill_cuda(out, value):
 
 
 @cuda.jit
-def _adam_cuda(p, g, m, v, lr, b1, b2, c1, c2, eps):
+def _adam_cuda(p, g, m, v, hp, b1, b2, eps):
+    lr, c1, c2 = hp[0], hp[1], hp[2]       # this step's values (put_scalars), read on the device
     for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
         mi = b1 * m[i] + (1 - b1) * g[i]
         vi = b2 * v[i] + (1 - b2) * g[i] * g[i]
@@ -67,11 +74,33 @@ def _adam_cuda(p, g, m, v, lr, b1, b2, c1, c2, eps):
 
 
 @cuda.jit
-def _sgd_cuda(p, g, buf, lr, mu):
+def _sgd_cuda(p, g, buf, hp, mu):
+    lr = hp[0]
     for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
         b = mu * buf[i] + g[i]
         buf[i] = b
         p[i] -= lr * b
+
+
+@cuda.jit
+def _put_cuda(out, n, v0, v1, v2, v3, v4, v5, v6, v7):
+    if cuda.grid(1) == 0:
+        if n > 0:
+            out[0] = v0
+        if n > 1:
+            out[1] = v1
+        if n > 2:
+            out[2] = v2
+        if n > 3:
+            out[3] = v3
+        if n > 4:
+            out[4] = v4
+        if n > 5:
+            out[5] = v5
+        if n > 6:
+            out[6] = v6
+        if n > 7:
+            out[7] = v7
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,6 +112,15 @@ def add_forward(out, a, b):
         _add_cuda[grid1d(out.size)](flat(a), flat(b), flat(out))
         return
     _add(a.reshape(-1), b.reshape(-1), out.reshape(-1))
+
+
+def copy(out, a):
+    """out[...] = a (one shape and dtype). On the GPU a kernel, not a driver copy: it queues like
+    any launch, and a captured CUDA graph (ternet.cuda_graph) records it."""
+    if on_device(out, a):
+        _copy_cuda[grid1d(out.size)](flat(a), flat(out))
+        return
+    out[...] = a
 
 
 def fill(out, value):
@@ -102,18 +140,46 @@ def divide(out, a, d):
     np.divide(a, d, out=out)
 
 
-def adam_update(p, g, m, v, lr, b1, b2, c1, c2, eps):
+def adam_update(p, g, m, v, lr, b1, b2, c1, c2, eps, hp=None):
     """In place: Adam moments m, v advance with g; p -= lr * (m / c1) / (sqrt(v / c2) + eps)
-    (c1, c2 the bias corrections). float32 arrays of one shape."""
+    (c1, c2 the bias corrections). float32 arrays of one shape. On the GPU the kernel reads
+    (lr, c1, c2) from hp, a float32 device array the caller filled with put_scalars (None: filled
+    here), so that a captured CUDA graph reads each step's values (ternet.cuda_graph)."""
     if on_device(p, g, m, v):
-        _adam_cuda[grid1d(p.size)](p, g, m, v, lr, b1, b2, c1, c2, eps)
+        hp = device_scalars(lr, c1, c2) if hp is None else hp
+        _adam_cuda[grid1d(p.size)](p, g, m, v, hp, b1, b2, eps)
         return
     _adam(p, g, m, v, lr, b1, b2, c1, c2, eps)
 
 
-def sgd_update(p, g, buf, lr, mu):
-    """In place: buf = mu * buf + g; p -= lr * buf."""
+def sgd_update(p, g, buf, lr, mu, hp=None):
+    """In place: buf = mu * buf + g; p -= lr * buf. On the GPU lr is read from hp[0] (as adam_update)."""
     if on_device(p, g, buf):
-        _sgd_cuda[grid1d(p.size)](p, g, buf, lr, mu)
+        hp = device_scalars(lr) if hp is None else hp
+        _sgd_cuda[grid1d(p.size)](p, g, buf, hp, mu)
         return
     _sgd(p, g, buf, lr, mu)
+
+
+PUT_MAX = 8
+
+
+def put_scalars(out, *values):
+    """out[:len(values)] = values as float32 (at most PUT_MAX). On the GPU by a one-thread launch,
+    queued in stream order like any kernel: how a step's per-step values (learning rate, Adam's
+    bias corrections, a sampler's annealed settings) reach kernels that read them from device
+    memory, without a host-to-device copy that would wait for the GPU."""
+    check(len(values) <= PUT_MAX and len(values) <= out.size,
+          f"put_scalars: {len(values)} values for {out.size} slots (at most {PUT_MAX})")
+    vals = [np.float32(v) for v in values]
+    if on_device(out):
+        _put_cuda[1, 1](out, np.int64(len(vals)), *vals, *[np.float32(0)] * (PUT_MAX - len(vals)))
+        return
+    out[:len(vals)] = vals
+
+
+def device_scalars(*values):
+    """A new float32 device array holding values (put_scalars)."""
+    out = cuda.device_array(max(1, len(values)), np.float32)
+    put_scalars(out, *values)
+    return out

@@ -46,6 +46,7 @@ _ATTR = _LAUNCH_ATTR        # where an array keeps its description (kernels.view
 _state = {"installed": False, "original": None}
 _PLANS = {}
 _tls = threading.local()
+_capturing = None           # the ternet.cuda_graph.Graph being captured on this process, if any
 
 
 def param_codes(argument_types):
@@ -183,6 +184,8 @@ class _Launch:
 
     def __call__(self, *args):
         flat = flatten(args)
+        if _capturing is not None:
+            return self._captured(args, flat)
         if flat is not None:
             keys, vals = flat
             plan = _PLANS.get((self.dispatcher, keys))
@@ -200,6 +203,36 @@ class _Launch:
                 _PLANS[(self.dispatcher, keys)] = _make_plan(self.dispatcher, args, vals)
                 return None
         return _state["original"](self.dispatcher, self.cfg)(*args)
+
+    def _captured(self, args, flat):
+        """A launch while a CUDA graph is captured: only a proven plan may run (it launches on the
+        capture stream, _stream0); numba's own path would launch on the legacy default stream,
+        outside the graph, so it is refused. The graph keeps the arrays it reads alive."""
+        plan = _PLANS.get((self.dispatcher, flat[0])) if flat is not None else None
+        if not (plan and plan.proven):
+            raise RuntimeError(f"kernel {getattr(self.dispatcher, '__name__', self.dispatcher)} has no proven "
+                               "planned launch for these arguments; it cannot be captured into a CUDA graph")
+        _capturing.hold(args)
+        return plan.launch(self.grid, self.block, flat[1])
+
+
+class capturing:
+    """with capturing(stream, graph): planned launches go to `stream` (a CUstream being captured)
+    and report their arguments to graph.hold(args); any other launch raises."""
+
+    def __init__(self, stream, graph):
+        self.stream, self.graph = stream, graph
+
+    def __enter__(self):
+        global _capturing
+        if _capturing is not None:
+            raise RuntimeError("a CUDA graph is already being captured")
+        _stream0()
+        self.saved, _tls.stream, _capturing = _tls.stream, self.stream, self.graph
+
+    def __exit__(self, *exc):
+        global _capturing
+        _tls.stream, _capturing = self.saved, None
 
 
 _LAUNCHES = {}      # (dispatcher, launch configuration) -> _Launch: a step repeats the same few hundred

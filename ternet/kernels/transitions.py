@@ -11,6 +11,7 @@ import numpy as np
 from numba import cuda
 
 from . import check, flat, grid1d, on_device
+from .elementwise import device_scalars
 from .scalar import adam_dw, adam_moments, bop_step, dst_may_move, dst_target, mh_step, rms_lr, sgd_dw, uniform
 
 CHUNKS = 64
@@ -175,7 +176,8 @@ def _metropolis_cuda(q, g, mom, vel, adam, lr, b1, b2, c1, c2, aeps, qmax, m, ep
 
 
 @cuda.jit
-def _bop_cuda(q, g, mom, vel, gamma, gamma2, thr, norm, reset, qmax, counts):
+def _bop_cuda(q, g, mom, vel, hp, gamma2, norm, reset, qmax, counts):
+    gamma, thr = hp[0], hp[1]      # this step's values (put_scalars), read on the device
     flips = 0
     for i in range(cuda.grid(1), q.size, cuda.gridsize(1)):
         old = q[i]
@@ -256,20 +258,23 @@ def metropolis(q, g, mom, vel, keys, counts, *, lr, qmax, m, eps, dst_on, h, tem
     counts[1:5] += part
 
 
-def bop(q, g, mom, vel, counts, *, gamma, thr, qmax, gamma2=1e-3, reset=True):
+def bop(q, g, mom, vel, counts, *, gamma, thr, qmax, gamma2=1e-3, reset=True, hp=None):
     """In place: one Bop-ternary update of every weight (kernels.scalar.bop_step). mom float32
     (q's shape) is the momentum; vel float32 the second moment when normalising (None: no
-    normalisation). Accumulates the number of state changes into counts[0]."""
+    normalisation). Accumulates the number of state changes into counts[0]. On the GPU the
+    kernel reads (gamma, thr) from hp, a float32 device array the caller filled with
+    elementwise.put_scalars (None: filled here), so a captured CUDA graph reads each step's."""
     check(q.shape == g.shape == mom.shape and q.dtype == np.int8, "bop: shape or dtype mismatch")
     norm = vel is not None
     dev = on_device(q, g, mom, vel, counts)
     if not norm:
         vel = _dummy(dev)
-    args = (np.float32(gamma), np.float32(gamma2), np.float32(thr), np.int64(norm), np.int64(reset), qmax)
+    tail = (np.int64(norm), np.int64(reset), qmax)
     if dev:
-        _bop_cuda[grid1d(q.size)](*_flat(q, g, mom, vel), *args, counts)
+        hp = device_scalars(gamma, thr) if hp is None else hp
+        _bop_cuda[grid1d(q.size)](*_flat(q, g, mom, vel), hp, np.float32(gamma2), *tail, counts)
         return
-    counts[0] += _bop(*_flat(q, g, mom, vel), *args)
+    counts[0] += _bop(*_flat(q, g, mom, vel), np.float32(gamma), np.float32(gamma2), np.float32(thr), *tail)
 
 
 _DUMMIES = {}
