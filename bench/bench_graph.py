@@ -1,7 +1,8 @@
 """The trainer's GPU step with and without --cuda-graph (ternet/cuda_graph.py), in one process.
 
     python bench/bench_graph.py [--arch vgg-gxnor] [--side 32] [--batch 128] [--images 25600]
-                                [--epochs 3] [--rounds 2]
+                                [--epochs 3] [--rounds 2] [--classes 10]
+    python bench/bench_graph.py --arch resnet18 --side 64 --batch 512 --images 12800 --classes 1000
 
 Packs a synthetic training split (random pixels: the content does not change the speed), then
 trains it with ternet.train.Trainer as `ternet train` would (annealed Bop, crop-flip, cutout 16,
@@ -23,11 +24,12 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 
-def synthetic(folder, side, n):
+def synthetic(folder, side, n, classes=10):
     from data_prep.pack import pack_arrays
     gen = np.random.default_rng(0)
     images = gen.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
-    pack_arrays(folder, {"train": (images, gen.integers(0, 10, n))}, [str(i) for i in range(10)], name="synthetic")
+    pack_arrays(folder, {"train": (images, gen.integers(0, classes, n))}, [str(i) for i in range(classes)],
+                name="synthetic")
     return folder
 
 
@@ -76,10 +78,11 @@ def main():
     ap.add_argument("--images", type=int, default=25600)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--classes", type=int, default=10, help="1000 for resnet18")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = pathlib.Path(d)
-        data = synthetic(tmp / "data", args.side, args.images)
+        data = synthetic(tmp / "data", args.side, args.images, args.classes)
         for r in range(args.rounds):
             weights = {}
             for graph in ("off", "on"):
