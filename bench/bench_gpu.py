@@ -11,6 +11,12 @@ configurations of docs/performance.md. Prints one JSON line per configuration, t
                                               # (ternet/kernels/launch.py; default: planned only)
     python bench/bench_gpu.py --rounds 3      # each configuration 3 times in a row (a fresh model each):
                                               # the median round is reported, all rounds listed
+    python bench/bench_gpu.py --graph both    # eager steps, then the step captured once as a CUDA graph
+                                              # and replayed (ternet/cuda_graph.py; default: eager only)
+
+With --graph, graph_pool_gib is the memory the captured step's own pool reserved (its temporaries,
+reused within the step); peak_gib counts only arrays live between steps there, so the graph's
+footprint is at most their sum.
 
 host_ms is the median time the host spends issuing one step (Python, launches, allocations);
 when it is close to step_ms the GPU is waiting for the host, and the rate moves with the host's
@@ -89,7 +95,7 @@ def host_profile(name, step, t0, steps=10, top=25):
     print(json.dumps({"host_profile": name, "profiled_ms_per_step": round(total, 2), "top": out}), flush=True)
 
 
-def training_step(arch, shape, classes, batch):
+def training_step(arch, shape, classes, batch, use_graph=False):
     """(model, step): a model on the GPU and step(t), the training step the benchmarks time
     (forward, cross-entropy, backward, DST-sgd on the discrete weights, Adam on batch norm) on a
     fixed random batch. bench/host_counts.py counts what the same step does on the host."""
@@ -101,6 +107,8 @@ def training_step(arch, shape, classes, batch):
     from ternet.optim import RealOptimizer
     from ternet.samplers import DST
     from ternet.schedules import Schedule
+    from ternet.cuda_graph import StepGraph
+    from ternet.kernels.elementwise import put_scalars
     rng = np.random.default_rng(0)
     model = Model(arch, shape, classes, seed=0).to(True)
     x = cuda.to_device(rng.standard_normal((batch,) + shape).astype(np.float32))
@@ -109,19 +117,31 @@ def training_step(arch, shape, classes, batch):
     opt = RealOptimizer("adam")
     acc = zeros((2,), np.float64, True)
     tparams = model.tparams()
+    hp = empty((3 + 3,), np.float32, True)        # as the trainer: the per-step values on the device
+    now = [0]
+
+    def body(xb, yb):
+        t = now[0]
+        logits = model.forward(xb, train=True)
+        d = empty(logits.shape, np.float32, True)
+        loss_forward_backward(d, logits, yb, "xent", acc)
+        model.backward(d)
+        sampler.step(tparams, [p.grad for p in tparams], t, hp=hp[:3])
+        opt.step(model.reals, 0.01, t + 1, hp=hp[3:])
+
+    graph = StepGraph(body, rows=batch) if use_graph else None
 
     def step(t):
-        logits = model.forward(x, train=True)
-        d = empty(logits.shape, np.float32, True)
-        loss_forward_backward(d, logits, y, "xent", acc)
-        model.backward(d)
-        sampler.step(tparams, [p.grad for p in tparams], t)
-        opt.step(model.reals, 0.01, t + 1)
+        now[0] = t
+        put_scalars(hp, *sampler.scalars(t), *opt.scalars(0.01, t + 1))
+        sampler.prepare(t, len(tparams))
+        (graph or body)(x, y)
 
+    step.graph = graph
     return model, step
 
 
-def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False):
+def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False, graph=False):
     from numba import cuda
 
     from ternet import cuda_memory
@@ -131,7 +151,7 @@ def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False):
     launch.install() if fast else launch.uninstall()
     gc.collect()                      # the previous round's model is gone before this one's is built
     held_before = cuda_memory.in_use_bytes()
-    model, step = training_step(arch, shape, classes, batch)
+    model, step = training_step(arch, shape, classes, batch, graph)
     for t in range(warm):
         step(t)
     cuda.synchronize()
@@ -149,30 +169,34 @@ def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False):
     times.sort()
     host.sort()
     med = times[len(times) // 2]
-    if hprof:
+    if hprof and not graph:
         host_profile(name, step, warm + steps)
-    if prof:
+    if prof and not graph:
         total, parts = profile(model, step, warm + steps)
         print(json.dumps({"profile": name, "synced_step_ms": round(total, 2), **parts}), flush=True)
-    return dict(impl="ternet", launch="planned" if fast else "numba", model=name, batch=batch, step_ms=round(med, 3),
+    return dict(impl="ternet", launch="graph" if graph else "planned" if fast else "numba", model=name, batch=batch, step_ms=round(med, 3),
                 host_ms=round(host[len(host) // 2], 3), img_per_s=round(batch / med * 1e3, 1),
                 peak_gib=round(cuda_memory.peak_bytes() / 2 ** 30, 3),
-                held_before_gib=round(held_before / 2 ** 30, 3), **(launch.stats() if fast else {}))
+                held_before_gib=round(held_before / 2 ** 30, 3), **(launch.stats() if fast else {}),
+                **({"graph_pool_gib": round(sum(n for _, n in (step.graph.graph.pool.spans if step.graph.graph else ())) / 2 ** 30, 3),
+                    "capture_failed": step.graph.failed} if graph else {}))
 
 
 if __name__ == "__main__":
     prof = "--profile" in sys.argv
     mode = sys.argv[sys.argv.index("--launch") + 1] if "--launch" in sys.argv else "planned"
-    modes = {"planned": [True], "numba": [False], "both": [False, True]}[mode]
-    values = {i + 1 for i, a in enumerate(sys.argv) if a in ("--launch", "--rounds")}    # option arguments
+    modes = [(f, False) for f in {"planned": [True], "numba": [False], "both": [False, True]}[mode]]
+    gmode = sys.argv[sys.argv.index("--graph") + 1] if "--graph" in sys.argv else "off"
+    modes = {"off": modes, "on": [(True, True)], "both": modes + [(True, True)]}[gmode]
+    values = {i + 1 for i, a in enumerate(sys.argv) if a in ("--launch", "--rounds", "--graph")}   # option arguments
     which = [a for i, a in enumerate(sys.argv) if i and i not in values and not a.startswith("--")] or list(CONFIGS)
     rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 1
     rows = []
     for name in which:
-        for fast in modes:
+        for fast, graph in modes:
             t0 = time.time()
-            recs = [bench(name, prof=prof and r == 0, fast=fast, hprof="--host-profile" in sys.argv and fast and r == 0)
-                    for r in range(rounds)]
+            recs = [bench(name, prof=prof and r == 0, fast=fast, hprof="--host-profile" in sys.argv and fast and r == 0,
+                          graph=graph) for r in range(rounds)]
             rec = dict(sorted(recs, key=lambda x: x["img_per_s"])[(rounds - 1) // 2])   # the median (lower) round
             if rounds > 1:
                 rec["img_per_s_rounds"] = [x["img_per_s"] for x in recs]

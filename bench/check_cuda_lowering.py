@@ -16,11 +16,12 @@ from ternet.kernels import transitions as T   # noqa: E402
 
 f32, i64, u64, i8 = types.float32, types.int64, types.uint64, types.int8
 SIGS = {
-    "_dst_sgd_cuda": (i8[:], f32[:], f32, types.float64[:], i64, f32, i64, f32, u64, i64[:]),
-    "_dst_adam_cuda": (i8[:], f32[:], f32[:], f32[:], *([f32] * 6), i64, f32, u64, i64[:]),
+    "_dst_sgd_cuda": (i8[:], f32[:], f32[:], types.float64[:], i64, i64, u64[:], i64, i64[:]),
+    "_dst_adam_cuda": (i8[:], f32[:], f32[:], f32[:], f32[:], f32, f32, f32, i64, u64[:], i64, i64[:]),
+    "_step_keys_cuda": (u64[:], u64, u64),
     "_metropolis_cuda": (i8[:], f32[:], f32[:], f32[:], i64, *([f32] * 6), i64, f32, f32, i64, f32, f32,
                          u64, u64, u64, i64[:]),
-    "_bop_cuda": (i8[:], f32[:], f32[:], f32[:], f32, f32, f32, i64, i64, i64, i64[:]),
+    "_bop_cuda": (i8[:], f32[:], f32[:], f32[:], f32[:], f32, i64, i64, i64, i64[:]),
 }
 KERNELS = {name: (getattr(T, name), sig) for name, sig in SIGS.items()}
 KERNELS["_cutout_cuda"] = (D._cutout_cuda, (i64[:], i64[:], i64, f32[:], types.Array(f32, 4, "C")))

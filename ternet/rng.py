@@ -19,10 +19,16 @@ def _splitmix64(z):
     return z ^ (z >> 31)
 
 
+def stream_base(seed, name):
+    """The stream's key before its counters (an int): stream_key(seed, name, t, i) is
+    SplitMix64(SplitMix64(base ^ t) ^ i), which the GPU computes from it too
+    (kernels.transitions.step_keys)."""
+    return _splitmix64(_splitmix64(int(seed) & _MASK) ^ zlib.crc32(name.encode()))
+
+
 def stream_key(seed, name, *counters):
     """uint64 key for the stream `name` of run seed `seed` at the given counters (e.g. step)."""
-    z = _splitmix64(int(seed) & _MASK)
-    z = _splitmix64(z ^ zlib.crc32(name.encode()))
+    z = stream_base(seed, name)
     for c in counters:
         z = _splitmix64(z ^ (int(c) & _MASK))
     return np.uint64(z)

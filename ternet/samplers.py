@@ -19,10 +19,10 @@ import math
 
 import numpy as np
 
-from .kernels import on_device, zeros
+from .kernels import empty, on_device, zeros
 from .kernels.stats import sum_squares
-from .kernels.transitions import bop, dst_adam, dst_sgd, metropolis
-from .rng import stream_key
+from .kernels.transitions import bop, dst_adam, dst_sgd, metropolis, step_keys
+from .rng import stream_base, stream_key
 from .schedules import KINDS, AdaptiveTemperature, Schedule
 
 REGISTRY = {}
@@ -93,6 +93,10 @@ class Sampler:
         """The per-step values of step t the device kernels read from hp (GRAPH samplers)."""
         return ()
 
+    def prepare(self, t, n):
+        """Before step t's launches on the GPU, with n weight tensors: per-step device state that
+        is not in hp (DST: the step's transition keys, one launch). Nothing by default."""
+
     def summarize(self, row, n_weights, steps, layer=None):
         """Per-layer rates for the metrics from one layer's counters over `steps` steps."""
         return {"flip_rate": row[0] / (n_weights * steps)}
@@ -158,12 +162,27 @@ class DST(Sampler):
             raise ValueError(f"dst: --set decay={self.opts['decay']}; use a finite value >= 0 (0: no decay)")
         if self.opts["decay"] and source != "sgd":
             raise ValueError("dst: --set decay adds to the sgd step; drop it or use --source sgd")
-        self.sumsq = None
+        self.sumsq = self.dkeys = None
+        self.base = stream_base(seed, "transition")
+
+    GRAPH = True        # lr(t), m(t) (and Adam's corrections) come from hp, the keys from prepare()
+
+    def scalars(self, t):
+        lr, m, o = self.lr(t), self.m(t), self.opts
+        if self.source == "sgd":
+            return lr, m, lr * o["decay"]
+        return lr, m, 1 - o["beta1"] ** (t + 1), 1 - o["beta2"] ** (t + 1)
+
+    def prepare(self, t, n):
+        if self.dkeys is None or self.dkeys.size != n:
+            self.dkeys = empty((n,), np.uint64, True)
+        step_keys(self.dkeys, self.base, t)        # = self.key(t, i) for every tensor i, on the GPU
 
     def step(self, states, grads, t, hp=None):
         lr, m, counts, o = self.lr(t), self.m(t), self.counters(states), self.opts
         if o["norm"] == "rms" and self.sumsq is None:      # one float64 per layer, on the weights' side
             self.sumsq = zeros((len(states),), np.float64, on_device(states[0].q))
+        dev = {} if hp is None else {"hp": hp, "keys": self.dkeys}
         for i, (p, g) in enumerate(zip(states, grads)):
             key = self.key(t, i)
             if self.source == "sgd":
@@ -171,10 +190,10 @@ class DST(Sampler):
                 if self.sumsq is not None:
                     ss = self.sumsq[i:i + 1]
                     sum_squares(g, ss)
-                dst_sgd(p.q, g, lr, p.qmax, m, key, counts[i], ss=ss, decay=lr * o["decay"])
+                dst_sgd(p.q, g, lr, p.qmax, m, key, counts[i], ss=ss, decay=lr * o["decay"], ki=i, **dev)
             else:
                 dst_adam(p.q, g, self.slot(p, "adam_m"), self.slot(p, "adam_v"), lr, t + 1, p.qmax, m, key,
-                         counts[i], b1=o["beta1"], b2=o["beta2"])
+                         counts[i], b1=o["beta1"], b2=o["beta2"], ki=i, **dev)
         return counts
 
 

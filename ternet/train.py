@@ -149,8 +149,8 @@ class Trainer:
         from .kernels import SIMULATOR, launch
         why = ("needs --device cuda on a GPU" if not self.device or SIMULATOR else
                "needs the planned launches (unset TERNET_FAST_LAUNCH=0)" if not launch.install() else
-               f"does not support --sampler {self.cfg.sampler}: its kernels take per-step values (random keys) as "
-               "launch arguments; use --sampler bop" if not self.sampler.GRAPH else
+               f"does not support --sampler {self.cfg.sampler}: its kernels take per-step values (random keys, "
+               "temperatures) as launch arguments; use --sampler bop or dst" if not self.sampler.GRAPH else
                "needs one process and --grad-shards 1" if self.sharded is not None else
                "does not support an annealed activation window (--set a_end)" if self.window is not None else "")
         if why:
@@ -164,6 +164,7 @@ class Trainer:
             set_window(self.model, self.window(t))
         if self.hp is not None:      # one launch writes every per-step value the update kernels read
             put_scalars(self.hp, *self.sampler.scalars(t), *self.optimizer.scalars(self._bn_lr(t), t + 1))
+            self.sampler.prepare(t, len(self.tparams))
         if self.graph is not None:
             self.graph(x, y)
         else:

@@ -53,13 +53,14 @@ def test_device_training_runs_and_repeats(micro_data, tmp_path):
 
 def test_cuda_graph_option_names_what_stands_in_the_way(micro_data, tmp_path):
     """--cuda-graph on is refused with a reason where a step cannot be captured: under the
-    simulator always; on a GPU with a sampler whose kernels take per-step random keys (dst)."""
+    simulator always; on a GPU with a sampler whose kernels take per-step values as launch
+    arguments (metropolis)."""
     from ternet.kernels import SIMULATOR
-    cfg = Config(data=str(micro_data), arch="4C3-MP2-8FC", sampler="dst", epochs=1, batch_size=16,
+    cfg = Config(data=str(micro_data), arch="4C3-MP2-8FC", sampler="metropolis", epochs=1, batch_size=16,
                  device="cuda", cuda_graph="on").resolve()
     run = RunDir(tmp_path / "g")
     run.create(cfg)
-    why = "needs --device cuda on a GPU" if SIMULATOR else "does not support --sampler dst"
+    why = "needs --device cuda on a GPU" if SIMULATOR else "does not support --sampler metropolis"
     with pytest.raises(ValueError, match=f"--cuda-graph on {why}.*leave --cuda-graph off"):
         Trainer(cfg, run, progress=False)
 

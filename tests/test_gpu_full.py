@@ -142,17 +142,21 @@ def test_streamed_batches_train_as_the_host_batches_copied_per_step(tiny_data, t
     assert weights["stream"][1] == weights["copy"][1]
 
 
-def test_cuda_graph_replays_train_as_the_eager_steps(tiny_data, tmp_path):
+@pytest.mark.parametrize("sampler,source,extra", [("bop", "sgd", ()), ("dst", "sgd", (("decay", 0.1), ("norm", "rms"))),
+                                                  ("dst", "adam", ())])
+def test_cuda_graph_replays_train_as_the_eager_steps(tiny_data, tmp_path, sampler, source, extra):
     """--cuda-graph on: full batches replayed from one captured step (the short last batch of each
     epoch eager, evaluation between epochs, checkpoints) give the eager run's weights, batch-norm
-    state and metrics, bit for bit; and the graph did replace the steps."""
+    state and metrics, bit for bit; and the graph did replace the steps. DST's transition keys
+    and schedules come from device memory refreshed before each replay."""
     from ternet.config import Config
     from ternet.run import RunDir
     from ternet.train import Trainer
     out = {}
     for graph in ("off", "on"):
-        cfg = Config(data=str(tiny_data), arch="64C3-MP2-64C3-MP2-64FC", sampler="bop", epochs=3, batch_size=64,
-                     augment="crop", cutout=6, cuda_graph=graph, ckpt_every=5, device="cuda").resolve()
+        cfg = Config(data=str(tiny_data), arch="64C3-MP2-64C3-MP2-64FC", sampler=sampler, source=source, extra=extra,
+                     epochs=3, batch_size=64, lr_schedule="cosine", augment="crop", cutout=6, cuda_graph=graph,
+                     ckpt_every=5, device="cuda").resolve()
         run = RunDir(tmp_path / graph)
         run.create(cfg)
         t = Trainer(cfg, run, progress=False)

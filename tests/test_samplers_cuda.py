@@ -87,3 +87,19 @@ def test_grid_stride_and_sampler_on_device():
         for a, b in zip(out[0][0], out[1][0]):
             np.testing.assert_array_equal(a, b)
         assert out[0][1] == out[1][1] and out[0][2] == out[1][2]
+
+
+def test_step_keys_are_the_host_stream_keys():
+    """step_keys (one launch per step) gives every tensor's transition key as rng.stream_key does
+    on the host: the keys DST's kernels read from device memory are the ones it passed before."""
+    from numba import cuda
+    from ternet.kernels.transitions import step_keys
+    from ternet.rng import stream_base, stream_key
+    for seed, t in ((0, 0), (7, 12345), (2 ** 40 + 3, 2 ** 33 + 1)):
+        want = np.array([stream_key(seed, "transition", t, i) for i in range(70)], np.uint64)
+        host = np.zeros(70, np.uint64)
+        step_keys(host, stream_base(seed, "transition"), t)
+        dev = cuda.to_device(np.zeros(70, np.uint64))
+        step_keys(dev, stream_base(seed, "transition"), t)
+        np.testing.assert_array_equal(host, want)
+        np.testing.assert_array_equal(dev.copy_to_host(), want)

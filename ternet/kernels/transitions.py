@@ -12,7 +12,8 @@ from numba import cuda
 
 from . import check, flat, grid1d, on_device
 from .elementwise import device_scalars
-from .scalar import adam_dw, adam_moments, bop_step, dst_may_move, dst_target, mh_step, rms_lr, sgd_dw, uniform
+from .scalar import (U64, adam_dw, adam_moments, bop_step, dst_may_move, dst_target, mh_step, rms_lr, sgd_dw,
+                     splitmix64, uniform)
 
 CHUNKS = 64
 MH_COUNTERS = 4       # proposals, accepts, uphill proposals, uphill accepts (accepts = flips)
@@ -118,8 +119,31 @@ def _bop(q, g, mom, vel, gamma, gamma2, thr, norm, reset, qmax):
 # locally and adds them with one integer atomic per counter (integer sums are exact, so the
 # totals do not depend on the order)
 
+@numba.njit(cache=True)
+def _step_keys(keys, base, t):
+    for i in range(keys.size):
+        keys[i] = splitmix64(splitmix64(base ^ t) ^ U64(i))
+
+
 @cuda.jit
-def _dst_sgd_cuda(q, g, lr, ss, norm, decay, qmax, m, key, counts):
+def _step_keys_cuda(keys, base, t):
+    for i in range(cuda.grid(1), keys.size, cuda.gridsize(1)):
+        keys[i] = splitmix64(splitmix64(base ^ t) ^ U64(i))
+
+
+@cuda.jit
+def _put_key_cuda(out, key):
+    if cuda.grid(1) == 0:
+        out[0] = key
+
+
+# The DST kernels read this step's values from device memory: hp = (lr, m, decay) for the sgd
+# source, (lr, m, c1, c2) for adam (elementwise.put_scalars), and the tensor's transition key
+# keys[ki] (step_keys), so that a captured CUDA graph replays with each step's (ternet.cuda_graph).
+
+@cuda.jit
+def _dst_sgd_cuda(q, g, hp, ss, norm, qmax, keys, ki, counts):
+    lr, m, decay, key = hp[0], hp[1], hp[2], keys[ki]
     if norm:
         lr = rms_lr(lr, ss[0], q.size)
     flips = 0
@@ -134,7 +158,8 @@ def _dst_sgd_cuda(q, g, lr, ss, norm, decay, qmax, m, key, counts):
 
 
 @cuda.jit
-def _dst_adam_cuda(q, g, mom, vel, lr, b1, b2, c1, c2, eps, qmax, m, key, counts):
+def _dst_adam_cuda(q, g, mom, vel, hp, b1, b2, eps, qmax, keys, ki, counts):
+    lr, m, c1, c2, key = hp[0], hp[1], hp[2], hp[3], keys[ki]
     flips = 0
     for i in range(cuda.grid(1), q.size, cuda.gridsize(1)):
         mo, ve = adam_moments(g[i], mom[i], vel[i], b1, b2)
@@ -200,34 +225,57 @@ def _flat(*arrays):
 # ----------------------------------------------------------------------------------------------
 # launchers (in place on q and the per-weight buffers; counters are accumulated, never reset)
 
-def dst_sgd(q, g, lr, qmax, m, key, counts, ss=None, decay=0.0):
+def step_keys(keys, base, t):
+    """keys[i] = rng.stream_key(seed, name, t, i) for every i, given base = rng.stream_base(seed,
+    name): a step's transition keys, one per weight tensor, made where keys lives (on the GPU by
+    one launch, which a replayed CUDA graph's step is preceded by)."""
+    if on_device(keys):
+        _step_keys_cuda[grid1d(keys.size)](keys, np.uint64(base), np.uint64(t))
+        return
+    _step_keys(keys, np.uint64(base), np.uint64(t))
+
+
+def _device_key(key):
+    out = cuda.device_array(1, np.uint64)
+    _put_key_cuda[1, 1](out, np.uint64(key))
+    return out
+
+
+def dst_sgd(q, g, lr, qmax, m, key, counts, ss=None, decay=0.0, hp=None, keys=None, ki=0):
     """In place: q <- DST(q, dW = -lr * g - decay * q / qmax). q int8 (any shape), g float32 (same
     shape). With ss (float64, one element on q's side: the sum of squares of g, stats.sum_squares)
     the gradient part is normalised by the layer's gradient rms: -lr * g / rms(g) (scalar.rms_lr);
     the decay part is not. Accumulates the number of weights whose state changed into counts[0]
-    (int64, same side)."""
+    (int64, same side). On the GPU the kernel reads (lr, m, decay) from hp and its key from
+    keys[ki] (device arrays the caller filled, see above; None: filled here from the arguments)."""
     check(q.shape == g.shape and q.dtype == np.int8, "dst_sgd: q must be int8 with g's shape")
     dev = on_device(q, g, counts, ss)
     norm = ss is not None
-    args = (np.float32(lr), ss if norm else _dummy(dev, np.float64), np.int64(norm), np.float32(decay), qmax,
-            np.float32(m), key)
+    ss = ss if norm else _dummy(dev, np.float64)
     if dev:
-        _dst_sgd_cuda[grid1d(q.size)](*_flat(q, g), *args, counts)
+        hp = device_scalars(lr, m, decay) if hp is None else hp
+        keys, ki = (_device_key(key), 0) if keys is None else (keys, ki)
+        _dst_sgd_cuda[grid1d(q.size)](*_flat(q, g), hp, ss, np.int64(norm), qmax, keys, np.int64(ki), counts)
         return
-    counts[0] += _dst_sgd(q.reshape(-1), g.reshape(-1), *args)
+    counts[0] += _dst_sgd(q.reshape(-1), g.reshape(-1), np.float32(lr), ss, np.int64(norm), np.float32(decay), qmax,
+                          np.float32(m), key)
 
 
-def dst_adam(q, g, mom, vel, lr, t, qmax, m, key, counts, b1=0.9, b2=0.999, eps=1e-8):
+def dst_adam(q, g, mom, vel, lr, t, qmax, m, key, counts, b1=0.9, b2=0.999, eps=1e-8, hp=None, keys=None, ki=0):
     """In place: Adam moments (mom, vel, float32) advance with g, then q <- DST(q, dW = Adam step
-    at bias-correction step t >= 1). Accumulates the number of state changes into counts[0]."""
+    at bias-correction step t >= 1). Accumulates the number of state changes into counts[0]. On
+    the GPU the kernel reads (lr, m, c1, c2) from hp (c1, c2 = 1 - b1^t, 1 - b2^t) and its key
+    from keys[ki], as dst_sgd."""
     check(q.shape == g.shape == mom.shape == vel.shape, "dst_adam: shape mismatch")
     c1, c2 = 1 - b1 ** t, 1 - b2 ** t
-    args = (np.float32(lr), np.float32(b1), np.float32(b2), np.float32(c1), np.float32(c2),
-            np.float32(eps), qmax, np.float32(m), key)
     if on_device(q, g, mom, vel, counts):
-        _dst_adam_cuda[grid1d(q.size)](*_flat(q, g, mom, vel), *args, counts)
+        hp = device_scalars(lr, m, c1, c2) if hp is None else hp
+        keys, ki = (_device_key(key), 0) if keys is None else (keys, ki)
+        _dst_adam_cuda[grid1d(q.size)](*_flat(q, g, mom, vel), hp, np.float32(b1), np.float32(b2), np.float32(eps),
+                                       qmax, keys, np.int64(ki), counts)
         return
-    counts[0] += _dst_adam(*_flat(q, g, mom, vel), *args)
+    counts[0] += _dst_adam(*_flat(q, g, mom, vel), np.float32(lr), np.float32(b1), np.float32(b2), np.float32(c1),
+                           np.float32(c2), np.float32(eps), qmax, np.float32(m), key)
 
 
 def metropolis(q, g, mom, vel, keys, counts, *, lr, qmax, m, eps, dst_on, h, temp, t=1,
