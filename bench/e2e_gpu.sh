@@ -7,9 +7,9 @@
 # Two at once on a two-GPU host, each alone on its GPU, with their own folders:
 #   CUDA_VISIBLE_DEVICES=0 OUT=/tmp/e2e-a bash bench/e2e_gpu.sh cifar ... &
 #   CUDA_VISIBLE_DEVICES=1 OUT=/tmp/e2e-b bash bench/e2e_gpu.sh cifar ...
-# Pass --batch-size 256 or more for CIFAR-10: below that the vgg-gxnor step is bound by the host
-# (~26 ms a step at any batch with numba's own launches; less with the planned launches, not yet
-# re-measured for this net at small batches: docs/performance.md).
+# Below batch 256 the vgg-gxnor step is partly bound by the host; --cuda-graph on replays it from a
+# captured CUDA graph (host ~0.3 ms a step; docs/performance.md). In a 600 s device call keep
+# LIMIT <= ~540 so that the preparation and the summary below fit too.
 set -u
 OUT=${OUT:-/tmp/ternet-e2e}
 what=$1; shift
