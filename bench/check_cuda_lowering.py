@@ -12,6 +12,7 @@ from numba import cuda, types
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from ternet import device_data as D   # noqa: E402
+from ternet.kernels import elementwise as E   # noqa: E402
 from ternet.kernels import transitions as T   # noqa: E402
 
 f32, i64, u64, i8 = types.float32, types.int64, types.uint64, types.int8
@@ -24,6 +25,7 @@ SIGS = {
     "_bop_cuda": (i8[:], f32[:], f32[:], f32[:], f32[:], f32, i64, i64, i64, i64[:]),
 }
 KERNELS = {name: (getattr(T, name), sig) for name, sig in SIGS.items()}
+KERNELS["_put_cuda"] = (E._put_cuda, (f32[:], i64, *([f32] * 8)))
 KERNELS["_cutout_cuda"] = (D._cutout_cuda, (i64[:], i64[:], i64, f32[:], types.Array(f32, 4, "C")))
 for name, (kernel, sig) in KERNELS.items():
     try:
