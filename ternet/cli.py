@@ -76,7 +76,7 @@ TRAIN_OPTIONS = [
                                                "it for every full batch (one launch instead of ~100-400 from "
                                                "Python: for small batches, where the host bounds the step). Same "
                                                "results bit for bit. Needs --device cuda, one process, no "
-                                               "--grad-shards, and a sampler that supports it (bop)."),
+                                               "--grad-shards, and a sampler that supports it (bop, dst)."),
     ("log_every", int, "Steps between metrics lines."),
     ("ckpt_every", int, "Steps between mid-epoch checkpoints (0: only at epoch ends)."),
     ("keep_last", int, "Checkpoints to keep."),
