@@ -118,6 +118,7 @@ def training_step(arch, shape, classes, batch, use_graph=False):
     acc = zeros((2,), np.float64, True)
     tparams = model.tparams()
     hp = empty((3 + 3,), np.float32, True)        # as the trainer: the per-step values on the device
+    hp_sampler, hp_opt = hp[:3], hp[3:]           # sliced once: the step reuses the same views
     now = [0]
 
     def body(xb, yb):
@@ -126,8 +127,8 @@ def training_step(arch, shape, classes, batch, use_graph=False):
         d = empty(logits.shape, np.float32, True)
         loss_forward_backward(d, logits, yb, "xent", acc)
         model.backward(d)
-        sampler.step(tparams, [p.grad for p in tparams], t, hp=hp[:3])
-        opt.step(model.reals, 0.01, t + 1, hp=hp[3:])
+        sampler.step(tparams, [p.grad for p in tparams], t, hp=hp_sampler)
+        opt.step(model.reals, 0.01, t + 1, hp=hp_opt)
 
     graph = StepGraph(body, rows=batch) if use_graph else None
 

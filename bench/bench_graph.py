@@ -47,13 +47,19 @@ def run(data, tmp, args, graph, tag):
     t = Trainer(cfg, run, progress=False)
     t.fit()
     cuda.synchronize()
-    rates = [r["img_per_s"] for r in map(json.loads, open(run.timing_path)) if "img_per_s" in r and r["epoch"] >= 1]
+    rate = interval_rate(run)
     host = host_ms(t)
     w = t.model.state_dict()["weights"]
-    rec = dict(arch=args.arch, side=args.side, batch=args.batch, cuda_graph=graph, img_per_s=round(statistics.median(rates), 1),
-               step_ms=round(args.batch / statistics.median(rates) * 1e3, 3), host_ms=host,
+    rec = dict(arch=args.arch, side=args.side, batch=args.batch, cuda_graph=graph, img_per_s=round(rate, 1),
+               step_ms=round(args.batch / rate * 1e3, 3), host_ms=host,
                capture_failed=(t.graph.failed if t.graph is not None else None))
     return rec, w
+
+
+def interval_rate(run):
+    """Median img/s of a run's logged intervals after its first epoch (compilation, capture)."""
+    return statistics.median(r["img_per_s"] for r in map(json.loads, open(run.timing_path))
+                             if "img_per_s" in r and r["epoch"] >= 1)
 
 
 def host_ms(t, steps=50):

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
 
@@ -22,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from bench_graph import synthetic  # noqa: E402
+from bench_graph import interval_rate, synthetic  # noqa: E402
 
 
 def run(data, tmp, args, mode):
@@ -44,9 +43,8 @@ def run(data, tmp, args, mode):
     finally:
         device_data.fits_on_device = real
         os.environ.pop("TERNET_STREAM", None)
-    rates = [r["img_per_s"] for r in map(json.loads, open(run.timing_path)) if "img_per_s" in r and r["epoch"] >= 1]
     return dict(mode=mode, loader=loader, arch=args.arch, side=args.side, batch=args.batch,
-                img_per_s=round(statistics.median(rates), 1)), t.model.state_dict()["weights"]
+                img_per_s=round(interval_rate(run), 1)), t.model.state_dict()["weights"]
 
 
 def main():
