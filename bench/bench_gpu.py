@@ -95,17 +95,18 @@ def host_profile(name, step, t0, steps=10, top=25):
     print(json.dumps({"host_profile": name, "profiled_ms_per_step": round(total, 2), "top": out}), flush=True)
 
 
-def training_step(arch, shape, classes, batch, use_graph=False):
+def training_step(arch, shape, classes, batch, use_graph=False, sampler="dst"):
     """(model, step): a model on the GPU and step(t), the training step the benchmarks time
-    (forward, cross-entropy, backward, DST-sgd on the discrete weights, Adam on batch norm) on a
-    fixed random batch. bench/host_counts.py counts what the same step does on the host."""
+    (forward, cross-entropy, backward, DST-sgd on the discrete weights -- or with sampler="bop"
+    the annealed Bop of ternet train's default --, Adam on batch norm) on a fixed random batch.
+    bench/host_counts.py counts what the same step does on the host."""
     from numba import cuda
 
     from ternet.kernels import empty, zeros
     from ternet.kernels.loss import loss_forward_backward
     from ternet.model import Model
     from ternet.optim import RealOptimizer
-    from ternet.samplers import DST
+    from ternet.samplers import DST, BopTernary
     from ternet.schedules import Schedule
     from ternet.cuda_graph import StepGraph
     from ternet.kernels.elementwise import put_scalars
@@ -113,7 +114,10 @@ def training_step(arch, shape, classes, batch, use_graph=False):
     model = Model(arch, shape, classes, seed=0).to(True)
     x = cuda.to_device(rng.standard_normal((batch,) + shape).astype(np.float32))
     y = cuda.to_device(rng.integers(0, classes, batch).astype(np.int32))
-    sampler = DST(seed=0, lr=Schedule("constant", 20.0), m=Schedule("constant", 3.0), source="sgd")
+    if sampler == "bop":
+        sampler = BopTernary(seed=0, lr=Schedule("constant", 20.0), m=Schedule("constant", 3.0), total=10 ** 6)
+    else:
+        sampler = DST(seed=0, lr=Schedule("constant", 20.0), m=Schedule("constant", 3.0), source="sgd")
     opt = RealOptimizer("adam")
     acc = zeros((2,), np.float64, True)
     tparams = model.tparams()
@@ -134,7 +138,7 @@ def training_step(arch, shape, classes, batch, use_graph=False):
 
     def step(t):
         now[0] = t
-        put_scalars(hp, *sampler.scalars(t), *opt.scalars(0.01, t + 1))
+        put_scalars(hp, *(tuple(sampler.scalars(t)) + (0.0,) * 3)[:3], *opt.scalars(0.01, t + 1))
         sampler.prepare(t, len(tparams))
         (graph or body)(x, y)
 
