@@ -12,6 +12,7 @@ from numba import cuda, types
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from ternet import device_data as D   # noqa: E402
+from ternet.kernels import conv as C   # noqa: E402
 from ternet.kernels import elementwise as E   # noqa: E402
 from ternet.kernels import transitions as T   # noqa: E402
 
@@ -26,6 +27,12 @@ SIGS = {
 }
 KERNELS = {name: (getattr(T, name), sig) for name, sig in SIGS.items()}
 KERNELS["_put_cuda"] = (E._put_cuda, (f32[:], i64, *([f32] * 8)))
+A2, A4 = types.Array(f32, 2, "C"), types.Array(f32, 4, "C")
+KERNELS["_conv_fwd_cuda"] = (C._conv_fwd_cuda, (A4, types.Array(i8, 2, "C"), A2, f32, i64, i64, i64, i64, i64))
+KERNELS["_conv_dw_cuda"] = (C._conv_dw_cuda, (A2, A4, types.Array(f32, 3, "C"), i64, i64, i64, i64, i64, i64))
+from ternet.kernels import conv_tc as TC   # noqa: E402
+KERNELS["_flip_weight_bf16"] = (TC._flip_weight_bf16, (types.Array(i8, 3, "C"), types.Array(types.uint16, 1, "C"),
+                                                      types.Array(types.uint16, 3, "C")))
 KERNELS["_cutout_cuda"] = (D._cutout_cuda, (i64[:], i64[:], i64, f32[:], types.Array(f32, 4, "C")))
 for name, (kernel, sig) in KERNELS.items():
     try:

@@ -52,3 +52,38 @@ def test_linear_cuda_matches_cpu(n, f, k):
     assert_close(gpu[0], cpu[0], 1e-5, 1e-5, "linear dx")
     cpu, gpu = both(lambda dw, dy, x: linear_backward_weight(dw, dy, x), [np.empty((k, f), np.float32)], [dy, x])
     assert_close(gpu[0], cpu[0], 1e-5, 1e-5, "linear dw")
+
+
+@pytest.mark.parametrize("case", [(2, 7, 5, 3, 5, 3, 1, 1), (3, 9, 9, 3, 4, 7, 2, 3), (2, 5, 6, 2, 3, 3, 2, 0)])
+def test_conv_cuda_first_layer_kernels_exact(case, monkeypatch):
+    """The pure-numba kernels (what a 3-channel first layer runs): their rows and columns are
+    stepped from tile to tile, and the weight gradient is split into chunks of rows whose starts
+    fall anywhere in an image. With small-integer inputs every sum is exact, so the results must
+    equal the CPU's exactly, whatever the order."""
+    from ternet.kernels import conv
+    monkeypatch.setattr(conv, "DW_CHUNK", 16)      # many splits on a tiny shape
+    monkeypatch.setattr(conv, "DW_SPLITS", 3)
+    n, h, w, c, k, kk, s, p = case
+    rng = np.random.default_rng(sum(case))
+    x = rng.integers(-3, 4, (n, h, w, c)).astype(np.float32)
+    wq = rng.integers(-1, 2, (k, kk, kk, c)).astype(np.int8)
+    oh, ow = out_size(h, kk, s, p), out_size(w, kk, s, p)
+    cpu, gpu = both(lambda out, x, wq: conv2d_forward(out, x, wq, 1.0, s, p), [np.empty((n, oh, ow, k), np.float32)], [x, wq])
+    assert (cpu[0] == gpu[0]).all(), first_mismatches(gpu[0], cpu[0])
+    dy = rng.integers(-4, 5, (n, oh, ow, k)).astype(np.float32)
+    cpu, gpu = both(lambda dw, dy, x: conv2d_backward_weight(dw, dy, x, s, p), [np.empty(wq.shape, np.float32)], [dy, x])
+    assert (cpu[0] == gpu[0]).all(), first_mismatches(gpu[0], cpu[0])
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 3, 5), (33, 1, 1, 40), (2, 7, 7, 3)])
+def test_flip_weight_bf16_tiles(shape):
+    """The input gradient's weight operand: bf16 bits of scale * w, taps flipped, K and C swapped
+    (tiles of 32 x 32 with edges in both directions)."""
+    from numba import cuda
+
+    from ternet.kernels.conv_tc import flip_weight_bf16
+    rng = np.random.default_rng(sum(shape))
+    w = rng.integers(-1, 2, shape).astype(np.int8)
+    got = flip_weight_bf16(cuda.to_device(w), 0.5).copy_to_host()
+    want = (w.transpose(3, 1, 2, 0)[:, ::-1, ::-1, :].astype(np.float32) * np.float32(0.5)).view(np.uint32) >> 16
+    np.testing.assert_array_equal(got, want.astype(np.uint16))

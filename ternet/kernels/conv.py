@@ -6,7 +6,7 @@ Exercise: pytest tests/test_conv.py.
 """
 import numba
 import numpy as np
-from numba import cuda, float32
+from numba import cuda, float32, int64
 
 from . import check, on_device, scratch, stream_threads, view
 
@@ -109,21 +109,57 @@ def _col2im(dcols, kh, kw, stride, pad, oh_n, ow_n, dx):
 #                            sums a second kernel adds in a fixed order (deterministic)
 
 TM, TN, TK = 64, 64, 16
-DW_CHUNK = 4096      # rows of m per weight-gradient split; fixed, so every GPU sums alike
+DW_CHUNK = 1024      # rows of m per weight-gradient split, at least; a multiple of it, set by
+DW_SPLITS = 128      # the shape alone (so every GPU sums alike), keeps the splits <= DW_SPLITS
 
 
 @cuda.jit(device=True, inline=True)
-def _patch(x, m, r, oh_n, ow_n, kw, stride, pad):
-    # element r = (i, j, ch) of im2col row m = (n, oh, ow); zero outside the image
-    c = x.shape[3]
+def _row_pos(m, oh_n, ow_n):
+    # (n, oh, ow) of im2col row m
     n = m // (oh_n * ow_n)
     rem = m - n * oh_n * ow_n
     oh = rem // ow_n
-    ow = rem - oh * ow_n
+    return n, oh, rem - oh * ow_n
+
+
+@cuda.jit(device=True, inline=True)
+def _row_advance(n, oh, ow, d, oh_n, ow_n):
+    # (n, oh, ow) of row m + d from row m's: adds and compares, no 64-bit division
+    ow += d
+    while ow >= ow_n:
+        ow -= ow_n
+        oh += 1
+        if oh == oh_n:
+            oh = 0
+            n += 1
+    return n, oh, ow
+
+
+@cuda.jit(device=True, inline=True)
+def _tap_pos(r, kw, c):
+    # (i, j, ch) of im2col column r
     i = r // (kw * c)
     rem = r - i * kw * c
     j = rem // c
-    ch = rem - j * c
+    return i, j, rem - j * c
+
+
+@cuda.jit(device=True, inline=True)
+def _tap_advance(i, j, ch, d, kw, c):
+    # (i, j, ch) of column r + d from column r's
+    ch += d
+    while ch >= c:
+        ch -= c
+        j += 1
+        if j == kw:
+            j = 0
+            i += 1
+    return i, j, ch
+
+
+@cuda.jit(device=True, inline=True)
+def _x_at(x, n, oh, ow, i, j, ch, stride, pad):
+    # im2col element (row (n, oh, ow), column (i, j, ch)); zero outside the image
     ih = oh * stride - pad + i
     iw = ow * stride - pad + j
     if ih < 0 or ih >= x.shape[1] or iw < 0 or iw >= x.shape[2]:
@@ -173,26 +209,37 @@ def _zero_acc(acc):
 
 @cuda.jit
 def _conv_fwd_cuda(x, w, out, scale, oh_n, ow_n, kw, stride, pad):
-    # x (N, H, W, C) int8 or float32; w (K, R) int8; out (M, K) float32
+    # x (N, H, W, C) int8 or float32; w (K, R) int8; out (M, K) float32. Each thread loads the
+    # same 4 rows m of the patch tile at every step of r (rows tid // TK + 16 q) and the column
+    # r0 + tid % TK: the rows' positions are found once, the column's advanced by TK per step.
     As = cuda.shared.array((TK, TM), float32)
     Bs = cuda.shared.array((TK, TN), float32)
     acc = cuda.local.array((4, 4), float32)
+    pos = cuda.local.array((4, 3), int64)
     tid = cuda.threadIdx.x
     ty, tx = tid // 16, tid % 16
     m0, k0 = cuda.blockIdx.x * TM, cuda.blockIdx.y * TN
     m_n, k_n, r_n = out.shape[0], out.shape[1], w.shape[1]
+    c = x.shape[3]
+    rr = tid % TK
+    for q in range(4):
+        m = min(m0 + q * 16 + tid // TK, m_n - 1)
+        pos[q, 0], pos[q, 1], pos[q, 2] = _row_pos(m, oh_n, ow_n)
+    i, j, ch = _tap_pos(rr, kw, c)
     _zero_acc(acc)
     for r0 in range(0, r_n, TK):
+        r = r0 + rr
         for q in range(4):
-            e = q * 256 + tid          # consecutive threads take consecutive r: coalesced channels
-            rr, row = e % TK, e // TK
-            m, r = m0 + row, r0 + rr
-            As[rr, row] = _patch(x, m, r, oh_n, ow_n, kw, stride, pad) if m < m_n and r < r_n else float32(0.0)
+            row = q * 16 + tid // TK       # consecutive threads take consecutive r: coalesced channels
+            m = m0 + row
+            As[rr, row] = (_x_at(x, pos[q, 0], pos[q, 1], pos[q, 2], i, j, ch, stride, pad)
+                           if m < m_n and r < r_n else float32(0.0))
             kc = k0 + row
             Bs[rr, row] = float32(w[kc, r]) if kc < k_n and r < r_n else float32(0.0)
         cuda.syncthreads()
         _tile_fma(As, Bs, acc, ty, tx)
         cuda.syncthreads()
+        i, j, ch = _tap_advance(i, j, ch, TK, kw, c)
     for a in range(4):
         m = m0 + ty * 4 + a
         for b in range(4):
@@ -242,26 +289,33 @@ def _conv_dx_cuda(dy, w, dx, scale, h_n, w_n, kw, stride, pad):
 
 @cuda.jit
 def _conv_dw_cuda(dy, x, part, oh_n, ow_n, kw, stride, pad, chunk):
-    # dy (M, K) float32; x (N, H, W, C); part (splits, K, R) float32: split z sums its chunk of m
+    # dy (M, K) float32; x (N, H, W, C); part (splits, K, R) float32: split z sums its chunk of m.
+    # Each thread loads the same column (tid % TM) of both tiles at every step and rows
+    # tid // TM + 4 q: the column's patch position is found once, the rows' advanced by TK per step.
     As = cuda.shared.array((TK, TM), float32)
     Bs = cuda.shared.array((TK, TN), float32)
     acc = cuda.local.array((4, 4), float32)
+    pos = cuda.local.array((4, 3), int64)
     tid = cuda.threadIdx.x
     ty, tx = tid // 16, tid % 16
     k0, r0, z = cuda.blockIdx.x * TM, cuda.blockIdx.y * TN, cuda.blockIdx.z
     m_n, k_n = dy.shape[0], dy.shape[1]
     r_n = part.shape[2]
     m_end = min(m_n, (z + 1) * chunk)
+    col = tid % TM
+    k, r = k0 + col, r0 + col
+    i, j, ch = _tap_pos(min(r, r_n - 1), kw, x.shape[3])
+    for q in range(4):
+        pos[q, 0], pos[q, 1], pos[q, 2] = _row_pos(z * chunk + q * 4 + tid // TM, oh_n, ow_n)
     _zero_acc(acc)
     for mb in range(z * chunk, m_end, TK):
         for q in range(4):
-            e = q * 256 + tid
-            col, mm = e % TM, e // TM     # consecutive threads: consecutive k of dy, r of the patch
+            mm = q * 4 + tid // TM         # consecutive threads: consecutive k of dy, r of the patch
             m = mb + mm
-            k = k0 + col
             As[mm, col] = dy[m, k] if m < m_end and k < k_n else float32(0.0)
-            r = r0 + col
-            Bs[mm, col] = _patch(x, m, r, oh_n, ow_n, kw, stride, pad) if m < m_end and r < r_n else float32(0.0)
+            Bs[mm, col] = (_x_at(x, pos[q, 0], pos[q, 1], pos[q, 2], i, j, ch, stride, pad)
+                           if m < m_end and r < r_n else float32(0.0))
+            pos[q, 0], pos[q, 1], pos[q, 2] = _row_advance(pos[q, 0], pos[q, 1], pos[q, 2], TK, oh_n, ow_n)
         cuda.syncthreads()
         _tile_fma(As, Bs, acc, ty, tx)
         cuda.syncthreads()
@@ -317,10 +371,11 @@ def _conv2d_backward_weight_cuda(dweight, dout, inp, stride, pad):
     m, r = n * oh * ow, dweight.size // k
     part = conv_tc.backward_weight_partials(dout, inp, stride, pad, kh, kw)
     if part is None:
-        splits = (m + DW_CHUNK - 1) // DW_CHUNK
+        chunk = DW_CHUNK * -(-m // (DW_CHUNK * DW_SPLITS))
+        splits = (m + chunk - 1) // chunk
         part = scratch("conv.dw_part", (splits, k, r), np.float32)
         gx, gy = _grid2(k, r)
-        _conv_dw_cuda[(gx, gy, splits), 256](view(dout, m, k), inp, part, oh, ow, kw, stride, pad, DW_CHUNK)
+        _conv_dw_cuda[(gx, gy, splits), 256](view(dout, m, k), inp, part, oh, ow, kw, stride, pad, chunk)
     dw2 = view(dweight, k, r)
     _sum_splits_cuda[max(1, min(4096, (k * r + 255) // 256)), 256](part, dw2)
 

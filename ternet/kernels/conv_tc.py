@@ -10,7 +10,7 @@ import os
 import numpy as np
 from numba import cuda, types
 
-from . import scratch
+from . import scratch, view
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conv_mma.cu")
 GEOM = ("n", "h", "w", "c", "k", "kh", "kw", "oh", "ow", "stride", "pad", "m", "r", "chunk", "dil")
@@ -110,14 +110,31 @@ def _bf16_table(scale):
 
 @cuda.jit
 def _flip_weight_bf16(w, scale_bits, out):
-    # out[c, kh-1-i, kw-1-j, k] = bf16(w[k, i, j, c]); w holds small integers: a table lookup
-    k_n, kh, kw, c_n = w.shape
-    for t in range(cuda.grid(1), w.size, cuda.gridsize(1)):
-        c = t % c_n
-        j = (t // c_n) % kw
-        i = (t // (c_n * kw)) % kh
-        k = t // (c_n * kw * kh)
-        out[c, kh - 1 - i, kw - 1 - j, k] = scale_bits[w[k, i, j, c] + 4]
+    # w (K, S, C) int8 (S = kh * kw taps), out (C, S, K) uint16: out[c, S-1-s, k] = bf16(w[k, s, c])
+    # (the taps flipped, K and C swapped). A 32 x 32 tile of (k, c) per block and tap, through
+    # shared memory, so reads and writes both run along the last axis; w holds small integers:
+    # a table lookup.
+    tile = cuda.shared.array((32, 33), types.uint16)
+    k_n, s_n, c_n = w.shape
+    c0, k0, s = cuda.blockIdx.x * 32, cuda.blockIdx.y * 32, cuda.blockIdx.z
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    for row in range(ty, 32, 8):
+        if k0 + row < k_n and c0 + tx < c_n:
+            tile[row, tx] = scale_bits[w[k0 + row, s, c0 + tx] + 4]
+    cuda.syncthreads()
+    for row in range(ty, 32, 8):
+        if c0 + row < c_n and k0 + tx < k_n:
+            out[c0 + row, s_n - 1 - s, k0 + tx] = tile[tx, row]
+
+
+def flip_weight_bf16(w, scale):
+    """(C, KH, KW, K) uint16: bf16(scale * w) with the taps flipped and K and C swapped, the
+    weight operand of the input gradient as a forward convolution."""
+    k, kh, kw, c = w.shape
+    wf = cuda.device_array((c, kh, kw, k), np.uint16)
+    _flip_weight_bf16[((c + 31) // 32, (k + 31) // 32, kh * kw), (32, 8)](
+        view(w, k, kh * kw, c), _bf16_table(float(scale)), view(wf, c, kh * kw, k))
+    return wf
 
 
 def forward(out, x, w, scale, stride, pad):
@@ -145,8 +162,7 @@ def backward_input(dx, dy, w, scale, stride, pad, dy16=None):
     if k % 32 or not available():
         return False
     dy16 = bf16(dy) if dy16 is None else dy16
-    wf = cuda.device_array((c, kh, kw, k), np.uint16)
-    _flip_weight_bf16[min(4096, (w.size + 255) // 256), 256](w, _bf16_table(float(scale)), wf)
+    wf = flip_weight_bf16(w, scale)
     g = _geom(n=n, h=oh, w=ow, c=k, k=c, kh=kh, kw=kw, oh=h, ow=wd, stride=1, pad=kh - 1 - pad, m=n * h * wd,
               r=kh * kw * k, dil=stride)
     bn = 64 if c <= 64 else 128
