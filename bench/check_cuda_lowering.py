@@ -14,6 +14,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from ternet import device_data as D   # noqa: E402
 from ternet.kernels import conv as C   # noqa: E402
 from ternet.kernels import elementwise as E   # noqa: E402
+from ternet.kernels import pool as P   # noqa: E402
 from ternet.kernels import transitions as T   # noqa: E402
 
 f32, i64, u64, i8 = types.float32, types.int64, types.uint64, types.int8
@@ -34,6 +35,11 @@ from ternet.kernels import conv_tc as TC   # noqa: E402
 KERNELS["_flip_weight_bf16"] = (TC._flip_weight_bf16, (types.Array(i8, 3, "C"), types.Array(types.uint16, 1, "C"),
                                                       types.Array(types.uint16, 3, "C")))
 KERNELS["_cutout_cuda"] = (D._cutout_cuda, (i64[:], i64[:], i64, f32[:], types.Array(f32, 4, "C")))
+F4, U4 = types.Array(f32, 4, "C"), types.Array(types.uint8, 4, "C")
+for name, x in (("_maxpool_fwd_cuda", F4), ("_maxpool_fwd_cuda[int8]", types.Array(i8, 4, "C"))):
+    KERNELS[name] = (P._maxpool_fwd_cuda, (x, i64, i64, i64, x, U4))
+KERNELS["_maxpool_bwd_cuda"] = (P._maxpool_bwd_cuda, (F4, U4, i64, i64, i64, F4))
+KERNELS["_maxpool_bwd_disjoint_cuda"] = (P._maxpool_bwd_disjoint_cuda, (F4, U4, i64, F4))
 for name, (kernel, sig) in KERNELS.items():
     try:
         cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))

@@ -4,8 +4,12 @@ sums in the CPU's order (overlapping windows included)."""
 import numpy as np
 import pytest
 
+from numba import cuda
+
 from cudacheck import both, first_mismatches, needs_cuda
-from ternet.kernels.pool import (avgpool_backward, avgpool_forward, global_avgpool_backward,
+from ternet.kernels import grid1d
+from ternet.kernels.pool import (_advance, _digits, _maxpool_bwd_cuda, _maxpool_bwd_disjoint_cuda,
+                                 avgpool_backward, avgpool_forward, global_avgpool_backward,
                                  global_avgpool_forward, maxpool_backward, maxpool_forward, pool_out_shape)
 
 pytestmark = needs_cuda
@@ -40,6 +44,63 @@ def test_maxpool(k, s, p, shape, dtype):
     cpu, gpu = both(run, [np.empty(out, dtype), np.empty(out, np.uint8), np.empty(shape, np.float32)], [x, dy])
     for name, c, g in zip(["out", "argmax", "dx"], cpu, gpu):
         assert_equal(g, c, name)
+
+
+# disjoint windows (k == stride, pad 0) take _maxpool_bwd_disjoint_cuda: rows and columns no window
+# covers (7 % 2, 8 % 3), batches, channel counts off the warp, a grid-stride loop that wraps
+# (more windows than the simulator's 2 x 64 threads), and h < k (no windows: dx all zeros)
+DISJOINT = [(2, (3, 7, 9, 5)), (3, (2, 7, 8, 3)), (2, (2, 4, 6, 33)), (3, (2, 2, 5, 2))]
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.float32])
+@pytest.mark.parametrize("k,shape", DISJOINT)
+def test_maxpool_disjoint(k, shape, dtype):
+    x = data(shape, dtype, k)
+    if dtype == np.float32:    # ties, +0.0 against -0.0, and NaN: the first of them must win
+        x = np.round(x)
+        x.flat[::7] = np.nan
+    out = pool_out_shape(shape, k, k, 0)
+    dy = data(out, np.float32, 5)
+
+    def run(y, arg, dx, x, dy):
+        maxpool_forward(y, arg, x, k, k, 0)
+        maxpool_backward(dx, dy, arg, k, k, 0)
+
+    cpu, gpu = both(run, [np.empty(out, dtype), np.empty(out, np.uint8), np.full(shape, np.nan, np.float32)],
+                    [x, dy])
+    for name, c, g in zip(["out", "argmax", "dx"], cpu, gpu):
+        assert_equal(g, c, name)
+    assert_equal(gpu[0].view(np.uint8), cpu[0].view(np.uint8), "out bits")
+
+
+@pytest.mark.parametrize("k,shape", DISJOINT[:3])
+def test_maxpool_disjoint_matches_general_bits(k, shape):
+    """The one-thread-per-window kernel against the gather kernel, bit for bit: -0.0 and NaN in
+    dout, every tap of each window (ties in int8 input send many argmaxes to tap 0)."""
+    out = pool_out_shape(shape, k, k, 0)
+    rng = np.random.default_rng(k)
+    dy = data(out, np.float32, 6)
+    dy[rng.random(out) < 0.2] = -0.0
+    dy[rng.random(out) < 0.05] = np.nan
+    arg = rng.integers(0, k * k, out).astype(np.uint8)
+    dev_dy, dev_arg = cuda.to_device(dy), cuda.to_device(arg)
+    got, want = cuda.to_device(np.full(shape, 7, np.float32)), cuda.to_device(np.full(shape, 7, np.float32))
+    _maxpool_bwd_disjoint_cuda[grid1d(dy.size)](dev_dy, dev_arg, k, got)
+    _maxpool_bwd_cuda[grid1d(want.size)](dev_dy, dev_arg, k, k, 0, want)
+    got, want = got.copy_to_host().view(np.uint32), want.copy_to_host().view(np.uint32)
+    assert_equal(got, want, "dx bits")
+
+
+@pytest.mark.parametrize("rows,cols,c", [(1, 1, 1), (3, 4, 5), (7, 1, 3), (2, 9, 64), (5, 6, 1)])
+def test_digits_advance(rows, cols, c):
+    """Grid-stride stepping by digit addition lands where dividing the flat index would."""
+    size = 4 * rows * cols * c
+    for step in {1, 2, 3, c, cols * c, rows * cols * c + 1, 128, 4224 * 256, size - 1, size + 5} - {0}:
+        for start in {0, 1, step // 2, step - 1}:
+            at, by = _digits(start, rows, cols, c), _digits(step, rows, cols, c)
+            for o in range(start, size, step):
+                assert at == _digits(o, rows, cols, c), (o, step)
+                at = _advance(at, by, rows, cols, c)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -130,9 +130,14 @@ def _gap_fwd(x, out):
 # One thread per output element in the forwards. The backwards gather instead of scattering:
 # one thread per INPUT element visits the output windows that cover it (overlapping windows
 # included) in (oh, ow) order, so no two threads write one element, no atomics are needed, and
-# the float32 sums are the CPU's, in the CPU's order.
+# the float32 sums are the CPU's, in the CPU's order. Disjoint windows (k == stride, pad 0, the
+# usual 2x2/2) take a kernel with one thread per window instead, which writes its k*k inputs.
+#
+# Index arithmetic is int64 in numba, and a 64-bit `//` or `%` is a long emulated sequence on the
+# GPU: the max-pool kernels split their flat index into (n, row, col, ch) once per thread
+# (_digits) and step it by the grid size with adds and carries (_advance), not per element.
 
-@cuda.jit(device=True)
+@numba.njit(inline="always")
 def _unravel(o, b, c):
     """(n, row, col, ch) of flat index o into an NHWC array with b columns and c channels."""
     ch = o % c
@@ -142,7 +147,37 @@ def _unravel(o, b, c):
     return t, col, ch
 
 
-@cuda.jit(device=True)
+@numba.njit(inline="always")
+def _digits(o, rows, cols, c):
+    """(n, row, col, ch) of flat index o >= 0 into an NHWC array of (rows, cols, c) per image."""
+    t = o // c
+    u = t // cols
+    n = u // rows
+    return n, u - n * rows, t - u * cols, o - t * c
+
+
+@numba.njit(inline="always")
+def _advance(at, by, rows, cols, c):
+    """Digits of the flat index `at` + `by` (both (n, row, col, ch) tuples from _digits), added
+    with carries: each digit of `by` is below its radix, so one compare-and-subtract per digit."""
+    n, row, col, ch = at
+    ch += by[3]
+    col += by[2]
+    if ch >= c:
+        ch -= c
+        col += 1
+    row += by[1]
+    if col >= cols:
+        col -= cols
+        row += 1
+    n += by[0]
+    if row >= rows:
+        row -= rows
+        n += 1
+    return n, row, col, ch
+
+
+@numba.njit(inline="always")
 def _covering(i, k, stride, pad, n_out):
     """range(lo, hi) of the output positions whose window (k, stride, pad) covers input i."""
     top = i + pad - k + 1                      # first window start that still reaches i
@@ -155,32 +190,30 @@ def _covering(i, k, stride, pad, n_out):
 def _maxpool_fwd_cuda(x, k, stride, pad, out, arg):
     _, h, w, c = x.shape
     _, oh_n, ow_n, _ = out.shape
-    for o in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        t, ow, ch = _unravel(o, ow_n, c)
-        n, oh = t // oh_n, t % oh_n
-        best, pos, first = x[n, 0, 0, ch], 0, True
-        for i in range(k):
-            ih = oh * stride - pad + i
-            if ih < 0 or ih >= h:
-                continue
-            for j in range(k):
-                iw = ow * stride - pad + j
-                if iw < 0 or iw >= w:
-                    continue
-                v = x[n, ih, iw, ch]
-                if first or v > best:              # first maximum wins, as the CPU path
-                    best, pos, first = v, i * k + j, False
+    at, by = _digits(cuda.grid(1), oh_n, ow_n, c), _digits(cuda.gridsize(1), oh_n, ow_n, c)
+    for _o in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        n, oh, ow, ch = at
+        ih0, iw0 = oh * stride - pad, ow * stride - pad       # window origin (may lie in the padding)
+        i0, i1 = max(0, -ih0), min(k, h - ih0)                # its taps inside the image
+        j0, j1 = max(0, -iw0), min(k, w - iw0)
+        best, pos = x[n, ih0 + i0, iw0 + j0, ch], i0 * k + j0
+        for i in range(i0, i1):
+            for j in range(j0, j1):
+                v = x[n, ih0 + i, iw0 + j, ch]
+                if v > best:                       # first maximum wins, as the CPU path
+                    best, pos = v, i * k + j
         out[n, oh, ow, ch] = best
         arg[n, oh, ow, ch] = pos
+        at = _advance(at, by, oh_n, ow_n, c)
 
 
 @cuda.jit
 def _maxpool_bwd_cuda(dout, arg, k, stride, pad, dx):
     _, h, w, c = dx.shape
     _, oh_n, ow_n, _ = dout.shape
-    for e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
-        t, iw, ch = _unravel(e, w, c)
-        n, ih = t // h, t % h
+    at, by = _digits(cuda.grid(1), h, w, c), _digits(cuda.gridsize(1), h, w, c)
+    for _e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        n, ih, iw, ch = at
         oh0, oh1 = _covering(ih, k, stride, pad, oh_n)
         ow0, ow1 = _covering(iw, k, stride, pad, ow_n)
         s = np.float32(0.0)
@@ -189,6 +222,29 @@ def _maxpool_bwd_cuda(dout, arg, k, stride, pad, dx):
                 if arg[n, oh, ow, ch] == (ih - oh * stride + pad) * k + (iw - ow * stride + pad):
                     s += dout[n, oh, ow, ch]
         dx[n, ih, iw, ch] = s
+        at = _advance(at, by, h, w, c)
+
+
+@cuda.jit
+def _maxpool_bwd_disjoint_cuda(dout, arg, k, dx):
+    # k == stride, pad 0: one thread per window writes its k*k inputs, dout at the argmax and 0
+    # elsewhere; the thread of a last window in a row (column) also zeroes the columns (rows)
+    # that no window covers. Consecutive threads hold consecutive channels: coalesced.
+    _, h, w, c = dx.shape
+    _, oh_n, ow_n, _ = dout.shape
+    at, by = _digits(cuda.grid(1), oh_n, ow_n, c), _digits(cuda.gridsize(1), oh_n, ow_n, c)
+    for _o in range(cuda.grid(1), dout.size, cuda.gridsize(1)):
+        n, oh, ow, ch = at
+        g = np.float32(0.0) + dout[n, oh, ow, ch]   # the gather's 0 + dout, to the bit (-0 -> +0)
+        tap = arg[n, oh, ow, ch]
+        ih0, iw0 = oh * k, ow * k
+        rows = k if oh < oh_n - 1 else h - ih0
+        cols = k if ow < ow_n - 1 else w - iw0
+        for i in range(rows):
+            for j in range(cols):
+                # i >= k gives i * k + j > any tap; j >= k would alias the next row's taps
+                dx[n, ih0 + i, iw0 + j, ch] = g if j < k and i * k + j == tap else np.float32(0.0)
+        at = _advance(at, by, oh_n, ow_n, c)
 
 
 @cuda.jit
@@ -259,7 +315,8 @@ def maxpool_forward(out, arg, inp, k, stride, pad):
     check(pad < k, "maxpool: padding must be smaller than the window")
     check(k * k <= 256, "maxpool: window positions must fit in uint8")
     if on_device(out, inp):
-        _maxpool_fwd_cuda[grid1d(out.size)](inp, k, stride, pad, out, arg)
+        if out.size:
+            _maxpool_fwd_cuda[grid1d(out.size)](inp, k, stride, pad, out, arg)
         return
     stream_threads(_maxpool_fwd, inp, k, stride, pad, out, arg)
 
@@ -267,8 +324,13 @@ def maxpool_forward(out, arg, inp, k, stride, pad):
 def maxpool_backward(dinp, dout, arg, k, stride, pad):
     """dinp = each window's dout routed to its argmax (summed where windows overlap); overwrites
     dinp (float32)."""
+    check(dout.shape == pool_out_shape(dinp.shape, k, stride, pad) and arg.shape == dout.shape,
+          "maxpool_backward: bad dout or arg shape")
     if on_device(dinp, dout, arg):
-        _maxpool_bwd_cuda[grid1d(dinp.size)](dout, arg, k, stride, pad, dinp)
+        if k == stride and pad == 0 and dout.size:
+            _maxpool_bwd_disjoint_cuda[grid1d(dout.size)](dout, arg, k, dinp)
+        elif dinp.size:
+            _maxpool_bwd_cuda[grid1d(dinp.size)](dout, arg, k, stride, pad, dinp)
         return
     stream_threads(_maxpool_bwd, dout, arg, k, stride, pad, dinp)
 
