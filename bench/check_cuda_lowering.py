@@ -40,6 +40,22 @@ for name, x in (("_maxpool_fwd_cuda", F4), ("_maxpool_fwd_cuda[int8]", types.Arr
     KERNELS[name] = (P._maxpool_fwd_cuda, (x, i64, i64, i64, x, U4))
 KERNELS["_maxpool_bwd_cuda"] = (P._maxpool_bwd_cuda, (F4, U4, i64, i64, i64, F4))
 KERNELS["_maxpool_bwd_disjoint_cuda"] = (P._maxpool_bwd_disjoint_cuda, (F4, U4, i64, F4))
+from ternet.kernels import batchnorm as BN   # noqa: E402
+F1, F64, I16, U32 = f32[::1], types.float64[::1], types.int16[::1], types.uint32[::1]
+BN_REC = (F1, I16, F1, f32, F1, F1, U32, f32, F1, F1, f32, f32, i64)      # dout and a BNActSaved
+BN_SIGS = {
+    "_bn_act_fwd_cuda": (F1, F1, F1, F1, F1, f32, f32, i64, f32, i8[::1], I16, F1, U32),
+    "_bn_act_bwd_sums_cuda": (*BN_REC, types.Array(types.float64, 3, "C")),
+    "_bn_act_bwd_dx_cuda": (*BN_REC, F1, F1, F1, types.float64, F1),
+    "_colsum_cuda": (types.Array(f32, 2, "C"), F64, i64, f32, types.int32[::1], types.Array(types.float64, 3, "C")),
+    "_stats_cuda": (types.Array(types.float64, 3, "C"), types.float64, F64, types.float64, F1, F1,
+                    types.Array(f32, 2, "C")),
+    "_bwd_final_cuda": (types.Array(types.float64, 3, "C"), F1, F1),
+}
+KERNELS.update({name: (getattr(BN, name), sig) for name, sig in BN_SIGS.items()})
+if not cuda.is_available():   # cuda.jit device functions (batchnorm's) are typed for the current device's cc
+    import numba.cuda.dispatcher as _dispatcher
+    _dispatcher.get_current_device = lambda: type("Device", (), {"compute_capability": (9, 0)})
 for name, (kernel, sig) in KERNELS.items():
     try:
         cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))

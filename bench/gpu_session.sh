@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Everything the GPU path needs checked and timed, in one device call (see docs/performance.md):
-#   bash bench/gpu_session.sh [tests|bench|peer|ab|all ...]   (timings first, then the tests; TEST_LIMIT s each)
+#   bash bench/gpu_session.sh [profile|bench|graph|peer|ab|tests|all ...]   (timings first, then the
+#   tests; TEST_LIMIT s each). profile: every kernel's GPU time in one vgg-gxnor step at batch 64,
+#   128, 512 (bench/profile_kernels.py); graph: the trainer's loop at batch 64 and 128, eager and
+#   replayed (bench/bench_graph.py).
 # ab: this code against an earlier commit's copy in .data/base (made here with
 #   `rm -rf .data/base && mkdir -p .data/base && git archive REV bench ternet | tar -x -C .data/base`,
 #   carried with the call), `bench_gpu.py $AB` (default resnet18-64) alternating, AB_ROUNDS pairs.
@@ -14,6 +17,9 @@ export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore NUMBA_CUD
 what=${*:-all}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c "import numba, numba_cuda, numpy; print('numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'numpy', numpy.__version__)"
+case " $what " in *" profile "*|*" all "*)
+    python3 bench/profile_kernels.py --batch 64 128 512 2>&1 | tee "$OUT/profile.log" | tail -30 ;;
+esac
 case " $what " in *" bench "*|*" all "*)
     # numba's launches against the planned ones where the host matters; resnet18-224 is GPU-bound
     python3 bench/bench_gpu.py --rounds 3 --launch both vgg resnet18-64 2>&1 | tee "$OUT/bench_gpu.log" | tail -8
@@ -25,11 +31,14 @@ case " $what " in *" ab "*)
         python3 bench/bench_gpu.py ${AB:-resnet18-64} 2>&1 | grep '^{' | sed 's/^/after  /'
     done | tee "$OUT/ab.log" ;;
 esac
+case " $what " in *" graph "*|*" all "*)
+    for b in 64 128; do python3 bench/bench_graph.py --batch $b --rounds 1 2>&1 | grep '^{' ; done | tee "$OUT/graph.log" ;;
+esac
 case " $what " in *" peer "*|*" all "*)
     python3 bench/peer_gpu.py 2>&1 | grep '^{' | tee "$OUT/peer.log" ;;
 esac
 case " $what " in *" tests "*|*" all "*)
     timeout ${TEST_LIMIT:-400} python3 -m pytest -q -x -m gpu tests/test_gpu_full.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
-    timeout ${TEST_LIMIT:-400} python3 -m pytest -q tests/test_launch.py tests/test_cuda_*.py tests/test_device_data.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -5 ;;
+    timeout ${TEST_LIMIT:-400} python3 -m pytest -q tests/test_launch.py tests/test_cuda_*.py tests/test_samplers_cuda.py tests/test_device_data.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -5 ;;
 esac
 

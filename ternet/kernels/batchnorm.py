@@ -7,7 +7,7 @@ unbiased variance, (2, C)); the running statistics follow with momentum (batchno
 called by the train forward unless it is told to leave them: the data-parallel step updates them
 once per step from the shards' mean statistics). Reductions sum a fixed partition of the rows in float64
 in a fixed order on both paths, so results depend neither on the thread count nor on the run.
-Exercise: pytest tests/test_ops.py -k batchnorm, tests/test_cuda_batchnorm.py.
+Exercise: pytest tests/test_ops.py -k batchnorm, tests/test_cuda_batchnorm.py, tests/test_cuda_batchnorm_bits.py.
 """
 import math
 import os
@@ -18,7 +18,7 @@ import numpy as np
 from numba import cuda
 
 from . import SIMULATOR, THREADS, check, empty, flat, fresh, grid1d, on_device, scratch, view, zeros
-from .activation import ActSaved, bit_of, num_words, pack_tile, ternary_backward, ternary_forward
+from .activation import ActSaved, num_words, pack_tile, ternary_backward, ternary_forward
 from .elementwise import copy
 from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize, ternarize,
                      window_grad)
@@ -163,8 +163,39 @@ def _cpu_stats(x, eps, stats):
 # Column reductions: block (chunk, channel tile) of TILE_C x LANES threads; lane ty of channel j
 # sums rows chunk_start + ty, + LANES, + 2 LANES, ... in float64, then lane 0 adds the LANES lane sums in
 # order into part[chunk, k, j]; a one-thread-per-channel kernel adds the chunks in order. Warps
-# read 32 consecutive channels of a row (coalesced). Elementwise kernels use flat indices with
-# channel j = i % C (NHWC: channels last).
+# read 32 consecutive channels of a row (coalesced). A thread loads ROWS rows (or CHUNKS_IN_FLIGHT
+# partial sums) before it adds them, in the same order: that many loads in flight, not one (not in
+# the fused backward's sums: its rows take many registers, and fewer resident blocks lose more).
+# Elementwise kernels use flat indices with channel j = i % C (NHWC: channels last), taken once
+# per thread and then stepped along the grid stride (an int64 `%` per element is a long emulated
+# division on the GPU). Per-element indices are uint64: numba adds a negative-index fix-up to
+# every signed index, three integer operations per array access.
+
+U64 = np.uint64
+ROWS, CHUNKS_IN_FLIGHT = 4, 16      # ptxas -v: _colsum_cuda 34 registers (32 before), with 8 rows 46
+
+
+@cuda.jit(device=True)
+def _walk(n, c):
+    """A grid-stride loop over n flat elements of c channels, unsigned: (i, step, n, j, dj, c),
+    with i this thread's first element, j = i % c its channel and dj = step % c."""
+    i, step, c = U64(cuda.grid(1)), U64(cuda.gridsize(1)), U64(c)
+    return i, step, U64(n), i % c, step % c, c
+
+
+@cuda.jit(device=True)
+def _next_channel(j, dj, c):
+    """(j + dj) % c for 0 <= j, dj < c (uint64): the channel of the loop's next element."""
+    j += dj
+    return j - c if j >= c else j
+
+
+@cuda.jit(device=True)
+def _lane_rows(m):
+    """The first row of this thread's lane and the end of its block's chunk of m rows (uint64)."""
+    step = (m + cuda.gridDim.x - 1) // cuda.gridDim.x
+    return U64(cuda.blockIdx.x * step + cuda.threadIdx.y), U64(min(m, (cuda.blockIdx.x + 1) * step))
+
 
 @cuda.jit(device=True)
 def _lanes_to_part(sh, acc, part, k, c):
@@ -178,6 +209,22 @@ def _lanes_to_part(sh, acc, part, k, c):
             t += sh[lane, tx]
         part[cuda.blockIdx.x, k, j] = t
     cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _chunk_sum(part, k, j):
+    """part[0, k, j] + part[1, k, j] + ... in chunk order, from 0.0 (float64)."""
+    buf = cuda.local.array(CHUNKS_IN_FLIGHT, numba.float64)
+    nk = part.shape[0]
+    t = np.float64(0.0)
+    for k0 in range(0, nk, CHUNKS_IN_FLIGHT):
+        for u in range(CHUNKS_IN_FLIGHT):
+            if k0 + u < nk:
+                buf[u] = part[k0 + u, k, j]
+        for u in range(CHUNKS_IN_FLIGHT):
+            if k0 + u < nk:
+                t += buf[u]
+    return t
 
 
 @cuda.jit(device=True)
@@ -205,17 +252,29 @@ def _colsum_cuda(x, shift, sq, s, flag, part):
     # part[chunk, 0, j] = chunk sum of x (sq=0) or of (x - shift)^2 (sq=1); with s > 0 also
     # flag[0] = 1 where x * s is not an exact int16 (every writer stores 1: no race on the result)
     sh = cuda.shared.array((LANES, TILE_C), numba.float64)
+    buf = cuda.local.array(ROWS, numba.float32)
     m, c = x.shape
     j = cuda.blockIdx.y * TILE_C + cuda.threadIdx.x
-    step = (m + cuda.gridDim.x - 1) // cuda.gridDim.x
     acc = np.float64(0.0)
     if j < c:
-        for i in range(cuda.blockIdx.x * step + cuda.threadIdx.y, min(m, (cuda.blockIdx.x + 1) * step), LANES):
-            v = x[i, j]
-            d = np.float64(v) - shift[j] if sq else np.float64(v)
-            acc += d * d if sq else d
-            if s > 0 and not _int16_exact(v, s):
-                flag[0] = 1
+        i, end = _lane_rows(m)
+        ju, sj = U64(j), shift[j] if sq else np.float64(0.0)
+        while i < end:
+            for u in range(ROWS):
+                if i + U64(u * LANES) < end:
+                    buf[u] = x[i + U64(u * LANES), ju]
+            for u in range(ROWS):
+                if i + U64(u * LANES) < end:
+                    if sq:
+                        d = np.float64(buf[u]) - sj
+                        acc = cuda.fma(d, d, acc)    # acc + d * d, as NVVM contracts it (fma=1)
+                    else:
+                        acc += np.float64(buf[u])
+            if s > 0:
+                for u in range(ROWS):
+                    if i + U64(u * LANES) < end and not _int16_exact(buf[u], s):
+                        flag[0] = 1
+            i += U64(ROWS * LANES)
     _lanes_to_part(sh, acc, part, 0, c)
 
 
@@ -223,20 +282,14 @@ def _colsum_cuda(x, shift, sq, s, flag, part):
 def _mean_cuda(part, m, mean):
     j = cuda.grid(1)
     if j < mean.size:
-        t = np.float64(0.0)
-        for k in range(part.shape[0]):
-            t += part[k, 0, j]
-        mean[j] = t / m
+        mean[j] = _chunk_sum(part, 0, j) / m
 
 
 @cuda.jit
 def _stats_cuda(part, m, mean, eps, mean32, invstd, stats):
     j = cuda.grid(1)
     if j < mean.size:
-        t = np.float64(0.0)
-        for k in range(part.shape[0]):
-            t += part[k, 0, j]
-        mu, inv, unbiased = bn_stats(mean[j], t, m, eps)
+        mu, inv, unbiased = bn_stats(mean[j], _chunk_sum(part, 0, j), m, eps)
         mean32[j], invstd[j], stats[0, j], stats[1, j] = mu, inv, mu, unbiased
 
 
@@ -250,12 +303,12 @@ def _update_running_cuda(run_mean, run_var, stats, momentum):
 
 @cuda.jit
 def _normalize_cuda(x, mean, invstd, gamma, beta, y, xhat):
-    c = mean.size
-    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        j = i % c
+    i, step, n, j, dj, c = _walk(x.size, mean.size)
+    while i < n:
         h = normalize(x[i], mean[j], invstd[j])
         xhat[i] = h
         y[i] = affine(h, gamma[j], beta[j])
+        i, j = i + step, _next_channel(j, dj, c)
 
 
 @cuda.jit
@@ -268,31 +321,42 @@ def _eval_coeffs_cuda(gamma, beta, run_mean, run_var, eps, scale, shift):
 
 @cuda.jit
 def _affine_cuda(x, scale, shift, y):
-    c = scale.size
-    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        y[i] = affine(x[i], scale[i % c], shift[i % c])
+    i, step, n, j, dj, c = _walk(x.size, scale.size)
+    while i < n:
+        y[i] = affine(x[i], scale[j], shift[j])
+        i, j = i + step, _next_channel(j, dj, c)
 
 
 @cuda.jit
 def _affine_act_cuda(x, scale, shift, r, out):
-    c = scale.size
-    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        out[i] = ternarize(affine(x[i], scale[i % c], shift[i % c]), r)
+    i, step, n, j, dj, c = _walk(x.size, scale.size)
+    while i < n:
+        out[i] = ternarize(affine(x[i], scale[j], shift[j]), r)
+        i, j = i + step, _next_channel(j, dj, c)
 
 
 @cuda.jit
 def _bwd_sums_cuda(dy, xhat, part):
     # part[chunk, 0, j] = chunk sum of dy, part[chunk, 1, j] = of dy * xhat (dy, xhat (M, C))
     sh = cuda.shared.array((LANES, TILE_C), numba.float64)
+    bd = cuda.local.array(ROWS, numba.float32)
+    bx = cuda.local.array(ROWS, numba.float32)
     m, c = dy.shape
     j = cuda.blockIdx.y * TILE_C + cuda.threadIdx.x
-    step = (m + cuda.gridDim.x - 1) // cuda.gridDim.x
     a0, a1 = np.float64(0.0), np.float64(0.0)
     if j < c:
-        for i in range(cuda.blockIdx.x * step + cuda.threadIdx.y, min(m, (cuda.blockIdx.x + 1) * step), LANES):
-            g = dy[i, j]
-            a0 += np.float64(g)
-            a1 += np.float64(g * xhat[i, j])      # float32 product, as the CPU path
+        i, end = _lane_rows(m)
+        ju = U64(j)
+        while i < end:
+            for u in range(ROWS):
+                if i + U64(u * LANES) < end:
+                    bd[u], bx[u] = dy[i + U64(u * LANES), ju], xhat[i + U64(u * LANES), ju]
+            for u in range(ROWS):
+                if i + U64(u * LANES) < end:
+                    g = bd[u]
+                    a0 += np.float64(g)
+                    a1 += np.float64(g * bx[u])      # float32 product, as the CPU path
+            i += U64(ROWS * LANES)
     _lanes_to_part(sh, a0, part, 0, c)
     _lanes_to_part(sh, a1, part, 1, c)
 
@@ -301,19 +365,16 @@ def _bwd_sums_cuda(dy, xhat, part):
 def _bwd_final_cuda(part, dgamma, dbeta):
     j = cuda.grid(1)
     if j < dgamma.size:
-        s0, s1 = np.float64(0.0), np.float64(0.0)
-        for k in range(part.shape[0]):
-            s0 += part[k, 0, j]
-            s1 += part[k, 1, j]
+        s0, s1 = _chunk_sum(part, 0, j), _chunk_sum(part, 1, j)
         dbeta[j], dgamma[j] = np.float32(s0), np.float32(s1)
 
 
 @cuda.jit
 def _bwd_dx_cuda(dy, xhat, gamma, invstd, sdy, sdyx, m, dx):
-    c = gamma.size
-    for i in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
-        j = i % c
+    i, step, n, j, dj, c = _walk(dx.size, gamma.size)
+    while i < n:
         dx[i] = bn_dx(dy[i], xhat[i], gamma[j], invstd[j], sdy[j], sdyx[j], m)
+        i, j = i + step, _next_channel(j, dj, c)
 
 
 # fused batch norm + ternary activation: one pass writes out (int8), the window bits and the
@@ -321,13 +382,18 @@ def _bwd_dx_cuda(dy, xhat, gamma, invstd, sdy, sdyx, m, dx):
 
 @cuda.jit
 def _bn_act_fwd_cuda(x, mean, invstd, gamma, beta, r, a, shape, s, out, xq, xf, bits):
-    flags = cuda.shared.array(THREADS, numba.uint8)
-    tid, n, c = cuda.threadIdx.x, x.size, mean.size
-    for base in range(cuda.blockIdx.x * THREADS, n, cuda.gridDim.x * THREADS):
+    # a tile of THREADS elements per block and step; its window bits go through one of two flag
+    # buffers, used in turn: a buffer is refilled only after the next tile's barrier, which its
+    # packing threads (pack_tile) pass only once done with it, so one barrier per tile suffices
+    flags = cuda.shared.array((2, THREADS), numba.uint8)
+    tid, n, c = U64(cuda.threadIdx.x), U64(x.size), U64(mean.size)
+    base, stride = U64(cuda.blockIdx.x * THREADS), U64(cuda.gridDim.x * THREADS)
+    j, dj = (base + tid) % c, stride % c
+    t = U64(0)
+    while base < n:
         i = base + tid
         f = np.uint8(0)
         if i < n:
-            j = i % c
             v = x[i]
             y = affine(normalize(v, mean[j], invstd[j]), gamma[j], beta[j])
             out[i] = ternarize(y, r)
@@ -337,23 +403,41 @@ def _bn_act_fwd_cuda(x, mean, invstd, gamma, beta, r, a, shape, s, out, xq, xf, 
                 xq[i] = np.int16(_to_int16(v, s))     # exact: checked by _colsum_cuda
             else:
                 xf[i] = v
-        flags[tid] = f
-        cuda.syncthreads()
         if shape == WINDOW_RECT:
-            pack_tile(flags, bits, base, n)
-        cuda.syncthreads()
+            flags[t, tid] = f
+            cuda.syncthreads()
+            pack_tile(flags[t], bits, np.int64(base), x.size)
+            t ^= U64(1)
+        base, j = base + stride, _next_channel(j, dj, c)
 
 
 @cuda.jit(device=True)
-def _bn_act_point(i, j, dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape):
-    """(dy, xhat) at flat element i of channel j: dy = dout * phi'(y), recomputed from the record."""
-    v = _from_int16(xq[i], s) if s > 0 else xf[i]
-    h = normalize(v, mean[j], invstd[j])
-    if shape == WINDOW_RECT:
-        w = height if bit_of(bits, i) else np.float32(0.0)
+def _bn_act_load(e, dout, xq, xf, s, bits, shape):
+    """The loads of flat element e (uint64) for the backward: (dout, int16 record, float32 record,
+    the word of its window bit), of the records only the one kept (s) and the word only for the
+    rectangular window."""
+    q, v, w = np.int16(0), np.float32(0.0), np.uint32(0)
+    if s > 0:
+        q = xq[e]
     else:
-        w = window_grad(affine(h, cg[j], cb[j]), r, a, shape)
-    return dout[i] * w, h
+        v = xf[e]
+    if shape == WINDOW_RECT:
+        w = bits[e >> U64(5)]                   # bit_of(bits, e), unsigned
+    return dout[e], q, v, w
+
+
+@cuda.jit(device=True)
+def _bn_act_point(e, j, d, q, v, w, s, mean_j, invstd_j, height, cg, cb, r, a, shape):
+    """(dy, xhat) at flat element e of channel j from its loads (_bn_act_load): dy = dout * phi'(y),
+    with y recomputed from the record."""
+    if s > 0:
+        v = _from_int16(q, s)
+    h = normalize(v, mean_j, invstd_j)
+    if shape == WINDOW_RECT:
+        g = height if (w >> np.uint32(e & U64(31))) & np.uint32(1) else np.float32(0.0)
+    else:
+        g = window_grad(affine(h, cg[j], cb[j]), r, a, shape)
+    return d * g, h
 
 
 @cuda.jit
@@ -362,13 +446,18 @@ def _bn_act_bwd_sums_cuda(dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r
     c = mean.size
     m = dout.size // c
     j = cuda.blockIdx.y * TILE_C + cuda.threadIdx.x
-    step = (m + cuda.gridDim.x - 1) // cuda.gridDim.x
     a0, a1 = np.float64(0.0), np.float64(0.0)
     if j < c:
-        for i in range(cuda.blockIdx.x * step + cuda.threadIdx.y, min(m, (cuda.blockIdx.x + 1) * step), LANES):
-            g, h = _bn_act_point(i * c + j, j, dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape)
+        i, end = _lane_rows(m)
+        ju, cu = U64(j), U64(c)
+        e, de, e_end = i * cu + ju, U64(LANES) * cu, end * cu     # flat: row i, the lane step, the end
+        mean_j, invstd_j = mean[j], invstd[j]
+        while e < e_end:
+            d, q, v, w = _bn_act_load(e, dout, xq, xf, s, bits, shape)
+            g, h = _bn_act_point(e, ju, d, q, v, w, s, mean_j, invstd_j, height, cg, cb, r, a, shape)
             a0 += np.float64(g)
             a1 += np.float64(g * h)
+            e += de
     _lanes_to_part(sh, a0, part, 0, c)
     _lanes_to_part(sh, a1, part, 1, c)
 
@@ -376,11 +465,12 @@ def _bn_act_bwd_sums_cuda(dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r
 @cuda.jit
 def _bn_act_bwd_dx_cuda(dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape, gamma, sdy, sdyx, m,
                         dx):
-    c = mean.size
-    for i in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
-        j = i % c
-        g, h = _bn_act_point(i, j, dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape)
+    i, step, n, j, dj, c = _walk(dx.size, mean.size)
+    while i < n:
+        d, q, v, w = _bn_act_load(i, dout, xq, xf, s, bits, shape)
+        g, h = _bn_act_point(i, j, d, q, v, w, s, mean[j], invstd[j], height, cg, cb, r, a, shape)
         dx[i] = bn_dx(g, h, gamma[j], invstd[j], sdy[j], sdyx[j], m)
+        i, j = i + step, _next_channel(j, dj, c)
 
 
 CHECK_INT16 = os.environ.get("TERNET_CHECK_INT16") == "1"
@@ -394,14 +484,15 @@ def _reduce_grid(m, c):
 def _cuda_stats(x, eps, stats, s=np.float32(0), buffers=fresh):
     """Batch statistics of x (M, C) on the device: (mean, invstd) float32 (C,) from `buffers`,
     stats (2, C) = mean and unbiased variance overwritten; with s > 0 also whether x * s is an
-    exact int16 everywhere (checked on the device, read back only with TERNET_CHECK_INT16=1)."""
+    exact int16 everywhere (checked on the device and read back only with TERNET_CHECK_INT16=1)."""
     m, c = x.shape
     grid, block = _reduce_grid(m, c)
     part = scratch("bn.part", (grid[0], 2, c), np.float64)
     mean = scratch("bn.mean", c, np.float64)
     mean32, invstd = buffers("bn.mean", c, np.float32), buffers("bn.invstd", c, np.float32)
     flag = zeros((1,), np.int32, True) if s > 0 and CHECK_INT16 else scratch("bn.flag", 1, np.int32)
-    _colsum_cuda[grid, block](x, mean, 0, s, flag, part)
+    # (the check costs a division per element: skipped where its flag would not be read)
+    _colsum_cuda[grid, block](x, mean, 0, s if CHECK_INT16 else np.float32(0), flag, part)
     _mean_cuda[grid1d(c)](part, np.float64(m), mean)
     _colsum_cuda[grid, block](x, mean, 1, np.float32(0), flag, part)
     _stats_cuda[grid1d(c)](part, np.float64(m), mean, np.float64(eps), mean32, invstd, stats)

@@ -1,0 +1,378 @@
+"""The batch norm CUDA kernels against the kernels they replaced, bit for bit (the simulator on
+machines without a GPU): same inputs, same grid, every output compared as raw bits, the packed
+window bits and the int16 / float32 records included. The previous kernels are kept below as the
+reference: the new ones walk channels without a per-element `%`, index with uint64 and load
+several rows (or chunks) before summing them, with the same float operations in the same order,
+so nothing may change. (The simulator runs cuda.fma as a * b + c, as the old kernel's acc + d * d;
+on the GPU NVVM contracted that to the fma the new kernel writes out, checked in the PTX.)
+Shapes: C below, above and off the simulator's 64-thread block and 32-channel tile, odd row
+counts, grids forced small so the grid-stride loops wrap and the lanes run past ROWS rows.
+"""
+import math
+
+import numba
+import numpy as np
+import pytest
+from numba import cuda
+
+from cudacheck import first_mismatches, needs_cuda
+from ternet.kernels import THREADS, grid1d
+from ternet.kernels import batchnorm as bn
+from ternet.kernels.activation import bit_of, num_words, pack_tile
+from ternet.kernels.scalar import (WINDOW_RECT, WINDOW_TRI, affine, bn_dx, bn_stats, normalize, ternarize,
+                                   window_grad)
+
+pytestmark = needs_cuda
+TILE_C, LANES = bn.TILE_C, bn.LANES
+
+
+# ----------------------------------------------------------------------------------------------
+# the previous kernels (ternet/kernels/batchnorm.py before the channel walk and the row unrolling)
+
+@cuda.jit(device=True)
+def _old_lanes_to_part(sh, acc, part, k, c):
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    j = cuda.blockIdx.y * TILE_C + tx
+    sh[ty, tx] = acc
+    cuda.syncthreads()
+    if ty == 0 and j < c:
+        t = sh[0, tx]
+        for lane in range(1, LANES):
+            t += sh[lane, tx]
+        part[cuda.blockIdx.x, k, j] = t
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _old_from_int16(q, s):
+    return np.float32(q) / s
+
+
+@cuda.jit(device=True)
+def _old_to_int16(v, s):
+    return math.floor(v * s + np.float32(0.5))
+
+
+@cuda.jit(device=True)
+def _old_int16_exact(v, s):
+    if not abs(v * s) <= np.float32(32767.0):
+        return False
+    return _old_from_int16(_old_to_int16(v, s), s) == v
+
+
+@cuda.jit
+def _old_colsum_cuda(x, shift, sq, s, flag, part):
+    sh = cuda.shared.array((LANES, TILE_C), numba.float64)
+    m, c = x.shape
+    j = cuda.blockIdx.y * TILE_C + cuda.threadIdx.x
+    step = (m + cuda.gridDim.x - 1) // cuda.gridDim.x
+    acc = np.float64(0.0)
+    if j < c:
+        for i in range(cuda.blockIdx.x * step + cuda.threadIdx.y, min(m, (cuda.blockIdx.x + 1) * step), LANES):
+            v = x[i, j]
+            d = np.float64(v) - shift[j] if sq else np.float64(v)
+            acc += d * d if sq else d
+            if s > 0 and not _old_int16_exact(v, s):
+                flag[0] = 1
+    _old_lanes_to_part(sh, acc, part, 0, c)
+
+
+@cuda.jit
+def _old_mean_cuda(part, m, mean):
+    j = cuda.grid(1)
+    if j < mean.size:
+        t = np.float64(0.0)
+        for k in range(part.shape[0]):
+            t += part[k, 0, j]
+        mean[j] = t / m
+
+
+@cuda.jit
+def _old_stats_cuda(part, m, mean, eps, mean32, invstd, stats):
+    j = cuda.grid(1)
+    if j < mean.size:
+        t = np.float64(0.0)
+        for k in range(part.shape[0]):
+            t += part[k, 0, j]
+        mu, inv, unbiased = bn_stats(mean[j], t, m, eps)
+        mean32[j], invstd[j], stats[0, j], stats[1, j] = mu, inv, mu, unbiased
+
+
+@cuda.jit
+def _old_normalize_cuda(x, mean, invstd, gamma, beta, y, xhat):
+    c = mean.size
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        j = i % c
+        h = normalize(x[i], mean[j], invstd[j])
+        xhat[i] = h
+        y[i] = affine(h, gamma[j], beta[j])
+
+
+@cuda.jit
+def _old_affine_cuda(x, scale, shift, y):
+    c = scale.size
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        y[i] = affine(x[i], scale[i % c], shift[i % c])
+
+
+@cuda.jit
+def _old_affine_act_cuda(x, scale, shift, r, out):
+    c = scale.size
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        out[i] = ternarize(affine(x[i], scale[i % c], shift[i % c]), r)
+
+
+@cuda.jit
+def _old_bwd_sums_cuda(dy, xhat, part):
+    sh = cuda.shared.array((LANES, TILE_C), numba.float64)
+    m, c = dy.shape
+    j = cuda.blockIdx.y * TILE_C + cuda.threadIdx.x
+    step = (m + cuda.gridDim.x - 1) // cuda.gridDim.x
+    a0, a1 = np.float64(0.0), np.float64(0.0)
+    if j < c:
+        for i in range(cuda.blockIdx.x * step + cuda.threadIdx.y, min(m, (cuda.blockIdx.x + 1) * step), LANES):
+            g = dy[i, j]
+            a0 += np.float64(g)
+            a1 += np.float64(g * xhat[i, j])
+    _old_lanes_to_part(sh, a0, part, 0, c)
+    _old_lanes_to_part(sh, a1, part, 1, c)
+
+
+@cuda.jit
+def _old_bwd_final_cuda(part, dgamma, dbeta):
+    j = cuda.grid(1)
+    if j < dgamma.size:
+        s0, s1 = np.float64(0.0), np.float64(0.0)
+        for k in range(part.shape[0]):
+            s0 += part[k, 0, j]
+            s1 += part[k, 1, j]
+        dbeta[j], dgamma[j] = np.float32(s0), np.float32(s1)
+
+
+@cuda.jit
+def _old_bwd_dx_cuda(dy, xhat, gamma, invstd, sdy, sdyx, m, dx):
+    c = gamma.size
+    for i in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        j = i % c
+        dx[i] = bn_dx(dy[i], xhat[i], gamma[j], invstd[j], sdy[j], sdyx[j], m)
+
+
+@cuda.jit
+def _old_bn_act_fwd_cuda(x, mean, invstd, gamma, beta, r, a, shape, s, out, xq, xf, bits):
+    flags = cuda.shared.array(THREADS, numba.uint8)
+    tid, n, c = cuda.threadIdx.x, x.size, mean.size
+    for base in range(cuda.blockIdx.x * THREADS, n, cuda.gridDim.x * THREADS):
+        i = base + tid
+        f = np.uint8(0)
+        if i < n:
+            j = i % c
+            v = x[i]
+            y = affine(normalize(v, mean[j], invstd[j]), gamma[j], beta[j])
+            out[i] = ternarize(y, r)
+            if window_grad(y, r, a, shape) != 0:
+                f = np.uint8(1)
+            if s > 0:
+                xq[i] = np.int16(_old_to_int16(v, s))
+            else:
+                xf[i] = v
+        flags[tid] = f
+        cuda.syncthreads()
+        if shape == WINDOW_RECT:
+            pack_tile(flags, bits, base, n)
+        cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _old_bn_act_point(i, j, dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape):
+    v = _old_from_int16(xq[i], s) if s > 0 else xf[i]
+    h = normalize(v, mean[j], invstd[j])
+    if shape == WINDOW_RECT:
+        w = height if bit_of(bits, i) else np.float32(0.0)
+    else:
+        w = window_grad(affine(h, cg[j], cb[j]), r, a, shape)
+    return dout[i] * w, h
+
+
+@cuda.jit
+def _old_bn_act_bwd_sums_cuda(dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape, part):
+    sh = cuda.shared.array((LANES, TILE_C), numba.float64)
+    c = mean.size
+    m = dout.size // c
+    j = cuda.blockIdx.y * TILE_C + cuda.threadIdx.x
+    step = (m + cuda.gridDim.x - 1) // cuda.gridDim.x
+    a0, a1 = np.float64(0.0), np.float64(0.0)
+    if j < c:
+        for i in range(cuda.blockIdx.x * step + cuda.threadIdx.y, min(m, (cuda.blockIdx.x + 1) * step), LANES):
+            g, h = _old_bn_act_point(i * c + j, j, dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape)
+            a0 += np.float64(g)
+            a1 += np.float64(g * h)
+    _old_lanes_to_part(sh, a0, part, 0, c)
+    _old_lanes_to_part(sh, a1, part, 1, c)
+
+
+@cuda.jit
+def _old_bn_act_bwd_dx_cuda(dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape, gamma, sdy, sdyx,
+                            m, dx):
+    c = mean.size
+    for i in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        j = i % c
+        g, h = _old_bn_act_point(i, j, dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape)
+        dx[i] = bn_dx(g, h, gamma[j], invstd[j], sdy[j], sdyx[j], m)
+
+
+# ----------------------------------------------------------------------------------------------
+# harness
+
+# (rows, C): C below the 32-channel tile, off it, and above the simulator's 64-thread block
+SHAPES = [(37, 5), (13, 70), (9, 33)]
+
+
+def same(new, old, grid, inputs, outputs):
+    """Launch both kernels on copies of the same inputs and outputs (outputs pre-filled alike);
+    assert every output is equal bit for bit."""
+    dev_in = [cuda.to_device(a) if isinstance(a, np.ndarray) else a for a in inputs]
+    got = [cuda.to_device(o) for o in outputs]
+    want = [cuda.to_device(o) for o in outputs]
+    new[grid](*dev_in, *got)
+    old[grid](*dev_in, *want)
+    for k, (g, w) in enumerate(zip(got, want)):
+        g, w = g.copy_to_host(), w.copy_to_host()
+        gb, wb = g.view(f"u{g.dtype.itemsize}"), w.view(f"u{w.dtype.itemsize}")
+        np.testing.assert_array_equal(gb, wb, err_msg=f"output {k}\n{first_mismatches(g, w)}")
+    return [g.copy_to_host() for g in got]
+
+
+def grids1d(n):
+    """The launcher's grid (the simulator's: at most 2 blocks) and 3 blocks (another stride)."""
+    return [grid1d(n), (3, THREADS)]
+
+
+def reduce_grids(m, c):
+    """One chunk (what the launcher picks for under 128 rows: lanes run past ROWS rows) and
+    three."""
+    grid, block = bn._reduce_grid(m, c)
+    return [((1, grid[1]), block), ((3, grid[1]), block)]
+
+
+def channel_data(m, c, seed, int_scale=0):
+    """x (m, C) float32 (multiples of 1/int_scale when int_scale > 0), its per-channel mean and
+    invstd, gamma, beta: y = gamma * xhat + beta spans the window (r=1, a=0.5) and beyond."""
+    rng = np.random.default_rng(seed)
+    if int_scale:
+        x = (rng.integers(-40, 41, (m, c)) / int_scale).astype(np.float32)
+    else:
+        x = (rng.standard_normal((m, c)) * 2 + 0.3).astype(np.float32)
+    mean = x.mean(0).astype(np.float32)
+    invstd = (1 / np.sqrt(x.var(0) + 1e-4)).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    beta = (rng.standard_normal(c) * 0.3).astype(np.float32)
+    return x, mean, invstd, gamma, beta
+
+
+# ----------------------------------------------------------------------------------------------
+# fused batch norm + ternary activation
+
+# (rows, C), int_scale, window: each record kind with each window; C = 64 divides the grid
+# strides (the usual case on the GPU: a thread keeps its channel)
+CASES = [((37, 5), 0, WINDOW_RECT), ((13, 70), 4, WINDOW_RECT), ((9, 33), 4, WINDOW_TRI), ((13, 70), 0, WINDOW_TRI),
+         ((5, 64), 2, WINDOW_RECT)]
+
+
+@pytest.mark.parametrize("shape,int_scale,window", CASES)
+def test_bn_act_fwd_bits(shape, int_scale, window):
+    m, c = shape
+    x, mean, invstd, gamma, beta = channel_data(m, c, m + c, int_scale)
+    n, s = x.size, np.float32(int_scale)
+    outs = [np.full(n, 7, np.int8), np.full(n, 7, np.int16), np.full(n, 7, np.float32),
+            np.full(num_words(n), 0xA5A5A5A5, np.uint32)]
+    args = [x.reshape(-1), mean, invstd, gamma, beta, np.float32(1.0), np.float32(0.5), window, s]
+    for grid in grids1d(n):
+        out, xq, xf, bits = same(bn._bn_act_fwd_cuda, _old_bn_act_fwd_cuda, grid, args, outs)
+    assert {-1, 0, 1} <= set(out.tolist())                      # a test that bites
+    if window == WINDOW_RECT:
+        flags = np.unpackbits(bits.view(np.uint8), bitorder="little")[:n]
+        assert 0 < flags.sum() < n
+    record = xq / np.float32(int_scale) if int_scale else xf
+    assert (record == x.reshape(-1)).all()
+
+
+def bwd_inputs(m, c, int_scale, seed):
+    rng = np.random.default_rng(seed)
+    x, mean, invstd, cg, cb = channel_data(m, c, seed, int_scale)
+    n = x.size
+    dout = rng.standard_normal(n).astype(np.float32)
+    dout[::11] = -0.0
+    xq = np.round(x.reshape(-1) * int_scale).astype(np.int16) if int_scale else np.zeros(1, np.int16)
+    xf = np.zeros(1, np.float32) if int_scale else x.reshape(-1).copy()
+    bits = rng.integers(0, 2**32, num_words(n), dtype=np.uint64).astype(np.uint32)
+    height = np.float32(1.0)
+    return [dout, xq, xf, np.float32(int_scale), mean, invstd, bits, height, cg, cb, np.float32(1.0),
+            np.float32(0.5)]
+
+
+@pytest.mark.parametrize("shape,int_scale,window", CASES)
+def test_bn_act_bwd_bits(shape, int_scale, window):
+    m, c = shape
+    args = bwd_inputs(m, c, int_scale, 3 * m + c) + [window]
+    n = m * c
+    for grid in reduce_grids(m, c):
+        part = np.full((grid[0][0], 2, c), np.nan, np.float64)
+        sums = same(bn._bn_act_bwd_sums_cuda, _old_bn_act_bwd_sums_cuda, grid, args, [part])[0]
+    assert (sums != 0).any()
+    rng = np.random.default_rng(c)
+    gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    sdy, sdyx = sums.sum(0).astype(np.float32)
+    for grid in grids1d(n):
+        dx = same(bn._bn_act_bwd_dx_cuda, _old_bn_act_bwd_dx_cuda, grid, args + [gamma, sdy, sdyx, np.float64(m)],
+                  [np.full(n, np.nan, np.float32)])[0]
+    assert np.isfinite(dx).all() and (dx != 0).any()
+
+
+# ----------------------------------------------------------------------------------------------
+# batch statistics and plain batch norm
+
+@pytest.mark.parametrize("m,c", SHAPES[::2])
+def test_colsum_bits(m, c):
+    x, mean, _, _, _ = channel_data(m, c, m * c, int_scale=2)
+    x[m // 2, c // 2] = 0.3                # not a multiple of 1/2: the int16 check must flag it
+    shift = mean.astype(np.float64)
+    for grid in reduce_grids(m, c):
+        for sq, s in [(0, np.float32(2)), (0, np.float32(0)), (1, np.float32(0))]:
+            part = np.full((grid[0][0], 2, c), np.nan, np.float64)
+            flag, _ = same(bn._colsum_cuda, _old_colsum_cuda, grid, [x, shift, sq, s],
+                           [np.zeros(1, np.int32), part])
+            assert flag[0] == (s > 0)
+
+
+@pytest.mark.parametrize("chunks", [3, bn.CHUNKS_IN_FLIGHT, 2 * bn.CHUNKS_IN_FLIGHT + 3])
+def test_chunk_sums_bits(chunks):
+    """The per-channel sums over the chunks' partial sums: fewer, as many as and more chunks than
+    CHUNKS_IN_FLIGHT (the simulator's reduction grids have at most 2)."""
+    rng = np.random.default_rng(chunks)
+    c, m = 70, np.float64(50 * chunks)
+    part = rng.standard_normal((chunks, 2, c)) * 10.0 ** rng.integers(-8, 9, (chunks, 2, c))
+    part[:, 1] = np.abs(part[:, 1])              # squared deviations
+    grid = grid1d(c)
+    mean = same(bn._mean_cuda, _old_mean_cuda, grid, [part, m], [np.zeros(c, np.float64)])[0]
+    same(bn._stats_cuda, _old_stats_cuda, grid, [part[:, ::-1].copy(), m, mean, np.float64(1e-4)],
+         [np.zeros(c, np.float32), np.zeros(c, np.float32), np.zeros((2, c), np.float32)])
+    same(bn._bwd_final_cuda, _old_bwd_final_cuda, grid, [part], [np.zeros(c, np.float32), np.zeros(c, np.float32)])
+
+
+@pytest.mark.parametrize("m,c", SHAPES[::2])
+def test_plain_batchnorm_bits(m, c):
+    x, mean, invstd, gamma, beta = channel_data(m, c, 7 * m + c)
+    rng = np.random.default_rng(c)
+    n = x.size
+    dy, xhat = rng.standard_normal((m, c)).astype(np.float32), rng.standard_normal((m, c)).astype(np.float32)
+    for grid in reduce_grids(m, c):
+        part = np.full((grid[0][0], 2, c), np.nan, np.float64)
+        same(bn._bwd_sums_cuda, _old_bwd_sums_cuda, grid, [dy, xhat], [part])
+    flat = [x.reshape(-1), mean, invstd, gamma, beta]
+    for grid in grids1d(n):
+        same(bn._normalize_cuda, _old_normalize_cuda, grid, flat, [np.zeros(n, np.float32), np.zeros(n, np.float32)])
+        same(bn._affine_cuda, _old_affine_cuda, grid, [x.reshape(-1), gamma, beta], [np.zeros(n, np.float32)])
+        same(bn._affine_act_cuda, _old_affine_act_cuda, grid, [x.reshape(-1), gamma, beta, np.float32(0.8)],
+             [np.zeros(n, np.int8)])
+        same(bn._bwd_dx_cuda, _old_bwd_dx_cuda, grid,
+             [dy.reshape(-1), xhat.reshape(-1), gamma, invstd, beta, mean, np.float64(m)], [np.zeros(n, np.float32)])
