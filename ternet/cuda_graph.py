@@ -130,15 +130,23 @@ class StepGraph:
     step(x, y): the eager step on device arrays x, y (it must read its per-step values from
     device memory the caller refreshes before each call). The first `warmup` calls with the
     graph's batch shape run eagerly on the fixed input buffers (they compile kernels and plan
-    launches), the next captures the step and replays it, every later one replays it. Batches of
+    launches), the next captures the step and replays it, every later one replays it. Two
+    warm-up steps by default: a launch signature is planned at its first launch and proven at its
+    second (kernels/launch.py), and only proven plans may be captured, so a kernel the step
+    launches once (a first layer's convolution) needs two eager steps. Batches of
     another shape (a short last batch) run eagerly. A capture that fails warns once and leaves
     every later step eager: the run goes on, only slower."""
 
-    def __init__(self, step, rows, warmup=1):
+    def __init__(self, step, rows, warmup=2):
         self.step, self.rows, self.warmup = step, rows, warmup
         self.x = self.y = self.graph = None
         self.calls = 0
         self.failed = None      # why the capture failed, if it did
+
+    def status(self):
+        """'replayed', 'eager: <why the capture failed>' or 'warming up' (for the run's records)."""
+        return ("replayed" if self.graph is not None else f"eager: {self.failed}" if self.failed is not None
+                else "warming up")
 
     def __call__(self, x, y):
         if self.failed is not None or len(y) != self.rows:

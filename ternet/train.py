@@ -233,7 +233,8 @@ class Trainer:
         self.sampler.observe(counters, iv["steps"], st["step"] - 1)   # adaptive rules update here
         now = time.perf_counter()
         self.run.append(self.run.timing_path, {"step": st["step"], "epoch": st["epoch"], "seconds": self.seconds(now),
-                                               "img_per_s": iv["count"] / max(now - self._t_iv, 1e-9)})
+                                               "img_per_s": iv["count"] / max(now - self._t_iv, 1e-9),
+                                               **({"cuda_graph": self.graph.status()} if self.graph else {})})
         self._t_iv = now
         st["interval"] = self._fresh()
         if bar is not None:

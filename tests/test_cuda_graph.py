@@ -122,7 +122,7 @@ def test_step_graph_warms_up_captures_once_replays_and_runs_odd_batches_eagerly(
     short = cuda.to_device(np.full((3, 2), 9, np.float32))
     sg(short, ys[:3])
     sg(batches[3], ys)
-    assert len(made) == 1 and sg.calls == 4 and sg.failed is None
+    assert len(made) == 1 and sg.calls == 4 and sg.failed is None and sg.status() == "replayed"
     # warm-up eager on the fixed buffer, capture + first replay, two more replays around the short
     # batch, which ran eagerly on its own arrays
     assert [c[0] is sg.x for c in calls] == [True, True, True, False, True]
@@ -146,5 +146,6 @@ def test_a_failed_capture_warns_once_and_the_run_goes_on_eagerly(monkeypatch):
         for _ in range(4):
             sg(x, y)
     assert len(ran) == 4 and "cuStreamBeginCapture failed" in sg.failed
+    assert sg.status().startswith("eager: cuStreamBeginCapture failed")
     assert sum("--cuda-graph" in str(m.message) for m in w) == 1
     assert ran[0] is sg.x and all(r is x for r in ran[2:])   # after the failure: the loader's own arrays

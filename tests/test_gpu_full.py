@@ -142,6 +142,24 @@ def test_streamed_batches_train_as_the_host_batches_copied_per_step(tiny_data, t
     assert weights["stream"][1] == weights["copy"][1]
 
 
+def test_cuda_graph_captures_in_a_fresh_process(tiny_data, tmp_path):
+    """In a new process, where no launch has been planned yet, `ternet train --cuda-graph on`
+    captures the step: the kernels it launches once per step (the first convolution) are proven
+    by the two eager warm-up steps. The run's timing records say whether the steps were replayed."""
+    import json
+    import os
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "ternet", "train", "--data", str(tiny_data), "--arch",
+                        "64C3-MP2-64C3-MP2-64FC", "--device", "cuda", "--cuda-graph", "on", "--epochs", "1",
+                        "--batch-size", "64", "--quiet", "--runs-dir", str(tmp_path), "--name", "g"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert r.returncode == 0, r.stderr
+    assert "could not be captured" not in r.stderr, r.stderr
+    recs = [json.loads(line) for line in open(tmp_path / "g" / "timing.jsonl") if "cuda_graph" in line]
+    assert recs and recs[-1]["cuda_graph"] == "replayed"
+
+
 @pytest.mark.parametrize("sampler,source,extra", [("bop", "sgd", ()), ("dst", "sgd", (("decay", 0.1), ("norm", "rms"))),
                                                   ("dst", "adam", ())])
 def test_cuda_graph_replays_train_as_the_eager_steps(tiny_data, tmp_path, sampler, source, extra):
