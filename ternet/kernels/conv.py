@@ -114,47 +114,26 @@ DW_SPLITS = 128      # the shape alone (so every GPU sums alike), keeps the spli
 
 
 @cuda.jit(device=True, inline=True)
-def _row_pos(m, oh_n, ow_n):
-    # (n, oh, ow) of im2col row m
-    n = m // (oh_n * ow_n)
-    rem = m - n * oh_n * ow_n
-    oh = rem // ow_n
-    return n, oh, rem - oh * ow_n
+def _digits3(v, b, c):
+    # (v // (b c), (v // c) % b, v % c): im2col row m -> (n, oh, ow) with (b, c) = (OH, OW),
+    # column r -> (i, j, ch) with (b, c) = (KW, C)
+    hi = v // (b * c)
+    rem = v - hi * b * c
+    mid = rem // c
+    return hi, mid, rem - mid * c
 
 
 @cuda.jit(device=True, inline=True)
-def _row_advance(n, oh, ow, d, oh_n, ow_n):
-    # (n, oh, ow) of row m + d from row m's: adds and compares, no 64-bit division
-    ow += d
-    while ow >= ow_n:
-        ow -= ow_n
-        oh += 1
-        if oh == oh_n:
-            oh = 0
-            n += 1
-    return n, oh, ow
-
-
-@cuda.jit(device=True, inline=True)
-def _tap_pos(r, kw, c):
-    # (i, j, ch) of im2col column r
-    i = r // (kw * c)
-    rem = r - i * kw * c
-    j = rem // c
-    return i, j, rem - j * c
-
-
-@cuda.jit(device=True, inline=True)
-def _tap_advance(i, j, ch, d, kw, c):
-    # (i, j, ch) of column r + d from column r's
-    ch += d
-    while ch >= c:
-        ch -= c
-        j += 1
-        if j == kw:
-            j = 0
-            i += 1
-    return i, j, ch
+def _advance3(hi, mid, lo, d, b, c):
+    # the digits of v + d from those of v (as _digits3): adds and compares, no 64-bit division
+    lo += d
+    while lo >= c:
+        lo -= c
+        mid += 1
+        if mid == b:
+            mid = 0
+            hi += 1
+    return hi, mid, lo
 
 
 @cuda.jit(device=True, inline=True)
@@ -224,8 +203,8 @@ def _conv_fwd_cuda(x, w, out, scale, oh_n, ow_n, kw, stride, pad):
     rr = tid % TK
     for q in range(4):
         m = min(m0 + q * 16 + tid // TK, m_n - 1)
-        pos[q, 0], pos[q, 1], pos[q, 2] = _row_pos(m, oh_n, ow_n)
-    i, j, ch = _tap_pos(rr, kw, c)
+        pos[q, 0], pos[q, 1], pos[q, 2] = _digits3(m, oh_n, ow_n)
+    i, j, ch = _digits3(rr, kw, c)
     _zero_acc(acc)
     for r0 in range(0, r_n, TK):
         r = r0 + rr
@@ -239,7 +218,7 @@ def _conv_fwd_cuda(x, w, out, scale, oh_n, ow_n, kw, stride, pad):
         cuda.syncthreads()
         _tile_fma(As, Bs, acc, ty, tx)
         cuda.syncthreads()
-        i, j, ch = _tap_advance(i, j, ch, TK, kw, c)
+        i, j, ch = _advance3(i, j, ch, TK, kw, c)
     for a in range(4):
         m = m0 + ty * 4 + a
         for b in range(4):
@@ -304,9 +283,9 @@ def _conv_dw_cuda(dy, x, part, oh_n, ow_n, kw, stride, pad, chunk):
     m_end = min(m_n, (z + 1) * chunk)
     col = tid % TM
     k, r = k0 + col, r0 + col
-    i, j, ch = _tap_pos(min(r, r_n - 1), kw, x.shape[3])
+    i, j, ch = _digits3(min(r, r_n - 1), kw, x.shape[3])
     for q in range(4):
-        pos[q, 0], pos[q, 1], pos[q, 2] = _row_pos(z * chunk + q * 4 + tid // TM, oh_n, ow_n)
+        pos[q, 0], pos[q, 1], pos[q, 2] = _digits3(z * chunk + q * 4 + tid // TM, oh_n, ow_n)
     _zero_acc(acc)
     for mb in range(z * chunk, m_end, TK):
         for q in range(4):
@@ -315,7 +294,7 @@ def _conv_dw_cuda(dy, x, part, oh_n, ow_n, kw, stride, pad, chunk):
             As[mm, col] = dy[m, k] if m < m_end and k < k_n else float32(0.0)
             Bs[mm, col] = (_x_at(x, pos[q, 0], pos[q, 1], pos[q, 2], i, j, ch, stride, pad)
                            if m < m_end and r < r_n else float32(0.0))
-            pos[q, 0], pos[q, 1], pos[q, 2] = _row_advance(pos[q, 0], pos[q, 1], pos[q, 2], TK, oh_n, ow_n)
+            pos[q, 0], pos[q, 1], pos[q, 2] = _advance3(pos[q, 0], pos[q, 1], pos[q, 2], TK, oh_n, ow_n)
         cuda.syncthreads()
         _tile_fma(As, Bs, acc, ty, tx)
         cuda.syncthreads()
