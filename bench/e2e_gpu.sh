@@ -8,7 +8,8 @@
 #   CUDA_VISIBLE_DEVICES=0 OUT=/tmp/e2e-a bash bench/e2e_gpu.sh cifar ... &
 #   CUDA_VISIBLE_DEVICES=1 OUT=/tmp/e2e-b bash bench/e2e_gpu.sh cifar ...
 # Below batch 256 the vgg-gxnor step is partly bound by the host; --cuda-graph on replays it from a
-# captured CUDA graph (host ~0.3 ms a step; docs/performance.md). In a 600 s device call keep
+# captured CUDA graph (host ~0.3 ms a step; docs/performance.md; the summary counts the logged
+# intervals that were replayed, so an eager fallback shows). In a 600 s device call keep
 # LIMIT <= ~540 so that the preparation and the summary below fit too.
 set -u
 OUT=${OUT:-/tmp/ternet-e2e}
@@ -41,7 +42,11 @@ for r in ep:   # every 10th epoch and the last: test/train accuracy and seconds 
         print(f"epoch {r['epoch'] + 1:4d}  test {100 * r['test_acc']:.2f}  train {100 * r['train_acc']:.2f}  "
               f"t {secs.get(r['epoch'], float('nan')):.1f} s")
 best = max(ep, key=lambda r: r["test_acc"])
+graph = {}     # --cuda-graph on: how many logged intervals were replayed (or why not)
+for r in map(json.loads, open(f"{run}/timing.jsonl")):
+    if "cuda_graph" in r:
+        graph[r["cuda_graph"]] = graph.get(r["cuda_graph"], 0) + 1
 print(json.dumps(dict(e2e=run, prep_s=round(t1 - t0, 1), train_s=round(t2 - t1, 1), total_s=round(t2 - t0, 1),
                       epochs=len(ep), final_test_acc=ep[-1]["test_acc"], best_test_acc=best["test_acc"],
-                      best_epoch=best["epoch"] + 1)))
+                      best_epoch=best["epoch"] + 1, **({"cuda_graph": graph} if graph else {}))))
 PY
