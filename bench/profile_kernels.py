@@ -95,7 +95,7 @@ def profile(arch, shape, classes, batch, sampler, top):
         by_kernel[k][1] += t
     total = sum(t for *_, t in ms)
     out = dict(arch=arch, batch=batch, sampler=sampler, launches=len(ms), kernels_ms=round(total, 3),
-               step_ms=round(cuda.event_elapsed_time(a, b) - 0, 3),
+               step_ms=round(cuda.event_elapsed_time(a, b), 3),
                by_place={k: round(v, 3) for k, v in sorted(by_place.items(), key=lambda kv: -kv[1])},
                by_kernel={k: [c, round(v, 3)] for k, (c, v) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1])},
                top=[[w, k, list(g), round(t, 4)] for w, k, g, t in sorted(ms, key=lambda r: -r[3])[:top]])

@@ -360,7 +360,10 @@ def _bwd_sums_cuda(dy, xhat, part):
 def _bwd_final_cuda(part, dgamma, dbeta):
     j = cuda.grid(1)
     if j < dgamma.size:
-        s0, s1 = _chunk_sum(part, 0, j), _chunk_sum(part, 1, j)
+        s0, s1 = np.float64(0.0), np.float64(0.0)
+        for z in range(part.shape[0]):     # both sums in one pass, chunk order (as _chunk_sum)
+            s0 += part[z, 0, j]
+            s1 += part[z, 1, j]
         dbeta[j], dgamma[j] = np.float32(s0), np.float32(s1)
 
 
