@@ -46,7 +46,12 @@ graph = {}     # --cuda-graph on: how many logged intervals were replayed (or wh
 for r in map(json.loads, open(f"{run}/timing.jsonl")):
     if "cuda_graph" in r:
         graph[r["cuda_graph"]] = graph.get(r["cuda_graph"], 0) + 1
+ends = [r for r in map(json.loads, open(f"{run}/timing.jsonl")) if "img_per_s" not in r]
+med = lambda v: sorted(v)[len(v) // 2] if v else float("nan")
+epoch_s = med([b["seconds"] - a["seconds"] for a, b in zip(ends, ends[1:])])     # median, from epoch 2 on
+eval_s = med([r["eval_s"] for r in ends if "eval_s" in r])                       # test-set evaluation
 print(json.dumps(dict(e2e=run, prep_s=round(t1 - t0, 1), train_s=round(t2 - t1, 1), total_s=round(t2 - t0, 1),
                       epochs=len(ep), final_test_acc=ep[-1]["test_acc"], best_test_acc=best["test_acc"],
-                      best_epoch=best["epoch"] + 1, **({"cuda_graph": graph} if graph else {}))))
+                      best_epoch=best["epoch"] + 1, epoch_s=round(epoch_s, 3), eval_s=round(eval_s, 3),
+                      **({"cuda_graph": graph} if graph else {}))))
 PY

@@ -136,6 +136,7 @@ class Trainer:
         self.graph = self._step_graph() if cfg.cuda_graph == "on" else None
         self.state = {"step": 0, "epoch": 0, "batch": 0, "metrics_bytes": 0, "acc": [0.0, 0.0],
                       "interval": self._fresh(), "epoch_totals": self._fresh()}
+        self.writer = checkpoint.Writer()
         self._stop = False
         self._seconds_before = 0.0      # training time before this process (from a checkpoint)
 
@@ -245,12 +246,14 @@ class Trainer:
         rec = {"type": "epoch", "epoch": st["epoch"], "step": st["step"],
                "train_loss": ep["loss"] / ep["count"], "train_acc": ep["correct"] / ep["count"],
                **self.hparams(st["step"] - 1)}
+        t = time.perf_counter()
         for split, loader in self.eval_loaders.items():
             rec[f"{split}_loss"], rec[f"{split}_acc"] = evaluate(self.model, loader, cfg.loss)
+        t_eval = time.perf_counter() - t
         rec["layers"] = self._layer_stats(ep["counters"], ep["steps"])
         st["metrics_bytes"] = self.run.append(self.run.metrics_path, rec)
         self.run.append(self.run.timing_path, {"epoch": st["epoch"], "step": st["step"],
-                                               "seconds": self.seconds()})
+                                               "seconds": self.seconds(), "eval_s": round(t_eval, 4)})
         st["epoch_totals"], st["epoch"], st["batch"] = self._fresh(), st["epoch"] + 1, 0
         return rec
 
@@ -264,10 +267,10 @@ class Trainer:
                 [a + b for a, b in zip(r0, r1)] for r0, r1 in zip(iv["counters"], counters)]
         self.state["sampler"] = self.sampler.state_dict()
         path = None
-        if self.main:        # every rank holds the same state: rank 0 writes it
+        if self.main:        # every rank holds the same state: rank 0 writes it, on a background thread
             path = self.run.checkpoint_path(self.state["step"])
-            checkpoint.save(path, self.cfg.to_json(), self.model, self.optimizer, self.state, self.seconds())
-            self.run.prune(self.cfg.keep_last)
+            snap = checkpoint.snapshot(self.cfg.to_json(), self.model, self.optimizer, self.state, self.seconds())
+            self.writer.submit(path, snap, then=lambda: self.run.prune(self.cfg.keep_last))
         self._restore_counters()
         return path
 
@@ -343,6 +346,7 @@ class Trainer:
                         self.coll.checksum_check(self.model, st["step"])
                     if self._stopping():
                         path = self.save()
+                        self.writer.wait()
                         raise KeyboardInterrupt(f"interrupted at step {st['step']}; checkpoint {path}; "
                                                 f"resume with: ternet train --resume {self.run.path}")
                     if cfg.ckpt_every and st["step"] % cfg.ckpt_every == 0 and st["batch"] < self.spe:
@@ -355,6 +359,7 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            self.writer.wait()      # the last checkpoint is on disk when fit() returns or raises
         return last
 
     def _on_signal(self, signum, frame):

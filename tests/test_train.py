@@ -49,6 +49,47 @@ def test_run_directory(tiny_data, tmp_path):
     assert all(json.loads(l) for l in run.timing_path.read_text().splitlines())
 
 
+def test_checkpoint_written_in_the_background_holds_the_state_of_its_save(tiny_data, tmp_path):
+    """The trainer snapshots its state and trains on while a thread writes the file: what is in the
+    file is the state at save(), not what the weights became during the write."""
+    from ternet import checkpoint
+    cfg, run = make(tiny_data, tmp_path / "r", epochs=1, sampler="bop")
+    t = fresh_run(cfg, run)
+    before = {p.name: np.array(p.q) for p in t.model.tparams()}
+    slots = {p.name: {k: np.array(v) for k, v in p.slots.items()} for p in t.model.tparams()}
+    gate = __import__("threading").Event()
+    real_write = checkpoint.write
+    checkpoint.write = lambda path, snap: (gate.wait(10), real_write(path, snap))
+    t.state["step"] += 1                     # a new file: the epoch's checkpoint is at the last step
+    try:
+        path = t.save()
+        for p in t.model.tparams():         # "training goes on": every state and momentum changes
+            p.q[...] = -p.q
+            for v in p.slots.values():
+                v += 1
+        assert not path.exists()             # still held at the gate: not there yet, no half file
+        gate.set()
+        t.writer.wait()
+    finally:
+        checkpoint.write = real_write
+    ck = checkpoint.load(path)
+    assert set(ck["weights"]) == set(before) and all(np.array_equal(ck["weights"][k], before[k]) for k in before)
+    assert any(slots[k] for k in slots)
+    for name, d in slots.items():
+        for k, v in d.items():
+            np.testing.assert_array_equal(ck["slots"][name][k], v)
+    assert len(run.checkpoints()) == cfg.keep_last    # pruned after the write
+
+
+def test_checkpoint_writer_reports_a_failed_write(tmp_path):
+    from ternet import checkpoint
+    w = checkpoint.Writer()
+    w.submit(tmp_path / "missing-folder" / "ckpt-000000001.h5", {"attrs": {}, "groups": {}, "slots": {}})
+    with pytest.raises(checkpoint.CheckpointError, match="writing a checkpoint failed"):
+        w.wait()
+    w.wait()                                  # reported once
+
+
 @pytest.mark.parametrize("source", ["sgd", "adam"])
 def test_checkpoint_holds_int8_states_only(tiny_data, tmp_path, source):
     cfg, run = make(tiny_data, tmp_path / "r", epochs=1, source=source)
