@@ -64,9 +64,10 @@ def write(path, snap):
 
 class Writer:
     """Writes snapshots on a background thread, one at a time, so that training goes on while the
-    file is written and fsync'd (~65 MB for vgg-gxnor with Bop's momenta). The next submit() and
-    wait() wait for the write before; a failed write raises there. Until it has been renamed into
-    place a checkpoint does not exist: a crash meanwhile leaves the previous ones."""
+    file is written and fsync'd (117 MB for vgg-gxnor with Bop's two float32 slots per weight:
+    bench/bench_checkpoint.py). The next submit() and wait() wait for the write before; a failed
+    write raises there. Until it has been renamed into place a checkpoint does not exist: a crash
+    meanwhile leaves the previous ones."""
 
     def __init__(self):
         self._thread, self._error = None, None
