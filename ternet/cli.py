@@ -41,6 +41,8 @@ TRAIN_OPTIONS = [
     ("act_a", float, "Half-width a of the surrogate-derivative window r-a <= |x| <= r+a (the authors' code: 0.5)."),
     ("window", click.Choice(["rect", "tri"]), "Shape of the surrogate-derivative window."),
     ("loss", click.Choice(["xent", "sqhinge"]), "Softmax cross-entropy, or the squared hinge loss of the authors' code."),
+    ("label_smoothing", float, "Label smoothing eps of the training loss (xent): each target is (1 - eps) on the label "
+                               "and eps / K on every class. The evaluation's loss is plain cross-entropy. 0: none."),
     ("sampler", str, "Transition rule for the discrete weights: bop (momentum threshold, the default), dst "
                      "(GXNOR's discrete state transition; with --source sgd it keeps no per-weight memory), "
                      "metropolis (docs/samplers.md)."),

@@ -17,6 +17,7 @@ class Config:
     act_a: float = 0.5
     window: str = "rect"            # rect | tri
     loss: str = "xent"              # xent | sqhinge (the authors' squared hinge)
+    label_smoothing: float = 0.0    # xent: targets (1 - eps) one-hot + eps / K in training
     # transitions of the discrete weights
     sampler: str = "bop"            # bop (momentum threshold) | dst (GXNOR) | metropolis, see docs/samplers.md
     source: str = "sgd"             # DST step source: sgd (no per-weight memory) | adam (two fp32 moments)
@@ -95,6 +96,11 @@ def validate(cfg):
         raise ValueError(f"--act-a must be > 0 and --act-r >= 0, got a={cfg.act_a}, r={cfg.act_r}")
     if cfg.lr < 0 or cfg.bn_lr <= 0 or cfg.m <= 0 or cfg.ckpt_every < 0 or cfg.check_every < 0:
         raise ValueError("--lr, --bn-lr and --m must be positive and --ckpt-every, --check-every >= 0")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ValueError(f"--label-smoothing must be in [0, 1) (e.g. 0.1), got {cfg.label_smoothing}")
+    if cfg.label_smoothing and cfg.loss != "xent":
+        raise ValueError(f"--label-smoothing {cfg.label_smoothing} smooths the targets of --loss xent; "
+                         f"--loss {cfg.loss} has none. Use --loss xent or leave --label-smoothing out")
     if cfg.cutout < 0:
         raise ValueError(f"--cutout must be >= 0 (the side of the square in pixels; 0 = none), got {cfg.cutout}")
     if cfg.crop_pad < 0:

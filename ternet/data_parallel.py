@@ -35,8 +35,9 @@ def validate_world(cfg, world):
 class ShardedStep:
     """Forward and backward over this rank's shards, then the reduction; see the module docstring."""
 
-    def __init__(self, model, loss, shards, coll, device):
+    def __init__(self, model, loss, shards, coll, device, smoothing=0.0):
         self.model, self.loss, self.shards, self.coll, self.device = model, loss, shards, coll, device
+        self.smoothing = smoothing           # label smoothing of the xent loss
         self.local = shards // coll.world
         self.bns = [layer for layer in model.layers() if isinstance(layer, BatchNorm)]
         for layer in self.bns:
@@ -67,7 +68,8 @@ class ShardedStep:
             shard_acc = zeros((2,), np.float64, dev)
             logits = self.model.forward(to_side(x[j * n:(j + 1) * n], dev), train=True)
             dlogits = empty(logits.shape, np.float32, dev)
-            loss_forward_backward(dlogits, logits, to_side(y[j * n:(j + 1) * n], dev), self.loss, shard_acc)
+            loss_forward_backward(dlogits, logits, to_side(y[j * n:(j + 1) * n], dev), self.loss, shard_acc,
+                                  smoothing=self.smoothing)
             self.model.backward(dlogits)
             live = self._live(shard_acc)
             parts.append(live if j == self.local - 1 else self._keep(j, live))

@@ -126,7 +126,8 @@ class Trainer:
         self.acc = zeros((2,), np.float64, self.device)      # loss sum, correct: summed on the device
         self.sharded = None                                    # the plain step: one process, one shard
         if cfg.grad_shards > 1 or self.coll.world > 1:
-            self.sharded = ShardedStep(self.model, cfg.loss, cfg.grad_shards, self.coll, self.device)
+            self.sharded = ShardedStep(self.model, cfg.loss, cfg.grad_shards, self.coll, self.device,
+                                       smoothing=cfg.label_smoothing)
         self.part = {"part": (self.coll.rank, self.coll.world)} if self.coll.world > 1 else {}
         self.hp = self.hp_sampler = self.hp_optim = None
         if self.device:      # the step's per-step values, read by the update kernels on the device
@@ -183,7 +184,8 @@ class Trainer:
         else:
             logits = self.model.forward(to_side(x, self.device), train=True)
             dlogits = empty(logits.shape, np.float32, self.device)
-            loss_forward_backward(dlogits, logits, to_side(y, self.device), cfg.loss, self.acc)
+            loss_forward_backward(dlogits, logits, to_side(y, self.device), cfg.loss, self.acc,
+                                  smoothing=cfg.label_smoothing)
             self.model.backward(dlogits)
         self.sampler.step(self.tparams, [p.grad for p in self.tparams], t, hp=self.hp_sampler)
         self.optimizer.step(self.model.reals, self._bn_lr(t), t + 1, hp=self.hp_optim)

@@ -42,11 +42,14 @@ def avgpool(x, k, stride, pad):
     return conv2d(x, w, stride, pad)
 
 
-def softmax_xent(logits, labels):
+def softmax_xent(logits, labels, eps=0.0):
+    """Mean cross-entropy against the targets (1 - eps) one-hot + eps / K."""
     z = logits.astype(np.float64)
     z = z - z.max(1, keepdims=True)
-    lse = np.log(np.exp(z).sum(1))
-    return (lse - z[np.arange(len(labels)), labels]).mean()
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    t = np.full(z.shape, eps / z.shape[1])
+    t[np.arange(len(labels)), labels] += 1.0 - eps
+    return -(t * logp).sum(1).mean()
 
 
 def sq_hinge(logits, labels):

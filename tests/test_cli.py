@@ -83,6 +83,26 @@ def test_crop_pad_reaches_the_loader_and_old_runs_resume_with_the_automatic_pad(
     assert run.metrics_path.read_bytes() == whole
 
 
+def test_label_smoothing_trains_and_is_checked(tiny_data, tmp_path):
+    import json
+    base = ("--data", tiny_data, "--arch", SMALL, "--runs-dir", tmp_path, "--device", "cpu", "--quiet",
+            "--epochs", 1, "--batch-size", 50)
+    r = train_cli(*base, "--label-smoothing", 1.0)
+    assert r.exit_code == 2 and "--label-smoothing must be in [0, 1)" in r.output
+    r = train_cli(*base, "--label-smoothing", 0.1, "--loss", "sqhinge")
+    assert r.exit_code == 2 and "Use --loss xent or leave --label-smoothing out" in r.output
+    assert not any(tmp_path.iterdir())
+    for name, eps in (("plain", 0.0), ("smoothed", 0.1)):
+        r = train_cli(*base, "--label-smoothing", eps, "--name", name)
+        assert r.exit_code == 0, r.output
+    read = lambda n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((tmp_path / "smoothed" / "config.json").read_text())["label_smoothing"] == 0.1
+    plain, smoothed = read("plain"), read("smoothed")
+    first = lambda recs: next(r for r in recs if r["type"] == "step")["loss"]
+    assert first(smoothed) != first(plain)           # the training loss is the smoothed one
+    assert "Label smoothing" in train_cli("--help").output
+
+
 def test_cutout_option_trains_and_rejects_a_negative_side(tiny_data, tmp_path):
     import json
     base = ("--data", tiny_data, "--arch", SMALL, "--runs-dir", tmp_path, "--device", "cpu", "--quiet")

@@ -11,18 +11,19 @@ from ternet.kernels.loss import loss_forward_backward
 pytestmark = needs_cuda
 
 
-@pytest.mark.parametrize("kind", ["xent", "sqhinge"])
+@pytest.mark.parametrize("kind,eps", [("xent", 0.0), ("xent", 0.1), ("sqhinge", 0.0)])
 @pytest.mark.parametrize("k", [1, 3, 10])
 @pytest.mark.parametrize("n", SMALL_SIZES + [129])     # 129: more samples than a block has threads
-def test_loss_forward_backward(n, k, kind):
+def test_loss_forward_backward(n, k, kind, eps):
     rng = np.random.default_rng(n * k)
     logits = (rng.standard_normal((n, k)) * 2).astype(np.float32)
     logits[0, :] = 0.5                              # a tied row: the first maximum is the prediction
     labels = rng.integers(0, k, n).astype(np.int32)
     d_cpu, acc_cpu = np.empty_like(logits), np.array([1.5, 2.0])
-    total, correct = loss_forward_backward(d_cpu, logits, labels, kind, acc_cpu)
+    total, correct = loss_forward_backward(d_cpu, logits, labels, kind, acc_cpu, smoothing=eps)
     d_gpu, acc = cuda.device_array_like(logits), cuda.to_device(np.array([1.5, 2.0]))
-    assert loss_forward_backward(d_gpu, cuda.to_device(logits), cuda.to_device(labels), kind, acc) is None
+    assert loss_forward_backward(d_gpu, cuda.to_device(logits), cuda.to_device(labels), kind, acc,
+                                 smoothing=eps) is None
     got = acc.copy_to_host()
     assert got[1] == acc_cpu[1]                     # correct counts: exact
     # loss sums: float64, summed in another order (a tree over samples); xent also uses expf,

@@ -1,5 +1,8 @@
 """Every CPU op against a float64 reference: forwards compared directly, backwards against
 central differences of the reference forward (float64, tiny shapes)."""
+import math
+
+import numba
 import numpy as np
 import pytest
 
@@ -214,6 +217,62 @@ def test_global_avgpool():
     dx = np.empty_like(x)
     global_avgpool_backward(dx, dy.astype(np.float32))
     ref.assert_close(dx, ref.central_diff(lambda xx: (xx.mean((1, 2)) * dy).sum(), x), 1e-5, 1e-4, "gap dx")
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.5])
+def test_xent_with_label_smoothing(eps):
+    logits = (RNG.standard_normal((6, 5)) * 2).astype(np.float32)
+    labels = RNG.integers(0, 5, 6).astype(np.int32)
+    d = np.empty_like(logits)
+    total, correct = loss_forward_backward(d, logits, labels, "xent", smoothing=eps)
+    assert abs(total / 6 - ref.softmax_xent(logits, labels, eps)) < 1e-5
+    assert abs(total / 6 - ref.softmax_xent(logits, labels)) > 1e-3      # it is not the plain loss
+    assert correct == int((logits.argmax(1) == labels).sum())
+    ref.assert_close(d, ref.central_diff(lambda z: ref.softmax_xent(z, labels, eps), logits), 1e-5, 1e-4,
+                     "smoothed xent dlogits")
+
+
+@numba.njit
+def _xent_before_smoothing(logits, labels, dlogits):
+    # ternet.kernels.loss._softmax_xent as it was before label smoothing (xent_dlogit inlined)
+    n, k = logits.shape
+    total = 0.0
+    correct = 0
+    inv_n = np.float32(1.0 / n)
+    for i in range(n):
+        mx = logits[i, 0]
+        am = 0
+        for j in range(1, k):
+            if logits[i, j] > mx:
+                mx = logits[i, j]
+                am = j
+        s = 0.0
+        for j in range(k):
+            s += math.exp(logits[i, j] - mx)
+        y = labels[i]
+        total += math.log(s) - (logits[i, y] - mx)
+        correct += am == y
+        for j in range(k):
+            p = math.exp(logits[i, j] - mx) / s
+            dlogits[i, j] = np.float32((p - (1.0 if j == y else 0.0)) * inv_n)
+    return total, correct
+
+
+def test_label_smoothing_zero_is_the_plain_loss_bit_for_bit():
+    logits = (RNG.standard_normal((9, 7)) * 3).astype(np.float32)
+    labels = RNG.integers(0, 7, 9).astype(np.int32)
+    d0, d1 = np.empty_like(logits), np.empty_like(logits)
+    assert loss_forward_backward(d0, logits, labels, "xent", smoothing=0.0) == _xent_before_smoothing(logits, labels, d1)
+    assert np.array_equal(d0, d1)
+
+
+def test_label_smoothing_needs_xent():
+    d = np.empty((2, 3), np.float32)
+    logits, labels = np.zeros((2, 3), np.float32), np.zeros(2, np.int32)
+    with pytest.raises(ValueError, match="label smoothing"):
+        loss_forward_backward(d, logits, labels, "sqhinge", smoothing=0.1)
+    with pytest.raises(ValueError, match="label smoothing"):
+        loss_forward_backward(d, logits, labels, "xent", smoothing=1.0)
 
 
 @pytest.mark.parametrize("kind,fn", [("xent", ref.softmax_xent), ("sqhinge", ref.sq_hinge)])

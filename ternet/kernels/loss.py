@@ -9,14 +9,14 @@ import numpy as np
 from numba import cuda
 
 from . import THREADS, check, grid1d, on_device, scratch
-from .scalar import sqhinge, xent_dlogit
+from .scalar import sqhinge, xent_dlogit, xent_row_loss, xent_target
 
 
 # ----------------------------------------------------------------------------------------------
 # CPU implementation
 
 @numba.njit(cache=True)
-def _softmax_xent(logits, labels, dlogits):
+def _softmax_xent(logits, labels, dlogits, eps):
     n, k = logits.shape
     total = 0.0
     correct = 0
@@ -29,13 +29,15 @@ def _softmax_xent(logits, labels, dlogits):
                 mx = logits[i, j]
                 am = j
         s = 0.0
+        sz = 0.0
         for j in range(k):
             s += math.exp(logits[i, j] - mx)
+            sz += logits[i, j] - mx
         y = labels[i]
-        total += math.log(s) - (logits[i, y] - mx)
+        total += xent_row_loss(math.log(s), logits[i, y] - mx, sz, eps, k)
         correct += am == y
         for j in range(k):
-            dlogits[i, j] = xent_dlogit(logits[i, j], mx, s, j == y, inv_n)
+            dlogits[i, j] = xent_dlogit(logits[i, j], mx, s, xent_target(j == y, eps, k), inv_n)
     return total, correct
 
 
@@ -65,21 +67,22 @@ def _sq_hinge(logits, labels, dlogits):
 # tree order into acc, so the device accumulator needs no host round trip and no float atomics.
 
 @cuda.jit
-def _xent_rows_cuda(logits, labels, inv_n, dlogits, loss, hit):
+def _xent_rows_cuda(logits, labels, inv_n, eps, dlogits, loss, hit):
     n, k = logits.shape
     for i in range(cuda.grid(1), n, cuda.gridsize(1)):
         mx, am = logits[i, 0], 0
         for j in range(1, k):
             if logits[i, j] > mx:
                 mx, am = logits[i, j], j
-        s = np.float64(0.0)
+        s, sz = np.float64(0.0), np.float64(0.0)
         for j in range(k):
             s += np.float64(math.exp(logits[i, j] - mx))
+            sz += np.float64(logits[i, j] - mx)
         y = labels[i]
-        loss[i] = math.log(s) - np.float64(logits[i, y] - mx)
+        loss[i] = xent_row_loss(math.log(s), np.float64(logits[i, y] - mx), sz, eps, k)
         hit[i] = am == y
         for j in range(k):
-            dlogits[i, j] = xent_dlogit(logits[i, j], mx, s, j == y, inv_n)
+            dlogits[i, j] = xent_dlogit(logits[i, j], mx, s, xent_target(j == y, eps, k), inv_n)
 
 
 @cuda.jit
@@ -127,26 +130,32 @@ def _sum_into_cuda(loss, hit, acc):
 LOSSES = ("xent", "sqhinge")
 
 
-def loss_forward_backward(dlogits, logits, labels, kind, acc=None):
+def loss_forward_backward(dlogits, logits, labels, kind, acc=None, smoothing=0.0):
     """Overwrites dlogits with the gradient of the batch-mean loss; adds the sum of per-sample
     losses to acc[0] and the number of correct argmax predictions to acc[1] (acc float64 (2,),
     on the logits' side, so a GPU step needs no host round trip; the device adds the per-sample
     values in a fixed order, so equal inputs give equal bits). logits float32 (N, K), labels
-    int32 (N,). Returns (loss sum, correct) on the host path, None on the device path."""
+    int32 (N,). smoothing eps (xent only): the target of a sample is (1 - eps) one-hot + eps / K.
+    Returns (loss sum, correct) on the host path, None on the device path."""
     check(kind in LOSSES, f"unknown loss {kind!r}; choose one of {LOSSES}")
+    check(0.0 <= smoothing < 1.0 and (kind == "xent" or smoothing == 0.0),
+          f"label smoothing {smoothing}: needs 0 <= eps < 1 and the xent loss")
+    eps = np.float64(smoothing)
     check(dlogits.shape == logits.shape and labels.shape == (logits.shape[0],), "loss: shape mismatch")
     if on_device(dlogits, logits, labels, acc):
         n, k = logits.shape
         loss, hit = scratch("loss.rows", n, np.float64), scratch("loss.hit", n, np.int32)
         if kind == "xent":
-            _xent_rows_cuda[grid1d(n)](logits, labels, np.float32(1.0 / n), dlogits, loss, hit)
+            _xent_rows_cuda[grid1d(n)](logits, labels, np.float32(1.0 / n), eps, dlogits, loss, hit)
         else:
             _sqhinge_rows_cuda[grid1d(n)](logits, labels, np.float32(2.0 / (n * k)), dlogits, loss, hit)
         if acc is not None:
             _sum_into_cuda[1, THREADS](loss, hit, acc)
         return None
-    fn = _softmax_xent if kind == "xent" else _sq_hinge
-    total, correct = fn(logits, labels, dlogits)
+    if kind == "xent":
+        total, correct = _softmax_xent(logits, labels, dlogits, eps)
+    else:
+        total, correct = _sq_hinge(logits, labels, dlogits)
     if acc is not None:
         acc[0] += total
         acc[1] += correct

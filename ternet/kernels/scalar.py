@@ -194,11 +194,26 @@ def bn_dx(dy, xhat, gamma, invstd, sdy, sdyx, m):
 # losses (per logit; the loops over a row live in kernels/loss.py, once per path)
 
 @numba.njit(inline="always")
-def xent_dlogit(z, mx, s, is_label, inv_n):
+def xent_dlogit(z, mx, s, target, inv_n):
     """d(mean softmax cross-entropy)/d z for one logit z of a row with maximum mx and
-    s = sum(exp(z_j - mx)) (float64); inv_n = 1/N (float32)."""
+    s = sum(exp(z_j - mx)) (float64); target: z's class probability in the target distribution
+    (1 or 0 for a one-hot label; xent_target with label smoothing); inv_n = 1/N (float32)."""
     p = math.exp(z - mx) / s
-    return F32((p - (1.0 if is_label else 0.0)) * inv_n)
+    return F32((p - target) * inv_n)
+
+
+@numba.njit(inline="always")
+def xent_target(is_label, eps, k):
+    """Target probability of one of k classes with label smoothing eps: (1 - eps) one-hot + eps / k
+    (exactly 1.0 and 0.0 for eps = 0)."""
+    return (1.0 - eps + eps / k) if is_label else eps / k
+
+
+@numba.njit(inline="always")
+def xent_row_loss(log_s, zy_mx, sum_z_mx, eps, k):
+    """-sum_j t_j log p_j for a row: log s - (1 - eps)(z_y - mx) - (eps / k) sum_j (z_j - mx), float64
+    (for eps = 0 the same bits as log s - (z_y - mx))."""
+    return log_s - (1.0 - eps) * zy_mx - (eps / k) * sum_z_mx
 
 
 @numba.njit(inline="always")
