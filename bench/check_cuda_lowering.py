@@ -53,6 +53,9 @@ BN_SIGS = {
     "_bwd_final_cuda": (types.Array(types.float64, 3, "C"), F1, F1),
 }
 KERNELS.update({name: (getattr(BN, name), sig) for name, sig in BN_SIGS.items()})
+from ternet.kernels import loss as L   # noqa: E402
+KERNELS["_xent_rows_cuda"] = (L._xent_rows_cuda, (types.Array(f32, 2, "C"), types.int32[::1], f32, types.float64,
+                                                  types.Array(f32, 2, "C"), F64, types.int32[::1]))
 if not cuda.is_available():   # cuda.jit device functions (batchnorm's) are typed for the current device's cc
     import numba.cuda.dispatcher as _dispatcher
     _dispatcher.get_current_device = lambda: type("Device", (), {"compute_capability": (9, 0)})
