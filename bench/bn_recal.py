@@ -17,6 +17,7 @@ from ternet.train import open_data, train_augment
 def recalibrate(model, loader, images, dev):
     """Running statistics <- the plain mean of the batch statistics over `images` images."""
     bns = [layer for layer in walk(model.net) if isinstance(layer, BatchNorm)]
+    momenta = [layer.momentum for layer in bns]
     seen = 0
     for k, (x, _) in enumerate(loader.batches(0)):
         if seen >= images:
@@ -25,8 +26,8 @@ def recalibrate(model, loader, images, dev):
             layer.momentum = 1.0 / (k + 1)          # running = mean of the first k + 1 batches
         model.forward(to_side(x, dev), train=True)
         seen += len(x)
-    for layer in bns:
-        layer.momentum = 0.1
+    for layer, m in zip(bns, momenta):
+        layer.momentum = m
     return seen
 
 

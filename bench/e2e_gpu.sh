@@ -36,17 +36,18 @@ python3 - "$OUT/runs/$what" "$t0" "$t1" "$t2" <<'PY'
 import json, sys
 run, t0, t1, t2 = sys.argv[1], *map(float, sys.argv[2:])
 ep = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if '"epoch"' in l and '"type": "epoch"' in l]
-secs = {r["epoch"]: r["seconds"] for r in map(json.loads, open(f"{run}/timing.jsonl")) if "img_per_s" not in r}
+timing = [json.loads(l) for l in open(f"{run}/timing.jsonl")]
+ends = [r for r in timing if "img_per_s" not in r]       # one record per epoch end
+secs = {r["epoch"]: r["seconds"] for r in ends}
 for r in ep:   # every 10th epoch and the last: test/train accuracy and seconds since the trainer started
     if (r["epoch"] + 1) % 10 == 0 or r is ep[-1]:
         print(f"epoch {r['epoch'] + 1:4d}  test {100 * r['test_acc']:.2f}  train {100 * r['train_acc']:.2f}  "
               f"t {secs.get(r['epoch'], float('nan')):.1f} s")
 best = max(ep, key=lambda r: r["test_acc"])
 graph = {}     # --cuda-graph on: how many logged intervals were replayed (or why not)
-for r in map(json.loads, open(f"{run}/timing.jsonl")):
+for r in timing:
     if "cuda_graph" in r:
         graph[r["cuda_graph"]] = graph.get(r["cuda_graph"], 0) + 1
-ends = [r for r in map(json.loads, open(f"{run}/timing.jsonl")) if "img_per_s" not in r]
 med = lambda v: sorted(v)[len(v) // 2] if v else float("nan")
 epoch_s = med([b["seconds"] - a["seconds"] for a, b in zip(ends, ends[1:])])     # median, from epoch 2 on
 eval_s = med([r["eval_s"] for r in ends if "eval_s" in r])                       # test-set evaluation
