@@ -298,14 +298,19 @@ def _describe(trainer, run, quiet):
 @click.option("--limit", type=int, default=0, help="--integer: only the first N images of the split.")
 @click.option("--rounding", type=click.Choice(["float32", "exact"]), default="float32", show_default=True,
               help="--integer on a run: fold as `ternet export --rounding` does.")
-def eval_cmd(run_path, data, split, device, integer, compare, engine, limit, rounding):
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="Test-time augmentation: flip = classify by the mean of the logits of each image and "
+                   "its mirror image (two forward passes; not what training reports each epoch).")
+def eval_cmd(run_path, data, split, device, integer, compare, engine, limit, rounding, tta):
     """Evaluate a run's newest checkpoint on a prepared dataset."""
     from .evaluate import evaluate_run
+    if integer and tta != "none":
+        raise click.UsageError("--tta works on the float path only; leave it out with --integer")
     if integer:
         from .deploy import integer_eval_cli
         return integer_eval_cli(run_path, data, split, compare, engine, limit, click.echo, rounding)
     try:
-        results = evaluate_run(run_path, data=data, split=split, device=device)
+        results = evaluate_run(run_path, data=data, split=split, device=device, tta=tta)
     except (FileNotFoundError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     for s, (loss, acc) in results.items():

@@ -15,8 +15,13 @@ def to_side(a, device):
     return cuda.to_device(a)
 
 
-def evaluate(model, loader, loss_kind):
-    """(mean loss, accuracy) of `model` in eval mode over one pass of `loader`."""
+def evaluate(model, loader, loss_kind, tta="none"):
+    """(mean loss, accuracy) of `model` in eval mode over one pass of `loader`.
+    tta="flip": the logits are the mean of the image's and its mirror image's (NHWC batches)."""
+    if tta == "flip":
+        return _evaluate_flip(model, loader, loss_kind)
+    if tta != "none":
+        raise ValueError(f"--tta {tta}: choose none or flip")
     dev = model.device
     acc = zeros((2,), np.float64, dev)
     n = 0
@@ -27,6 +32,18 @@ def evaluate(model, loader, loss_kind):
         n += len(y)
     total, correct = np.array(acc) if not dev else acc.copy_to_host()
     return float(total / n), float(correct / n)
+
+
+def _evaluate_flip(model, loader, loss_kind):
+    dev, acc, n = model.device, np.zeros(2), 0
+    host = (lambda a: a.copy_to_host()) if dev else np.array
+    for x, y in loader.batches(0):
+        logits = host(model.forward(to_side(x, dev), train=False))
+        mirror = np.ascontiguousarray(x[:, :, ::-1])
+        logits = (logits + host(model.forward(to_side(mirror, dev), train=False))) * np.float32(0.5)
+        loss_forward_backward(np.empty_like(logits), logits, np.asarray(y), loss_kind, acc)
+        n += len(y)
+    return float(acc[0] / n), float(acc[1] / n)
 
 
 def load_model(run_path, device="auto", ckpt=None):
@@ -54,8 +71,9 @@ def _newest(run):
     return ck
 
 
-def evaluate_run(run_path, data=None, split=None, device="auto"):
-    """{split: (loss, accuracy)} for the run's newest checkpoint on `data` (default: the run's)."""
+def evaluate_run(run_path, data=None, split=None, device="auto", tta="none"):
+    """{split: (loss, accuracy)} for the run's newest checkpoint on `data` (default: the run's);
+    tta="flip" averages the logits of each image and its mirror image."""
     from .loader import Loader
     from .train import open_data
     cfg, model = load_model(run_path, device)
@@ -67,4 +85,4 @@ def evaluate_run(run_path, data=None, split=None, device="auto"):
         if s not in ds.splits:
             raise ValueError(f"--split {s}: {ds.path} has splits {', '.join(ds.splits)}")
     return {s: evaluate(model, Loader(ds, s, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed),
-                        cfg.loss) for s in splits}
+                        cfg.loss, tta) for s in splits}

@@ -203,6 +203,46 @@ def test_eval_and_inspect(tiny_data, tmp_path):
     assert txt.returncode == 0 and "flip rate" in txt.stdout and png.stat().st_size > 1000
 
 
+class _Fixed:
+    """A loader stand-in that yields the given images and labels in batches of 16."""
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def batches(self, epoch):
+        for i in range(0, len(self.y), 16):
+            yield self.x[i:i + 16], self.y[i:i + 16]
+
+
+def test_eval_flip_averages_each_image_with_its_mirror(tiny_data, tmp_path):
+    from ternet.evaluate import evaluate, load_model
+    from ternet.loader import Loader
+    from ternet.train import open_data
+    cfg, run = make(tiny_data, tmp_path / "r", epochs=1)
+    fresh_run(cfg, run)
+    _, model = load_model(run.path, "cpu")
+    x, y = next(Loader(open_data(cfg), "test", 48, shuffle=False, augment="none", seed=0).batches(0))
+    mirror = np.ascontiguousarray(x[:, :, ::-1])
+    la = np.array(model.forward(x, train=False))
+    lb = np.array(model.forward(mirror, train=False))
+    assert not np.array_equal(la, lb)          # the mirror images do change the logits
+    z = (la + lb) * np.float32(0.5)
+    z64 = z.astype(np.float64) - z.max(1, keepdims=True)
+    loss = np.mean(np.log(np.exp(z64).sum(1)) - z64[np.arange(len(y)), y])
+    got = evaluate(model, _Fixed(x, y), "xent", tta="flip")
+    assert got[1] == np.mean(z.argmax(1) == y)
+    assert abs(got[0] - loss) < 1e-5
+    # images that are their own mirror: flip averaging changes nothing, bit for bit
+    sym = ((x + mirror) * np.float32(0.5)).astype(np.float32)
+    assert evaluate(model, _Fixed(sym, y), "xent", tta="flip") == evaluate(model, _Fixed(sym, y), "xent")
+    with pytest.raises(ValueError, match="--tta"):
+        evaluate(model, _Fixed(x, y), "xent", tta="crop")
+    res = _cli("eval", str(run.path), "--tta", "flip", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert "test: loss" in res.stdout
+    bad = _cli("eval", str(run.path), "--tta", "flip", "--integer")
+    assert bad.returncode != 0 and "--tta works on the float path only" in bad.stderr
+
+
 def test_inspect_outlines_a_long_run_and_draws_it(tiny_data, tmp_path):
     """A run of 500 epochs (its epoch records repeated): the terminal view prints --rows evenly
     spaced epochs, first and last included, --rows 0 all of them, and the PNG is drawn although
