@@ -1,4 +1,4 @@
-"""Type-check and lower the transition CUDA kernels (and the loader's cutout) for a real GPU
+"""Type-check and lower the transition CUDA kernels (and the loader's cutout and mirror) for a real GPU
 target (sm_90) without a GPU: run WITHOUT NUMBA_ENABLE_CUDASIM. On a machine without NVRTC/NVVM
 the compile stops at the PTX step ("libnvrtc ... not found") -- which means typing and lowering
 to LLVM IR, including the shared kernels.scalar functions inlined as device functions,
@@ -35,6 +35,7 @@ from ternet.kernels import conv_tc as TC   # noqa: E402
 KERNELS["_flip_weight_bf16"] = (TC._flip_weight_bf16, (types.Array(i8, 3, "C"), types.Array(types.uint16, 1, "C"),
                                                       types.Array(types.uint16, 3, "C")))
 KERNELS["_cutout_cuda"] = (D._cutout_cuda, (i64[:], i64[:], i64, f32[:], types.Array(f32, 4, "C")))
+KERNELS["_mirror_cuda"] = (D._mirror_cuda, (types.Array(f32, 4, "C"), types.Array(f32, 4, "C")))
 F4, U4 = types.Array(f32, 4, "C"), types.Array(types.uint8, 4, "C")
 for name, x in (("_maxpool_fwd_cuda", F4), ("_maxpool_fwd_cuda[int8]", types.Array(i8, 4, "C"))):
     KERNELS[name] = (P._maxpool_fwd_cuda, (x, i64, i64, i64, x, U4))

@@ -54,5 +54,6 @@ eval_s = med([r["eval_s"] for r in ends if "eval_s" in r])                      
 print(json.dumps(dict(e2e=run, prep_s=round(t1 - t0, 1), train_s=round(t2 - t1, 1), total_s=round(t2 - t0, 1),
                       epochs=len(ep), final_test_acc=ep[-1]["test_acc"], best_test_acc=best["test_acc"],
                       best_epoch=best["epoch"] + 1, epoch_s=round(epoch_s, 3), eval_s=round(eval_s, 3),
+                      **({"final_test_acc_flip": ep[-1]["test_acc_flip"]} if "test_acc_flip" in ep[-1] else {}),
                       **({"cuda_graph": graph} if graph else {}))))
 PY

@@ -62,6 +62,10 @@ TRAIN_OPTIONS = [
     ("epochs", int, "Epochs to train."),
     ("batch_size", int, "Training batch size."),
     ("eval_batch_size", int, "Evaluation batch size."),
+    ("eval_tta", click.Choice(["none", "flip"]), "flip: each epoch also evaluates every split with test-time "
+                                                "flips (the mean logits of each image and its mirror image) and "
+                                                "logs them as test_acc_flip / test_loss_flip next to the plain "
+                                                "figures, which stay the run's accuracy. Costs a second pass."),
     ("augment", click.Choice(["none", "auto", "crop-flip", "crop", "rrc-flip"]),
      "Training augmentation (auto: crop+flip for colour images, none for grayscale; crop: random "
      "shifts by up to --crop-pad pixels without mirroring, e.g. for digits)."),

@@ -35,6 +35,7 @@ class Config:
     epochs: int = 10
     batch_size: int = 100
     eval_batch_size: int = 1000
+    eval_tta: str = "none"          # flip: each epoch also reports every split with flip test-time augmentation
     augment: str = "auto"           # none | auto | crop-flip | crop | rrc-flip
     crop_pad: int = 0               # crop-flip / crop: largest random shift in pixels; 0 = round(H/8), >= 1
     cutout: int = 0                 # side of a square set to the mean in every training image; 0 = none
@@ -78,6 +79,7 @@ CHOICES = {
     "window": ("rect", "tri"), "cuda_graph": ("off", "on"), "loss": ("xent", "sqhinge"), "source": ("sgd", "adam"),
     "lr_schedule": ("constant", "step", "exp", "cosine", "linear"), "bn_optim": ("adam", "sgd"),
     "augment": ("none", "auto", "crop-flip", "crop", "rrc-flip"), "device": ("auto", "cpu", "cuda"),
+    "eval_tta": ("none", "flip"),
 }
 
 

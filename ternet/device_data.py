@@ -80,6 +80,24 @@ def _cutout_cuda(cy, cx, size, fill, out):
                 out[p, y, x, k] = fill[k]
 
 
+@cuda.jit
+def _mirror_cuda(x, out):
+    b_n, h, w, c = x.shape
+    for t in range(cuda.grid(1), b_n * h * w, cuda.gridsize(1)):
+        p = t // (h * w)
+        y = (t // w) % h
+        i = t % w
+        for k in range(c):
+            out[p, y, i, k] = x[p, y, w - 1 - i, k]
+
+
+def mirror_cuda(x):
+    """A device NHWC batch mirrored left to right (evaluation with --eval-tta flip)."""
+    out = cuda.device_array(x.shape, x.dtype)
+    _mirror_cuda[grid1d(x.shape[0] * x.shape[1] * x.shape[2])](x, out)
+    return out
+
+
 def fits_on_device(loader, fraction=0.25):
     """Does the split's pixel data fit comfortably (a fraction of the free device memory)?"""
     if not loader.in_memory:

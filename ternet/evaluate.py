@@ -35,15 +35,27 @@ def evaluate(model, loader, loss_kind, tta="none"):
 
 
 def _evaluate_flip(model, loader, loss_kind):
+    """The two passes' logits are averaged and scored on the host (a few KB a batch)."""
     dev, acc, n = model.device, np.zeros(2), 0
-    host = (lambda a: a.copy_to_host()) if dev else np.array
     for x, y in loader.batches(0):
-        logits = host(model.forward(to_side(x, dev), train=False))
-        mirror = np.ascontiguousarray(x[:, :, ::-1])
-        logits = (logits + host(model.forward(to_side(mirror, dev), train=False))) * np.float32(0.5)
-        loss_forward_backward(np.empty_like(logits), logits, np.asarray(y), loss_kind, acc)
+        x = to_side(x, dev)
+        logits = _host(model.forward(x, train=False))      # a copy: the next forward reuses its buffers
+        logits = (logits + _host(model.forward(mirror(x), train=False))) * np.float32(0.5)
+        loss_forward_backward(np.empty_like(logits), logits, _host(y).astype(np.int32), loss_kind, acc)
         n += len(y)
     return float(acc[0] / n), float(acc[1] / n)
+
+
+def _host(a):
+    return np.array(a) if isinstance(a, np.ndarray) else a.copy_to_host()
+
+
+def mirror(x):
+    """The images of an NHWC batch mirrored left to right, on the batch's side (host or device)."""
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(x[:, :, ::-1])
+    from .device_data import mirror_cuda
+    return mirror_cuda(x)
 
 
 def load_model(run_path, device="auto", ckpt=None):

@@ -251,6 +251,8 @@ class Trainer:
         t = time.perf_counter()
         for split, loader in self.eval_loaders.items():
             rec[f"{split}_loss"], rec[f"{split}_acc"] = evaluate(self.model, loader, cfg.loss)
+            if cfg.eval_tta == "flip":
+                rec[f"{split}_loss_flip"], rec[f"{split}_acc_flip"] = evaluate(self.model, loader, cfg.loss, "flip")
         t_eval = time.perf_counter() - t
         rec["layers"] = self._layer_stats(ep["counters"], ep["steps"])
         st["metrics_bytes"] = self.run.append(self.run.metrics_path, rec)

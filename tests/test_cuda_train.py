@@ -51,6 +51,23 @@ def test_device_training_runs_and_repeats(micro_data, tmp_path):
     assert states[0][1] == states[1][1]
 
 
+def test_device_epochs_report_flip_evaluation(micro_data, tmp_path):
+    """--eval-tta flip on the device path: the record's flip figures are those of evaluate(..., "flip")
+    over the device loader, and the plain figures stay those of the plain evaluation."""
+    from ternet.evaluate import evaluate
+    cfg = Config(data=str(micro_data), arch="4C3-MP2-8FC", sampler="dst", epochs=1, batch_size=16, log_every=1,
+                 device="cuda", eval_batch_size=8, eval_tta="flip").resolve()
+    run = RunDir(tmp_path / "r")
+    run.create(cfg)
+    t = Trainer(cfg, run, progress=False)
+    t.fit()
+    ep = [r for r in run.metrics() if r["type"] == "epoch"][-1]
+    loader = t.eval_loaders["test"]
+    assert (ep["test_loss_flip"], ep["test_acc_flip"]) == evaluate(t.model, loader, cfg.loss, "flip")
+    assert (ep["test_loss"], ep["test_acc"]) == evaluate(t.model, loader, cfg.loss)
+    assert ep["test_loss_flip"] != ep["test_loss"]
+
+
 def test_cuda_graph_option_names_what_stands_in_the_way(micro_data, tmp_path):
     """--cuda-graph on is refused with a reason where a step cannot be captured: under the
     simulator always; on a GPU with a sampler whose kernels take per-step values as launch

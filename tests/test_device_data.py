@@ -31,6 +31,15 @@ def test_device_batches_equal_host_batches(tiny_data, augment, crop_pad, cutout)
         np.testing.assert_allclose(dx.copy_to_host(), hx, rtol=1e-6, atol=1e-6)
 
 
+def test_mirror_on_the_device_is_the_host_mirror():
+    from numba import cuda
+    from ternet.evaluate import mirror
+    x = np.random.default_rng(0).standard_normal((3, 4, 5, 2)).astype(np.float32)
+    got = mirror(cuda.to_device(x)).copy_to_host()
+    np.testing.assert_array_equal(got, mirror(x))
+    np.testing.assert_array_equal(got[:, :, 0], x[:, :, -1])
+
+
 def test_device_parts_make_up_the_batch(tiny_data):
     from ternet.device_data import DeviceLoader
     kw = dict(shuffle=True, augment="crop-flip", seed=3, in_memory=True)

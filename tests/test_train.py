@@ -243,6 +243,17 @@ def test_eval_flip_averages_each_image_with_its_mirror(tiny_data, tmp_path):
     assert bad.returncode != 0 and "--tta works on the float path only" in bad.stderr
 
 
+def test_eval_tta_flip_is_logged_each_epoch(tiny_data, tmp_path):
+    from ternet.evaluate import evaluate_run
+    cfg, run = make(tiny_data, tmp_path / "r", epochs=1, eval_tta="flip")
+    fresh_run(cfg, run)
+    ep = [r for r in run.metrics() if r["type"] == "epoch"][-1]
+    assert evaluate_run(run.path, device="cpu", tta="flip")["test"] == (ep["test_loss_flip"], ep["test_acc_flip"])
+    assert evaluate_run(run.path, device="cpu")["test"] == (ep["test_loss"], ep["test_acc"])
+    bad = _cli("train", "--eval-tta", "crop", "--epochs", "1")
+    assert bad.returncode != 0 and "--eval-tta" in bad.stderr
+
+
 def test_inspect_outlines_a_long_run_and_draws_it(tiny_data, tmp_path):
     """A run of 500 epochs (its epoch records repeated): the terminal view prints --rows evenly
     spaced epochs, first and last included, --rows 0 all of them, and the PNG is drawn although
