@@ -23,7 +23,7 @@ def collect(run_path):
             rows.append(dict(epoch="init", layers=rec["layers"], partial=False))
         elif rec["type"] == "epoch":
             rows.append(dict(epoch=rec["epoch"] + 1, layers=rec["layers"], partial=False,
-                             **{k: rec[k] for k in rec if k.endswith(("_acc", "_loss")) or k in HPARAMS}))
+                             **{k: rec[k] for k in rec if k.endswith(("_acc", "_loss", "_flip")) or k in HPARAMS}))
             latest_step = None
         elif rec["type"] == "step":
             latest_step = rec
@@ -72,9 +72,10 @@ def render_text(info, rows=DEFAULT_ROWS):
     lines = [f"run {info['run']} ({info['arch']}), weight states {' '.join(_fmt_state(s) for s in states)}"]
     first = next(iter(info["layers"].values()))
     picked = [first[i]["epoch"] for i in shown(len(first), rows)]     # the same epochs in every layer
-    acc = {e["epoch"]: e["test_acc"] for e in info["epochs"] if "test_acc" in e and not e["partial"]}
-    if acc:
-        lines.append("test accuracy by epoch: " + " ".join(f"{e}:{acc[e]:.4f}" for e in picked if e in acc))
+    for key, what in (("test_acc", "test accuracy"), ("test_acc_flip", "test accuracy, flip evaluation,")):
+        acc = {e["epoch"]: e[key] for e in info["epochs"] if key in e and not e["partial"]}
+        if acc:
+            lines.append(f"{what} by epoch: " + " ".join(f"{e}:{acc[e]:.4f}" for e in picked if e in acc))
     if len(picked) < len(first):
         lines.append(f"({len(picked)} of {len(first)} epoch rows shown, evenly spaced; --rows 0 shows all)")
     for name, all_rows in info["layers"].items():

@@ -250,6 +250,8 @@ def test_eval_tta_flip_is_logged_each_epoch(tiny_data, tmp_path):
     ep = [r for r in run.metrics() if r["type"] == "epoch"][-1]
     assert evaluate_run(run.path, device="cpu", tta="flip")["test"] == (ep["test_loss_flip"], ep["test_acc_flip"])
     assert evaluate_run(run.path, device="cpu")["test"] == (ep["test_loss"], ep["test_acc"])
+    shown = _cli("inspect", str(run.path)).stdout
+    assert f"test accuracy, flip evaluation, by epoch: 1:{ep['test_acc_flip']:.4f}" in shown
     bad = _cli("train", "--eval-tta", "crop", "--epochs", "1")
     assert bad.returncode != 0 and "--eval-tta" in bad.stderr
 
