@@ -65,7 +65,8 @@ TRAIN_OPTIONS = [
     ("eval_tta", click.Choice(["none", "flip"]), "flip: each epoch also evaluates every split with test-time "
                                                 "flips (the mean logits of each image and its mirror image) and "
                                                 "logs them as test_acc_flip / test_loss_flip next to the plain "
-                                                "figures, which stay the run's accuracy. Costs a second pass."),
+                                                "figures, which stay the run's accuracy. Costs a second pass. For "
+                                                "classes that keep their meaning in a mirror (not digits)."),
     ("augment", click.Choice(["none", "auto", "crop-flip", "crop", "rrc-flip"]),
      "Training augmentation (auto: crop+flip for colour images, none for grayscale; crop: random "
      "shifts by up to --crop-pad pixels without mirroring, e.g. for digits)."),
