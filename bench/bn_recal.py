@@ -8,27 +8,10 @@ them away from the test images').
 import argparse
 import json
 
-from ternet.evaluate import evaluate, load_model, to_side
-from ternet.layers import BatchNorm, walk
+from ternet.average import recalibrate
+from ternet.evaluate import evaluate, load_model
 from ternet.loader import Loader
 from ternet.train import open_data, train_augment
-
-
-def recalibrate(model, loader, images, dev):
-    """Running statistics <- the plain mean of the batch statistics over `images` images."""
-    bns = [layer for layer in walk(model.net) if isinstance(layer, BatchNorm)]
-    momenta = [layer.momentum for layer in bns]
-    seen = 0
-    for k, (x, _) in enumerate(loader.batches(0)):
-        if seen >= images:
-            break
-        for layer in bns:
-            layer.momentum = 1.0 / (k + 1)          # running = mean of the first k + 1 batches
-        model.forward(to_side(x, dev), train=True)
-        seen += len(x)
-    for layer, m in zip(bns, momenta):
-        layer.momentum = m
-    return seen
 
 
 def main():
@@ -40,7 +23,7 @@ def main():
     a = ap.parse_args()
     out = {"run": a.run}
     cfg, model = load_model(a.run, a.device)
-    ds, dev = open_data(cfg), model.device
+    ds = open_data(cfg)
     test = Loader(ds, "test", cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)
     out["as_trained"] = evaluate(model, test, cfg.loss)[1]
     batch = a.batch or cfg.batch_size
@@ -48,7 +31,7 @@ def main():
         _, model = load_model(a.run, a.device)       # the checkpoint's statistics again
         train = Loader(ds, "train", batch, shuffle=True, augment=aug, crop_pad=cfg.crop_pad, cutout=cut,
                        seed=cfg.seed + 1)
-        n = recalibrate(model, train, a.images, dev)
+        n = recalibrate(model, train, a.images)
         out[f"recalibrated_{name}"] = evaluate(model, test, cfg.loss)[1]
     out["images"] = n
     print(json.dumps(out))

@@ -303,23 +303,56 @@ def _describe(trainer, run, quiet):
 @click.option("--limit", type=int, default=0, help="--integer: only the first N images of the split.")
 @click.option("--rounding", type=click.Choice(["float32", "exact"]), default="float32", show_default=True,
               help="--integer on a run: fold as `ternet export --rounding` does.")
+@click.option("--ckpt", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Checkpoint to evaluate (default: the run's newest), e.g. the file `ternet average` wrote.")
 @click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
               help="Test-time augmentation: flip = classify by the mean of the logits of each image and "
                    "its mirror image (two forward passes; not what training reports each epoch).")
-def eval_cmd(run_path, data, split, device, integer, compare, engine, limit, rounding, tta):
+def eval_cmd(run_path, data, split, device, integer, compare, engine, limit, rounding, ckpt, tta):
     """Evaluate a run's newest checkpoint on a prepared dataset."""
     from .evaluate import evaluate_run
     if integer and tta != "none":
         raise click.UsageError("--tta works on the float path only; leave it out with --integer")
+    if integer and ckpt:
+        raise click.UsageError("--ckpt works on the float path only; for the integer network of a checkpoint, "
+                               "`ternet export RUN --ckpt FILE` and then `ternet eval EXPORT --integer`")
     if integer:
         from .deploy import integer_eval_cli
         return integer_eval_cli(run_path, data, split, compare, engine, limit, click.echo, rounding)
     try:
-        results = evaluate_run(run_path, data=data, split=split, device=device, tta=tta)
+        results = evaluate_run(run_path, data=data, split=split, device=device, tta=tta, ckpt=ckpt)
     except (FileNotFoundError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     for s, (loss, acc) in results.items():
         click.echo(f"{s}: loss {loss:.4f} accuracy {acc:.4f}")
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(exists=True, file_okay=False))
+@click.option("--last", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Average the run's newest K checkpoints (train with --keep-last K, and --ckpt-every 0 for "
+                   "one checkpoint per epoch).")
+@click.option("--images", type=click.IntRange(min=1), default=10000, show_default=True,
+              help="Training images (with the run's augmentation) over which the batch-norm statistics of the "
+                   "averaged weights are recomputed.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Checkpoint file to write (default: RUN/average-last<K>.h5; --resume never picks it).")
+def average(run_path, last, images, device, out):
+    """One ternary model from a run's last K checkpoints: every weight takes the state nearest to its
+    mean state (ties: the newest), the batch-norm parameters their mean, and the batch-norm statistics
+    are recomputed. Prints the newest checkpoint's and the average's accuracy; evaluate or export the
+    average with --ckpt."""
+    from .average import average_run
+    try:
+        r = average_run(run_path, last, images, device, out)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    (l0, a0), (l1, a1) = r["newest"], r["average"]
+    click.echo(f"{r['split']}: newest checkpoint loss {l0:.4f} accuracy {a0:.4f}; average of {last}: "
+               f"loss {l1:.4f} accuracy {a1:.4f} ({r['changed']:.2%} of the weights differ from the newest; "
+               f"statistics over {r['images']:,} images)")
+    click.echo(f"wrote {r['path']}")
 
 
 @cli.command("export")

@@ -83,12 +83,12 @@ def _newest(run):
     return ck
 
 
-def evaluate_run(run_path, data=None, split=None, device="auto", tta="none"):
-    """{split: (loss, accuracy)} for the run's newest checkpoint on `data` (default: the run's);
-    tta="flip" averages the logits of each image and its mirror image."""
+def evaluate_run(run_path, data=None, split=None, device="auto", tta="none", ckpt=None):
+    """{split: (loss, accuracy)} for the run's newest (or given) checkpoint on `data` (default: the
+    run's); tta="flip" averages the logits of each image and its mirror image."""
     from .loader import Loader
     from .train import open_data
-    cfg, model = load_model(run_path, device)
+    cfg, model = load_model(run_path, device, ckpt)
     ds = open_data(dataclasses.replace(cfg, data=data) if data else cfg)
     if ds.num_classes != model.num_classes:
         raise ValueError(f"{ds.path} has {ds.num_classes} classes but the run's model has {model.num_classes}")

@@ -1,0 +1,106 @@
+"""`ternet average RUN --last K`: one model from a run's last K checkpoints.
+
+Late in a run the discrete weights still flip (vgg-gxnor on CIFAR-10: ~1e-4 of them a step, a few
+per cent an epoch), so the last checkpoint is one sample of a chain that hovers around a good
+point. The average takes, for every weight, the state nearest to its mean state over the K
+checkpoints (a tie, possible for even K, keeps the newest state), so it is still a network of
+discrete states; the batch-norm parameters take their mean; the batch-norm running statistics
+are recomputed for the new weights over training batches drawn with the run's augmentation
+(`recalibrate`). The result is written as a checkpoint file beside the run's own, named so that
+--resume never picks it: `ternet eval RUN --ckpt FILE`, `ternet export RUN --ckpt FILE`.
+Exercise: pytest tests/test_average.py
+"""
+import json
+import os
+
+import numpy as np
+
+from . import checkpoint
+from .evaluate import evaluate, load_model, to_side
+from .layers import BatchNorm, walk
+
+
+def nearest_mean_state(states):
+    """The state nearest to the mean of int8 state arrays (oldest first); ties keep the newest."""
+    k = len(states)
+    total = sum(s.astype(np.int64) for s in states)
+    nearest = np.floor_divide(2 * total + k, 2 * k)          # round(total / k), halves up
+    tie = np.mod(total, k) == k // 2 if k % 2 == 0 else np.zeros(total.shape, bool)
+    return np.where(tie, states[-1], nearest).astype(np.int8)
+
+
+def average_state(cks):
+    """A state dict (weights, real, buffers) from checkpoint dicts, oldest first; the buffers are
+    the newest checkpoint's (to be recomputed)."""
+    newest = cks[-1]
+    return {"weights": {n: nearest_mean_state([c["weights"][n] for c in cks]) for n in newest["weights"]},
+            "real": {n: np.mean([c["real"][n] for c in cks], axis=0, dtype=np.float64).astype(np.float32)
+                     for n in newest["real"]},
+            "buffers": dict(newest["buffers"])}
+
+
+def recalibrate(model, loader, images):
+    """Batch-norm running statistics <- the plain mean of the batch statistics of the first
+    batches of `loader` covering at least `images` images (forward passes in training mode; no
+    parameter moves). Returns the number of images used."""
+    bns = [layer for layer in walk(model.net) if isinstance(layer, BatchNorm)]
+    momenta = [layer.momentum for layer in bns]
+    seen = 0
+    try:
+        for k, (x, _) in enumerate(loader.batches(0)):
+            if seen >= images:
+                break
+            for layer in bns:
+                layer.momentum = 1.0 / (k + 1)          # running = mean of the first k + 1 batches
+            model.forward(to_side(x, model.device), train=True)
+            seen += len(x)
+    finally:
+        for layer, m in zip(bns, momenta):
+            layer.momentum = m
+    return seen
+
+
+def average_run(run_path, last, images=10000, device="auto", out=None, echo=print):
+    """Average the run's last `last` checkpoints, recompute the statistics, evaluate the newest
+    checkpoint and the average on the run's test (or val) split, write the average; returns
+    {"path", "newest": (loss, acc), "average": (loss, acc), "changed": fraction of weights}."""
+    from .loader import Loader
+    from .run import RunDir
+    from .train import open_data, train_augment
+    run = RunDir(run_path)
+    paths = [str(p) for p in run.checkpoints()]
+    if last < 1:
+        raise ValueError(f"--last must be >= 1, got {last}")
+    if len(paths) < last:
+        raise ValueError(f"{run.path} has {len(paths)} checkpoint(s), fewer than --last {last}; train with "
+                         f"--keep-last {last} (and --ckpt-every 0 for one checkpoint per epoch)")
+    paths = paths[-last:]
+    cks = [checkpoint.load(p) for p in paths]
+    cfg, model = load_model(run.path, device, ckpt=paths[-1])
+    ds = open_data(cfg)
+    split = "test" if "test" in ds.splits else "val"
+    if split not in ds.splits:
+        raise ValueError(f"{ds.path} has no test or val split to evaluate on")
+    held_out = Loader(ds, split, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)
+    result = {"split": split, "newest": evaluate(model, held_out, cfg.loss)}
+    state = average_state(cks)
+    model.load_state_dict(state)
+    train = Loader(ds, "train", cfg.batch_size, shuffle=True, augment=train_augment(cfg, ds),
+                   crop_pad=cfg.crop_pad, cutout=cfg.cutout, seed=cfg.seed + 1)
+    result["images"] = recalibrate(model, train, images)
+    result["average"] = evaluate(model, held_out, cfg.loss)
+    changed = sum(int((state["weights"][n] != cks[-1]["weights"][n]).sum()) for n in state["weights"])
+    result["changed"] = changed / sum(a.size for a in state["weights"].values())
+    path = out or os.path.join(run.path, f"average-last{last}.h5")
+    averaged = model.state_dict()
+    newest = cks[-1]
+    checkpoint.write(path, {
+        "attrs": {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "config": cfg.to_json(),
+                  "trainer": json.dumps(newest["trainer"], sort_keys=True), "seconds": newest["seconds"],
+                  "averaged_from": json.dumps([os.path.basename(p) for p in paths]),
+                  "recalibrated_images": result["images"]},
+        "groups": {"weights": averaged["weights"], "real": averaged["real"], "buffers": averaged["buffers"],
+                   "optim": {}},
+        "slots": {}})
+    result["path"] = path
+    return result
