@@ -20,23 +20,34 @@ from .evaluate import evaluate, load_model, to_side
 from .layers import BatchNorm, walk
 
 
-def nearest_mean_state(states):
-    """The state nearest to the mean of int8 state arrays (oldest first); ties keep the newest."""
-    k = len(states)
-    total = sum(s.astype(np.int64) for s in states)
+def nearest_mean_state(total, k, newest):
+    """The state nearest to total / k, the mean of k int8 state arrays whose sum is `total`; a tie
+    (a mean halfway between two states, possible for even k) keeps the `newest` state."""
+    total = np.asarray(total, np.int64)
     nearest = np.floor_divide(2 * total + k, 2 * k)          # round(total / k), halves up
     tie = np.mod(total, k) == k // 2 if k % 2 == 0 else np.zeros(total.shape, bool)
-    return np.where(tie, states[-1], nearest).astype(np.int8)
+    return np.where(tie, newest, nearest).astype(np.int8)
 
 
 def average_state(cks):
-    """A state dict (weights, real, buffers) from checkpoint dicts, oldest first; the buffers are
-    the newest checkpoint's (to be recomputed)."""
-    newest = cks[-1]
-    return {"weights": {n: nearest_mean_state([c["weights"][n] for c in cks]) for n in newest["weights"]},
-            "real": {n: np.mean([c["real"][n] for c in cks], axis=0, dtype=np.float64).astype(np.float32)
-                     for n in newest["real"]},
-            "buffers": dict(newest["buffers"])}
+    """(state dict, newest checkpoint) from an iterable of checkpoint dicts, oldest first, read one
+    at a time (only sums are kept): the weights' nearest mean states, the real parameters' means,
+    and the newest checkpoint's buffers (to be recomputed)."""
+    k, totals, reals, newest = 0, None, None, None
+    for ck in cks:
+        if totals is None:
+            totals = {n: q.astype(np.int32) for n, q in ck["weights"].items()}
+            reals = {n: v.astype(np.float64) for n, v in ck["real"].items()}
+        else:
+            for n in totals:
+                totals[n] += ck["weights"][n]
+            for n in reals:
+                reals[n] += ck["real"][n]
+        k, newest = k + 1, ck
+    state = {"weights": {n: nearest_mean_state(t, k, newest["weights"][n]) for n, t in totals.items()},
+             "real": {n: (v / k).astype(np.float32) for n, v in reals.items()},
+             "buffers": dict(newest["buffers"])}
+    return state, newest
 
 
 def recalibrate(model, loader, images):
@@ -75,7 +86,6 @@ def average_run(run_path, last, images=10000, device="auto", out=None, echo=prin
         raise ValueError(f"{run.path} has {len(paths)} checkpoint(s), fewer than --last {last}; train with "
                          f"--keep-last {last} (and --ckpt-every 0 for one checkpoint per epoch)")
     paths = paths[-last:]
-    cks = [checkpoint.load(p) for p in paths]
     cfg, model = load_model(run.path, device, ckpt=paths[-1])
     ds = open_data(cfg)
     split = "test" if "test" in ds.splits else "val"
@@ -83,17 +93,16 @@ def average_run(run_path, last, images=10000, device="auto", out=None, echo=prin
         raise ValueError(f"{ds.path} has no test or val split to evaluate on")
     held_out = Loader(ds, split, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)
     result = {"split": split, "newest": evaluate(model, held_out, cfg.loss)}
-    state = average_state(cks)
+    state, newest = average_state(checkpoint.load(p) for p in paths)
     model.load_state_dict(state)
     train = Loader(ds, "train", cfg.batch_size, shuffle=True, augment=train_augment(cfg, ds),
                    crop_pad=cfg.crop_pad, cutout=cfg.cutout, seed=cfg.seed + 1)
     result["images"] = recalibrate(model, train, images)
     result["average"] = evaluate(model, held_out, cfg.loss)
-    changed = sum(int((state["weights"][n] != cks[-1]["weights"][n]).sum()) for n in state["weights"])
+    changed = sum(int((state["weights"][n] != newest["weights"][n]).sum()) for n in state["weights"])
     result["changed"] = changed / sum(a.size for a in state["weights"].values())
     path = out or os.path.join(run.path, f"average-last{last}.h5")
     averaged = model.state_dict()
-    newest = cks[-1]
     checkpoint.write(path, {
         "attrs": {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "config": cfg.to_json(),
                   "trainer": json.dumps(newest["trainer"], sort_keys=True), "seconds": newest["seconds"],

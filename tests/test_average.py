@@ -26,7 +26,7 @@ def test_nearest_mean_state_against_exact_fractions(qmax):
     states = range(-qmax, qmax + 1)
     for k in range(1, 5):
         seqs = np.array(list(itertools.product(states, repeat=k)), np.int8)       # (cases, k)
-        got = nearest_mean_state([seqs[:, i] for i in range(k)])
+        got = nearest_mean_state(seqs.astype(np.int64).sum(1), k, seqs[:, -1])
         for seq, g in zip(seqs.tolist(), got.tolist()):
             mean = Fraction(sum(seq), k)
             dist = {s: abs(s - mean) for s in states}
@@ -39,7 +39,8 @@ def test_average_state_means_the_reals_and_keeps_the_newest_buffers():
             "buffers": {"m": np.array([5.0], np.float32)}},
            {"weights": {"w": np.array([1, 1, 1, 0], np.int8)}, "real": {"g": np.array([3.0, 2.5], np.float32)},
             "buffers": {"m": np.array([7.0], np.float32)}}]
-    st = average_state(cks)
+    st, newest = average_state(iter(cks))
+    assert newest is cks[-1]
     np.testing.assert_array_equal(st["weights"]["w"], [1, 0, 1, 0])     # means 1, 0, 1/2, 1/2: ties keep the newest
     np.testing.assert_array_equal(st["real"]["g"], np.array([2.0, 2.25], np.float32))
     np.testing.assert_array_equal(st["buffers"]["m"], [7.0])
@@ -88,7 +89,8 @@ def test_average_run_writes_what_it_reports(averaged_run, tmp_path):
     written = checkpoint.load(r["path"])
     cks = [checkpoint.load(p) for p in paths]
     for name, q in written["weights"].items():
-        np.testing.assert_array_equal(q, nearest_mean_state([c["weights"][name] for c in cks]))
+        qs = np.stack([c["weights"][name] for c in cks])
+        np.testing.assert_array_equal(q, nearest_mean_state(qs.astype(np.int64).sum(0), 3, qs[-1]))
     assert r["changed"] == np.mean(np.concatenate(
         [(written["weights"][n] != cks[-1]["weights"][n]).ravel() for n in written["weights"]]))
     _, model = load_model(run.path, "cpu", ckpt=r["path"])
