@@ -71,10 +71,11 @@ def recalibrate(model, loader, images):
     return seen
 
 
-def average_run(run_path, last, images=10000, device="auto", out=None, echo=print):
+def average_run(run_path, last, images=10000, device="auto", out=None):
     """Average the run's last `last` checkpoints, recompute the statistics, evaluate the newest
-    checkpoint and the average on the run's test (or val) split, write the average; returns
-    {"path", "newest": (loss, acc), "average": (loss, acc), "changed": fraction of weights}."""
+    checkpoint and the average on the run's val and test splits, write the average; returns
+    {"path", "images", "newest": {split: (loss, acc)}, "average": {split: (loss, acc)},
+    "changed": the fraction of weights whose state differs from the newest checkpoint's}."""
     from .loader import Loader
     from .run import RunDir
     from .train import open_data, train_augment
@@ -88,17 +89,17 @@ def average_run(run_path, last, images=10000, device="auto", out=None, echo=prin
     paths = paths[-last:]
     cfg, model = load_model(run.path, device, ckpt=paths[-1])
     ds = open_data(cfg)
-    split = "test" if "test" in ds.splits else "val"
-    if split not in ds.splits:
-        raise ValueError(f"{ds.path} has no test or val split to evaluate on")
-    held_out = Loader(ds, split, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)
-    result = {"split": split, "newest": evaluate(model, held_out, cfg.loss)}
+    held_out = {s: Loader(ds, s, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)
+                for s in ("val", "test") if s in ds.splits}
+    if not held_out:
+        raise ValueError(f"{ds.path} has no val or test split to evaluate on")
+    result = {"newest": {s: evaluate(model, ld, cfg.loss) for s, ld in held_out.items()}}
     state, newest = average_state(checkpoint.load(p) for p in paths)
     model.load_state_dict(state)
     train = Loader(ds, "train", cfg.batch_size, shuffle=True, augment=train_augment(cfg, ds),
                    crop_pad=cfg.crop_pad, cutout=cfg.cutout, seed=cfg.seed + 1)
     result["images"] = recalibrate(model, train, images)
-    result["average"] = evaluate(model, held_out, cfg.loss)
+    result["average"] = {s: evaluate(model, ld, cfg.loss) for s, ld in held_out.items()}
     changed = sum(int((state["weights"][n] != newest["weights"][n]).sum()) for n in state["weights"])
     result["changed"] = changed / sum(a.size for a in state["weights"].values())
     path = out or os.path.join(run.path, f"average-last{last}.h5")

@@ -348,11 +348,12 @@ def average(run_path, last, images, device, out):
         r = average_run(run_path, last, images, device, out)
     except (FileNotFoundError, ValueError) as e:
         raise click.UsageError(str(e)) from None
-    (l0, a0), (l1, a1) = r["newest"], r["average"]
-    click.echo(f"{r['split']}: newest checkpoint loss {l0:.4f} accuracy {a0:.4f}; average of {last}: "
-               f"loss {l1:.4f} accuracy {a1:.4f} ({r['changed']:.2%} of the weights differ from the newest; "
-               f"statistics over {r['images']:,} images)")
-    click.echo(f"wrote {r['path']}")
+    for s, (l0, a0) in r["newest"].items():
+        l1, a1 = r["average"][s]
+        click.echo(f"{s}: newest checkpoint loss {l0:.4f} accuracy {a0:.4f}; average of {last}: "
+                   f"loss {l1:.4f} accuracy {a1:.4f}")
+    click.echo(f"{r['changed']:.2%} of the weights differ from the newest checkpoint's; batch-norm statistics "
+               f"over {r['images']:,} training images; wrote {r['path']}")
 
 
 @cli.command("export")

@@ -85,7 +85,7 @@ def test_average_run_writes_what_it_reports(averaged_run, tmp_path):
     paths = run.checkpoints()
     assert len(paths) == 3
     r = average_run(run.path, 3, images=200, device="cpu", out=str(tmp_path / "avg.h5"))
-    assert r["images"] == 200 and r["split"] == "test"
+    assert r["images"] == 200 and set(r["average"]) == set(r["newest"]) == {"test"}
     written = checkpoint.load(r["path"])
     cks = [checkpoint.load(p) for p in paths]
     for name, q in written["weights"].items():
@@ -95,7 +95,7 @@ def test_average_run_writes_what_it_reports(averaged_run, tmp_path):
         [(written["weights"][n] != cks[-1]["weights"][n]).ravel() for n in written["weights"]]))
     _, model = load_model(run.path, "cpu", ckpt=r["path"])
     test = Loader(open_data(cfg), "test", cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)
-    assert evaluate(model, test, cfg.loss) == r["average"]
+    assert evaluate(model, test, cfg.loss) == r["average"]["test"]
     assert latest_checkpoint(run)["trainer"] == cks[-1]["trainer"]      # --resume still takes the run's own
     with pytest.raises(ValueError, match="--keep-last 4"):
         average_run(run.path, 4, device="cpu")
@@ -108,7 +108,7 @@ def test_average_and_eval_ckpt_on_the_command_line(averaged_run):
     assert res.returncode == 0, res.stderr
     path = run.path / "average-last2.h5"
     assert f"wrote {path}" in res.stdout
-    acc = res.stdout.split("average of 2: loss ")[1].split("accuracy ")[1].split()[0]
+    acc = res.stdout.split("test: ")[1].split("average of 2: loss ")[1].split("accuracy ")[1].split()[0]
     ev = cli("eval", run.path, "--ckpt", path, "--device", "cpu")
     assert ev.returncode == 0, ev.stderr
     assert f"accuracy {acc}" in ev.stdout
