@@ -309,7 +309,7 @@ def _describe(trainer, run, quiet):
               help="Test-time augmentation: flip = classify by the mean of the logits of each image and "
                    "its mirror image (two forward passes; not what training reports each epoch).")
 def eval_cmd(run_path, data, split, device, integer, compare, engine, limit, rounding, ckpt, tta):
-    """Evaluate a run's newest checkpoint on a prepared dataset."""
+    """Evaluate a run's newest checkpoint (or --ckpt FILE) on a prepared dataset."""
     from .evaluate import evaluate_run
     if integer and tta != "none":
         raise click.UsageError("--tta works on the float path only; leave it out with --integer")
