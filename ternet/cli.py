@@ -1,6 +1,5 @@
 """The `ternet` command: prep, train, eval, inspect, export, sweep.
 Run `ternet --help`, `ternet train --help`."""
-import dataclasses
 import json
 import pathlib
 import sys
