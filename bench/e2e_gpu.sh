@@ -35,7 +35,9 @@ t2=$(date +%s.%N)
 python3 - "$OUT/runs/$what" "$t0" "$t1" "$t2" <<'PY'
 import json, sys
 run, t0, t1, t2 = sys.argv[1], *map(float, sys.argv[2:])
-ep = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if '"epoch"' in l and '"type": "epoch"' in l]
+recs = [json.loads(l) for l in open(f"{run}/metrics.jsonl")]
+ep = [r for r in recs if r["type"] == "epoch"]
+avg = [r for r in recs if r["type"] == "average"]       # --average-last K: after the last epoch, in train_s
 timing = [json.loads(l) for l in open(f"{run}/timing.jsonl")]
 ends = [r for r in timing if "img_per_s" not in r]       # one record per epoch end
 secs = {r["epoch"]: r["seconds"] for r in ends}
@@ -55,5 +57,6 @@ print(json.dumps(dict(e2e=run, prep_s=round(t1 - t0, 1), train_s=round(t2 - t1, 
                       epochs=len(ep), final_test_acc=ep[-1]["test_acc"], best_test_acc=best["test_acc"],
                       best_epoch=best["epoch"] + 1, epoch_s=round(epoch_s, 3), eval_s=round(eval_s, 3),
                       **({"final_test_acc_flip": ep[-1]["test_acc_flip"]} if "test_acc_flip" in ep[-1] else {}),
+                      **({f"average_last{avg[-1]['last']}_test_acc": avg[-1]["test_acc"]} if avg else {}),
                       **({"cuda_graph": graph} if graph else {}))))
 PY

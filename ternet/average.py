@@ -71,11 +71,12 @@ def recalibrate(model, loader, images):
     return seen
 
 
-def average_run(run_path, last, images=10000, device="auto", out=None):
+def average_run(run_path, last, images=10000, device="auto", out=None, tta="none"):
     """Average the run's last `last` checkpoints, recompute the statistics, evaluate the newest
     checkpoint and the average on the run's val and test splits, write the average; returns
     {"path", "images", "newest": {split: (loss, acc)}, "average": {split: (loss, acc)},
-    "changed": the fraction of weights whose state differs from the newest checkpoint's}."""
+    "changed": the fraction of weights whose state differs from the newest checkpoint's};
+    tta="flip" adds "average_flip": {split: (loss, acc)} with flip test-time augmentation."""
     from .loader import Loader
     from .run import RunDir
     from .train import open_data, train_augment
@@ -100,6 +101,8 @@ def average_run(run_path, last, images=10000, device="auto", out=None):
                    crop_pad=cfg.crop_pad, cutout=cfg.cutout, seed=cfg.seed + 1)
     result["images"] = recalibrate(model, train, images)
     result["average"] = {s: evaluate(model, ld, cfg.loss) for s, ld in held_out.items()}
+    if tta != "none":
+        result["average_flip"] = {s: evaluate(model, ld, cfg.loss, tta) for s, ld in held_out.items()}
     changed = sum(int((state["weights"][n] != newest["weights"][n]).sum()) for n in state["weights"])
     result["changed"] = changed / sum(a.size for a in state["weights"].values())
     path = out or os.path.join(run.path, f"average-last{last}.h5")
@@ -114,3 +117,16 @@ def average_run(run_path, last, images=10000, device="auto", out=None):
         "slots": {}})
     result["path"] = path
     return result
+
+
+def average_record(run_path, last, device, tta="none"):
+    """`ternet train --average-last K`, after the last epoch: average_run on the run folder, and the
+    metrics record of type "average" that the trainer appends ({split}_acc, {split}_loss and, with
+    tta="flip", {split}_acc_flip / {split}_loss_flip of the average; the file it wrote)."""
+    r = average_run(run_path, last, device=device, tta=tta)
+    rec = {"type": "average", "last": last, "images": r["images"], "changed": r["changed"],
+           "path": os.path.basename(r["path"])}
+    for key, by_split in (("", r["average"]), ("_flip", r.get("average_flip", {}))):
+        for s, (loss, acc) in by_split.items():
+            rec[f"{s}_loss{key}"], rec[f"{s}_acc{key}"] = loss, acc
+    return rec

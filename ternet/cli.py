@@ -86,6 +86,10 @@ TRAIN_OPTIONS = [
     ("log_every", int, "Steps between metrics lines."),
     ("ckpt_every", int, "Steps between mid-epoch checkpoints (0: only at epoch ends)."),
     ("keep_last", int, "Checkpoints to keep."),
+    ("average_last", int, "After the last epoch, also make one ternary model of the newest K checkpoints (as "
+                          "`ternet average RUN --last K`: each weight at the state nearest its mean, batch-norm "
+                          "statistics recomputed), write it as RUN/average-lastK.h5 and log its accuracy. Needs "
+                          "--keep-last >= K; with --ckpt-every 0 the checkpoints are the last K epochs'. 0: none."),
     ("grad_shards", int, "Split each (global) batch into this many shards: each gets its own forward, loss, backward "
                          "and batch-norm statistics, the gradients are averaged. Default: the number of processes "
                          "(--procs/--gpus); `--grad-shards K` in one process reproduces a K-process run."),
@@ -239,6 +243,11 @@ def _train_rank(coll, cfg_json, run_path, resume, quiet):
         raise click.ClickException(f"rank {coll.rank}: {e}") from None
     if main and last and "test_acc" in last:
         click.echo(f"done: test accuracy {last['test_acc']:.4f}; run folder {run.path}")
+    if main and cfg.average_last:
+        rec = trainer.average()
+        if "test_acc" in rec:
+            click.echo(f"average of the last {cfg.average_last} checkpoints: test accuracy {rec['test_acc']:.4f}; "
+                       f"{run.path / rec['path']}")
     return 0
 
 

@@ -45,6 +45,7 @@ class Config:
     log_every: int = 50             # steps between metrics lines
     ckpt_every: int = 500           # steps between mid-epoch checkpoints (0 = at epoch ends only)
     keep_last: int = 3              # checkpoints kept
+    average_last: int = 0           # > 0: after the last epoch, average the last K checkpoints (ternet.average)
     # data parallelism (ternet.data_parallel, docs/distributed.md)
     grad_shards: int = 1            # the global batch is split into this many shards (one per process)
     check_every: int = 100          # steps between replica checksum comparisons (several processes; 0 = never)
@@ -103,6 +104,13 @@ def validate(cfg):
     if cfg.label_smoothing and cfg.loss != "xent":
         raise ValueError(f"--label-smoothing {cfg.label_smoothing} smooths the targets of --loss xent; "
                          f"--loss {cfg.loss} has none. Use --loss xent or leave --label-smoothing out")
+    if cfg.average_last < 0 or cfg.average_last > cfg.keep_last:
+        raise ValueError(f"--average-last {cfg.average_last} averages the run's newest checkpoints, of which it "
+                         f"keeps --keep-last {cfg.keep_last}: use 0 <= --average-last <= --keep-last (e.g. "
+                         f"--keep-last {max(cfg.average_last, 1)})")
+    if cfg.average_last > cfg.epochs and cfg.ckpt_every == 0:
+        raise ValueError(f"--average-last {cfg.average_last} needs that many checkpoints; with --ckpt-every 0 the "
+                         f"run writes one an epoch, {cfg.epochs} in all: train more --epochs or average fewer")
     if cfg.cutout < 0:
         raise ValueError(f"--cutout must be >= 0 (the side of the square in pixels; 0 = none), got {cfg.cutout}")
     if cfg.crop_pad < 0:

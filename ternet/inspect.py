@@ -17,7 +17,7 @@ def collect(run_path):
     cfg = run.config()
     qmax = 2 ** (cfg.bits - 1)
     states = [k / qmax for k in range(-qmax, qmax + 1)]
-    rows, latest_step = [], None
+    rows, latest_step, average = [], None, None
     for rec in run.metrics():
         if rec["type"] == "init":
             rows.append(dict(epoch="init", layers=rec["layers"], partial=False))
@@ -27,6 +27,8 @@ def collect(run_path):
             latest_step = None
         elif rec["type"] == "step":
             latest_step = rec
+        elif rec["type"] == "average":      # --average-last K, after the last epoch
+            average = {k: v for k, v in rec.items() if k != "type"}
     if latest_step is not None:
         rows.append(dict(epoch=latest_step["epoch"] + 1, layers=latest_step["layers"], partial=True,
                          step=latest_step["step"], **{k: latest_step[k] for k in HPARAMS if k in latest_step}))
@@ -41,7 +43,8 @@ def collect(run_path):
                 entry["temperature"] = row["temperature"]
             layers.setdefault(name, []).append(entry)
     epochs = [{k: v for k, v in row.items() if k != "layers"} for row in rows]
-    return {"run": str(run.path), "arch": cfg.arch, "states": states, "epochs": epochs, "layers": layers}
+    info = {"run": str(run.path), "arch": cfg.arch, "states": states, "epochs": epochs, "layers": layers}
+    return {**info, "average": average} if average else info
 
 
 DEFAULT_ROWS = 25     # epoch rows per layer in the terminal view (--rows; 0 = all)
@@ -76,6 +79,11 @@ def render_text(info, rows=DEFAULT_ROWS):
         acc = {e["epoch"]: e[key] for e in info["epochs"] if key in e and not e["partial"]}
         if acc:
             lines.append(f"{what} by epoch: " + " ".join(f"{e}:{acc[e]:.4f}" for e in picked if e in acc))
+    if "average" in info:
+        av = info["average"]
+        flip = f" (flip evaluation {av['test_acc_flip']:.4f})" if "test_acc_flip" in av else ""
+        lines.append(f"average of the last {av['last']} checkpoints ({av['path']}): test accuracy "
+                     f"{av.get('test_acc', float('nan')):.4f}{flip}")
     if len(picked) < len(first):
         lines.append(f"({len(picked)} of {len(first)} epoch rows shown, evenly spaced; --rows 0 shows all)")
     for name, all_rows in info["layers"].items():

@@ -366,6 +366,14 @@ class Trainer:
             self.writer.wait()      # the last checkpoint is on disk when fit() returns or raises
         return last
 
+    def average(self):
+        """--average-last K, after fit(): average the run's newest K checkpoints (ternet.average),
+        append the "average" metrics record and return it."""
+        from .average import average_record
+        rec = average_record(self.run.path, self.cfg.average_last, "cuda" if self.device else "cpu", self.cfg.eval_tta)
+        self.run.append(self.run.metrics_path, rec)
+        return rec
+
     def _on_signal(self, signum, frame):
         self._stop = True
 

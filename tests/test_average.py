@@ -1,5 +1,6 @@
 """`ternet average`: the nearest state to each weight's mean over checkpoints, the batch-norm
 parameters' mean, statistics recomputed; the written file evaluates as reported."""
+import dataclasses
 import itertools
 import subprocess
 import sys
@@ -10,8 +11,9 @@ import pytest
 
 from ternet import checkpoint
 from ternet.average import average_run, average_state, nearest_mean_state, recalibrate
-from ternet.config import Config
+from ternet.config import Config, validate
 from ternet.evaluate import evaluate, load_model
+from ternet.inspect import collect
 from ternet.layers import BatchNorm, walk
 from ternet.loader import Loader
 from ternet.run import RunDir
@@ -115,3 +117,30 @@ def test_average_and_eval_ckpt_on_the_command_line(averaged_run):
     bad = cli("average", run.path, "--last", "9")
     assert bad.returncode != 0 and "--keep-last 9" in bad.stderr
     assert "--ckpt works on the float path only" in cli("eval", run.path, "--ckpt", path, "--integer").stderr
+
+
+def test_train_average_last_logs_what_average_run_reports(tiny_data, tmp_path):
+    """--average-last K: after the last epoch the trainer averages its newest K checkpoints and logs
+    the result once (a resumed, finished run re-averages instead of logging twice)."""
+    cfg = Config(data=str(tiny_data), arch=SMALL, epochs=3, batch_size=50, ckpt_every=0, keep_last=3,
+                 average_last=2, eval_tta="flip", sampler="bop", log_every=5).resolve()
+    validate(cfg)
+    run = RunDir(tmp_path / "r")
+    run.create(cfg)
+    trainer = Trainer(cfg, run, progress=False)
+    trainer.fit()
+    rec = trainer.average()
+    assert run.metrics()[-1] == rec and rec["path"] == "average-last2.h5"
+    ref = average_run(run.path, 2, device="cpu", out=str(tmp_path / "ref.h5"), tta="flip")
+    assert (rec["test_loss"], rec["test_acc"]) == ref["average"]["test"]
+    assert (rec["test_loss_flip"], rec["test_acc_flip"]) == ref["average_flip"]["test"]
+    assert collect(run.path)["average"] == {k: v for k, v in rec.items() if k != "type"}
+    again = Trainer(cfg, run, progress=False)
+    again.restore(latest_checkpoint(run))
+    assert again.fit() is None
+    assert again.average() == rec
+    assert [r for r in run.metrics() if r["type"] == "average"] == [rec]
+    with pytest.raises(ValueError, match="--keep-last 4"):
+        validate(dataclasses.replace(cfg, average_last=4))
+    with pytest.raises(ValueError, match="one an epoch, 2 in all"):
+        validate(dataclasses.replace(cfg, average_last=3, keep_last=5, epochs=2))
