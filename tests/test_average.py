@@ -123,7 +123,7 @@ def test_train_average_last_logs_what_average_run_reports(tiny_data, tmp_path):
     """--average-last K: after the last epoch the trainer averages its newest K checkpoints and logs
     the result once (a resumed, finished run re-averages instead of logging twice)."""
     cfg = Config(data=str(tiny_data), arch=SMALL, epochs=3, batch_size=50, ckpt_every=0, keep_last=3,
-                 average_last=2, eval_tta="flip", sampler="bop", log_every=5).resolve()
+                 average_last=2, eval_tta="flip", sampler="bop", log_every=5, device="cpu").resolve()
     validate(cfg)
     run = RunDir(tmp_path / "r")
     run.create(cfg)
