@@ -245,9 +245,8 @@ def _train_rank(coll, cfg_json, run_path, resume, quiet):
         click.echo(f"done: test accuracy {last['test_acc']:.4f}; run folder {run.path}")
     if main and cfg.average_last:
         rec = trainer.average()
-        if "test_acc" in rec:
-            click.echo(f"average of the last {cfg.average_last} checkpoints: test accuracy {rec['test_acc']:.4f}; "
-                       f"{run.path / rec['path']}")
+        shown = "; ".join(f"{s} accuracy {rec[f'{s}_acc']:.4f}" for s in ("val", "test") if f"{s}_acc" in rec)
+        click.echo(f"average of the last {cfg.average_last} checkpoints: {shown}; {run.path / rec['path']}")
     return 0
 
 

@@ -113,3 +113,20 @@ def test_cutout_option_trains_and_rejects_a_negative_side(tiny_data, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "c" / "config.json").read_text())["cutout"] == 8
     assert "Cutout" in train_cli("--help").output
+
+
+def test_average_last_option_prints_and_writes_the_average(tiny_data, tmp_path):
+    base = ("--data", tiny_data, "--arch", SMALL, "--runs-dir", tmp_path, "--device", "cpu", "--quiet",
+            "--epochs", 2, "--batch-size", 50, "--ckpt-every", 0)
+    r = train_cli(*base, "--average-last", 4, "--keep-last", 4)
+    assert r.exit_code == 2 and "one an epoch, 2 in all" in r.output
+    r = train_cli(*base, "--average-last", 2, "--keep-last", 1)
+    assert r.exit_code == 2 and "keeps --keep-last 1" in r.output and "e.g. --keep-last 2" in r.output
+    assert not any(tmp_path.iterdir())
+    r = train_cli(*base, "--average-last", 2, "--keep-last", 2, "--name", "a")
+    assert r.exit_code == 0, r.output
+    acc = r.output.split("average of the last 2 checkpoints: test accuracy ")[1].split(";")[0]
+    from ternet.inspect import collect
+    assert f"{collect(tmp_path / 'a')['average']['test_acc']:.4f}" == acc
+    assert (tmp_path / "a" / "average-last2.h5").exists()
+    assert "--average-last" in train_cli("--help").output
