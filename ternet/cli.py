@@ -345,20 +345,24 @@ def eval_cmd(run_path, data, split, device, integer, compare, engine, limit, rou
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Checkpoint file to write (default: RUN/average-last<K>.h5; --resume never picks it).")
-def average(run_path, last, images, device, out):
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="flip: also print the average's accuracy with test-time flips (as `ternet eval --tta flip`).")
+def average(run_path, last, images, device, out, tta):
     """One ternary model from a run's last K checkpoints: every weight takes the state nearest to its
     mean state (ties: the newest), the batch-norm parameters their mean, and the batch-norm statistics
     are recomputed. Prints the newest checkpoint's and the average's accuracy; evaluate or export the
     average with --ckpt."""
     from .average import average_run
     try:
-        r = average_run(run_path, last, images, device, out)
+        r = average_run(run_path, last, images, device, out, tta)
     except (FileNotFoundError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     for s, (l0, a0) in r["newest"].items():
         l1, a1 = r["average"][s]
+        flip = f"; with flips loss {r['average_flip'][s][0]:.4f} accuracy {r['average_flip'][s][1]:.4f}" \
+            if tta != "none" else ""
         click.echo(f"{s}: newest checkpoint loss {l0:.4f} accuracy {a0:.4f}; average of {last}: "
-                   f"loss {l1:.4f} accuracy {a1:.4f}")
+                   f"loss {l1:.4f} accuracy {a1:.4f}{flip}")
     click.echo(f"{r['changed']:.2%} of the weights differ from the newest checkpoint's; batch-norm statistics "
                f"over {r['images']:,} training images; wrote {r['path']}")
 

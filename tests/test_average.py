@@ -106,14 +106,17 @@ def test_average_run_writes_what_it_reports(averaged_run, tmp_path):
 def test_average_and_eval_ckpt_on_the_command_line(averaged_run):
     _, run = averaged_run
     cli = lambda *a: subprocess.run([sys.executable, "-m", "ternet", *map(str, a)], capture_output=True, text=True)
-    res = cli("average", run.path, "--last", "2", "--images", "100", "--device", "cpu")
+    res = cli("average", run.path, "--last", "2", "--images", "100", "--device", "cpu", "--tta", "flip")
     assert res.returncode == 0, res.stderr
     path = run.path / "average-last2.h5"
     assert f"wrote {path}" in res.stdout
-    acc = res.stdout.split("test: ")[1].split("average of 2: loss ")[1].split("accuracy ")[1].split()[0]
+    acc = res.stdout.split("test: ")[1].split("average of 2: loss ")[1].split("accuracy ")[1].split(";")[0]
+    flip = res.stdout.split("with flips loss ")[1].split("accuracy ")[1].split()[0]
     ev = cli("eval", run.path, "--ckpt", path, "--device", "cpu")
     assert ev.returncode == 0, ev.stderr
     assert f"accuracy {acc}" in ev.stdout
+    ev = cli("eval", run.path, "--ckpt", path, "--device", "cpu", "--tta", "flip")
+    assert f"accuracy {flip}" in ev.stdout, (ev.stdout, flip)
     bad = cli("average", run.path, "--last", "9")
     assert bad.returncode != 0 and "--keep-last 9" in bad.stderr
     assert "--ckpt works on the float path only" in cli("eval", run.path, "--ckpt", path, "--integer").stderr
