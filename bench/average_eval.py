@@ -20,23 +20,21 @@ def main():
     ap.add_argument("--device", default="auto")
     a = ap.parse_args()
 
-    def report(name, ckpt, extra=None):
-        t = time.perf_counter()
-        single = evaluate_run(a.run, device=a.device, ckpt=ckpt)
-        flip = evaluate_run(a.run, device=a.device, ckpt=ckpt, tta="flip")
-        line = {"model": name, **(extra or {}), "eval_s": round(time.perf_counter() - t, 1)}
+    def line(name, single, flip, extra):
+        out = {"model": name, **extra}
         for split in single:
-            line[f"{split}_acc"], line[f"{split}_loss"] = single[split][1], round(single[split][0], 4)
-            line[f"{split}_acc_flip"], line[f"{split}_loss_flip"] = flip[split][1], round(flip[split][0], 4)
-        print(json.dumps(line), flush=True)
+            out[f"{split}_acc"], out[f"{split}_loss"] = single[split][1], round(single[split][0], 4)
+            out[f"{split}_acc_flip"], out[f"{split}_loss_flip"] = flip[split][1], round(flip[split][0], 4)
+        print(json.dumps(out), flush=True)
 
-    report("newest", None)
-    for k in a.last:
+    t = time.perf_counter()
+    single, flip = (evaluate_run(a.run, device=a.device, tta=tta) for tta in ("none", "flip"))
+    line("newest", single, flip, {"eval_s": round(time.perf_counter() - t, 1)})
+    for k in a.last:        # average_run evaluates the average single-view and, with tta, flipped
         t = time.perf_counter()
-        r = average_run(a.run, k, images=a.images, device=a.device)
-        report(f"average-last{k}", r["path"], {"changed": round(r["changed"], 5), "images": r["images"],
-                                               "average_s": round(time.perf_counter() - t, 1)})
-
+        r = average_run(a.run, k, images=a.images, device=a.device, tta="flip")
+        line(f"average-last{k}", r["average"], r["average_flip"],
+             {"changed": round(r["changed"], 5), "images": r["images"], "average_s": round(time.perf_counter() - t, 1)})
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ import argparse
 import json
 
 from ternet.average import recalibrate
-from ternet.evaluate import evaluate, load_model
+from ternet.evaluate import eval_loader, evaluate, load_model
 from ternet.loader import Loader
 from ternet.train import open_data, train_augment
 
@@ -24,7 +24,7 @@ def main():
     out = {"run": a.run}
     cfg, model = load_model(a.run, a.device)
     ds = open_data(cfg)
-    test = Loader(ds, "test", cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)
+    test = eval_loader(ds, "test", cfg)
     out["as_trained"] = evaluate(model, test, cfg.loss)[1]
     batch = a.batch or cfg.batch_size
     for name, aug, cut in (("clean", "none", 0), ("augmented", train_augment(cfg, ds), cfg.cutout)):

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from . import checkpoint
-from .evaluate import evaluate, load_model, to_side
+from .evaluate import eval_loader, evaluate, load_model, to_side
 from .layers import BatchNorm, walk
 
 
@@ -90,8 +90,7 @@ def average_run(run_path, last, images=10000, device="auto", out=None, tta="none
     paths = paths[-last:]
     cfg, model = load_model(run.path, device, ckpt=paths[-1])
     ds = open_data(cfg)
-    held_out = {s: Loader(ds, s, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)
-                for s in ("val", "test") if s in ds.splits}
+    held_out = {s: eval_loader(ds, s, cfg) for s in ("val", "test") if s in ds.splits}
     if not held_out:
         raise ValueError(f"{ds.path} has no val or test split to evaluate on")
     result = {"newest": {s: evaluate(model, ld, cfg.loss) for s, ld in held_out.items()}}

@@ -15,6 +15,12 @@ def to_side(a, device):
     return cuda.to_device(a)
 
 
+def eval_loader(ds, split, cfg):
+    """The loader every evaluation reads a split with: in order, unaugmented, --eval-batch-size."""
+    from .loader import Loader
+    return Loader(ds, split, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)
+
+
 def evaluate(model, loader, loss_kind, tta="none"):
     """(mean loss, accuracy) of `model` in eval mode over one pass of `loader`.
     tta="flip": the logits are the mean of the image's and its mirror image's (NHWC batches)."""
@@ -86,7 +92,6 @@ def _newest(run):
 def evaluate_run(run_path, data=None, split=None, device="auto", tta="none", ckpt=None):
     """{split: (loss, accuracy)} for the run's newest (or given) checkpoint on `data` (default: the
     run's); tta="flip" averages the logits of each image and its mirror image."""
-    from .loader import Loader
     from .train import open_data
     cfg, model = load_model(run_path, device, ckpt)
     ds = open_data(dataclasses.replace(cfg, data=data) if data else cfg)
@@ -96,5 +101,4 @@ def evaluate_run(run_path, data=None, split=None, device="auto", tta="none", ckp
     for s in splits:
         if s not in ds.splits:
             raise ValueError(f"--split {s}: {ds.path} has splits {', '.join(ds.splits)}")
-    return {s: evaluate(model, Loader(ds, s, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed),
-                        cfg.loss, tta) for s in splits}
+    return {s: evaluate(model, eval_loader(ds, s, cfg), cfg.loss, tta) for s in splits}

@@ -18,7 +18,7 @@ from . import checkpoint
 from .config import Config, validate
 from .data_parallel import ShardedStep, validate_world
 from .distributed import LocalCollective
-from .evaluate import evaluate, to_side
+from .evaluate import eval_loader, evaluate, to_side
 from .kernels import configure_cpu_threads, empty, zeros
 from .kernels.elementwise import put_scalars
 from .kernels.loss import loss_forward_backward
@@ -102,7 +102,7 @@ class Trainer:
                                    cutout=cfg.cutout, seed=cfg.seed,
                                    ram_share=share,
                                    threads=max(1, len(os.sched_getaffinity(0)) // share))
-        self.eval_loaders = {s: Loader(self.data, s, cfg.eval_batch_size, shuffle=False, augment="none", seed=cfg.seed)
+        self.eval_loaders = {s: eval_loader(self.data, s, cfg)
                              for s in ("val", "test") if s in self.data.splits and self.main}
         if self.device:
             from . import cuda_memory
