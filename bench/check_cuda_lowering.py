@@ -30,6 +30,10 @@ KERNELS = {name: (getattr(T, name), sig) for name, sig in SIGS.items()}
 KERNELS["_put_cuda"] = (E._put_cuda, (f32[:], i64, *([f32] * 8)))
 A2, A4 = types.Array(f32, 2, "C"), types.Array(f32, 4, "C")
 KERNELS["_conv_fwd_cuda"] = (C._conv_fwd_cuda, (A4, types.Array(i8, 2, "C"), A2, f32, i64, i64, i64, i64, i64))
+for name, x in (("_conv_fwd_direct_cuda", A2), ("_conv_fwd_direct_cuda[int8]", types.Array(i8, 2, "C"))):
+    KERNELS[name] = (C._conv_fwd_direct_cuda, (x, types.Array(i8, 2, "C"), A2, f32, *([i64] * 10)))
+KERNELS["_conv_dw_direct_cuda"] = (C._conv_dw_direct_cuda, (A2, A2, types.Array(f32, 3, "C"), *([i64] * 11)))
+KERNELS["_conv_dx_cuda"] = (C._conv_dx_cuda, (A4, types.Array(i8, 4, "C"), A2, f32, i64, i64, i64, i64, i64))
 KERNELS["_conv_dw_cuda"] = (C._conv_dw_cuda, (A2, A4, types.Array(f32, 3, "C"), i64, i64, i64, i64, i64, i64))
 from ternet.kernels import conv_tc as TC   # noqa: E402
 KERNELS["_flip_weight_bf16"] = (TC._flip_weight_bf16, (types.Array(i8, 3, "C"), types.Array(types.uint16, 1, "C"),
@@ -37,8 +41,11 @@ KERNELS["_flip_weight_bf16"] = (TC._flip_weight_bf16, (types.Array(i8, 3, "C"), 
 KERNELS["_cutout_cuda"] = (D._cutout_cuda, (i64[:], i64[:], i64, f32[:], types.Array(f32, 4, "C")))
 KERNELS["_mirror_cuda"] = (D._mirror_cuda, (types.Array(f32, 4, "C"), types.Array(f32, 4, "C")))
 F4, U4 = types.Array(f32, 4, "C"), types.Array(types.uint8, 4, "C")
+F1R, U1 = types.Array(f32, 1, "C"), types.Array(types.uint8, 1, "C")
 for name, x in (("_maxpool_fwd_cuda", F4), ("_maxpool_fwd_cuda[int8]", types.Array(i8, 4, "C"))):
     KERNELS[name] = (P._maxpool_fwd_cuda, (x, i64, i64, i64, x, U4))
+    KERNELS[name.replace("fwd", "fwd_rows")] = (P._maxpool_fwd_rows_cuda, (x, i64, i64, i64, x, U4))
+KERNELS["_maxpool_bwd_rows_cuda"] = (P._maxpool_bwd_rows_cuda, (F1R, U1, *([i64] * 8), F1R))
 KERNELS["_maxpool_bwd_cuda"] = (P._maxpool_bwd_cuda, (F4, U4, i64, i64, i64, F4))
 KERNELS["_maxpool_bwd_disjoint_cuda"] = (P._maxpool_bwd_disjoint_cuda, (F4, U4, i64, F4))
 from ternet.kernels import batchnorm as BN   # noqa: E402

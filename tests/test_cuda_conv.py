@@ -54,18 +54,27 @@ def test_linear_cuda_matches_cpu(n, f, k):
     assert_close(gpu[0], cpu[0], 1e-5, 1e-5, "linear dw")
 
 
-@pytest.mark.parametrize("case", [(2, 7, 5, 3, 5, 3, 1, 1), (3, 9, 9, 3, 4, 7, 2, 3), (2, 5, 6, 2, 3, 3, 2, 0)])
-def test_conv_cuda_first_layer_kernels_exact(case, monkeypatch):
-    """The pure-numba kernels (what a 3-channel first layer runs): their rows and columns are
-    stepped from tile to tile, and the weight gradient is split into chunks of rows whose starts
-    fall anywhere in an image. With small-integer inputs every sum is exact, so the results must
-    equal the CPU's exactly, whatever the order."""
+FIRST_LAYER = [(2, 7, 5, 3, 5, 3, 1, 1), (3, 9, 9, 3, 4, 7, 2, 3), (2, 5, 6, 2, 3, 3, 2, 0),
+               (1, 20, 35, 1, 66, 3, 1, 1)]     # last: 3 x 3 tiles of the direct kernels, K over 64
+
+
+@pytest.mark.parametrize("case,path", [(c, "direct") for c in FIRST_LAYER] + [(c, "tiled") for c in FIRST_LAYER[:3]])
+def test_conv_cuda_first_layer_kernels_exact(case, path, monkeypatch):
+    """The pure-numba kernels a 3-channel first layer runs: the direct kernels (patch in shared
+    memory) and the tiled ones (for longer reductions), whose rows and columns are stepped from
+    tile to tile; the weight gradients are split into chunks of rows (tiles) whose starts fall
+    anywhere in an image. With small-integer inputs every sum is exact, so the results must equal
+    the CPU's exactly, whatever the order."""
     from ternet.kernels import conv
     monkeypatch.setattr(conv, "DW_CHUNK", 16)      # many splits on a tiny shape
     monkeypatch.setattr(conv, "DW_SPLITS", 3)
+    monkeypatch.setattr(conv, "DW_TILE_SPLITS", 2)
+    monkeypatch.setattr(conv, "DW_DIRECT_MIN_R", 0)
+    if path == "tiled":
+        monkeypatch.setattr(conv, "DR_MAX", 0)
     n, h, w, c, k, kk, s, p = case
     rng = np.random.default_rng(sum(case))
-    x = rng.integers(-3, 4, (n, h, w, c)).astype(np.float32)
+    x = rng.integers(-3, 4, (n, h, w, c)).astype(np.float32 if n > 1 else np.int8)
     wq = rng.integers(-1, 2, (k, kk, kk, c)).astype(np.int8)
     oh, ow = out_size(h, kk, s, p), out_size(w, kk, s, p)
     cpu, gpu = both(lambda out, x, wq: conv2d_forward(out, x, wq, 1.0, s, p), [np.empty((n, oh, ow, k), np.float32)], [x, wq])

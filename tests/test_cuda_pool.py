@@ -8,14 +8,16 @@ from numba import cuda
 
 from cudacheck import both, first_mismatches, needs_cuda
 from ternet.kernels import grid1d
-from ternet.kernels.pool import (_advance, _digits, _maxpool_bwd_cuda, _maxpool_bwd_disjoint_cuda,
-                                 avgpool_backward, avgpool_forward, global_avgpool_backward,
-                                 global_avgpool_forward, maxpool_backward, maxpool_forward, pool_out_shape)
+from ternet.kernels import pool
+from ternet.kernels.pool import (_advance, _digits, _maxpool_bwd_cuda, _maxpool_bwd_disjoint_cuda, _maxpool_bwd_rows,
+                                 _maxpool_fwd_cuda, _maxpool_fwd_rows, avgpool_backward, avgpool_forward,
+                                 global_avgpool_backward, global_avgpool_forward, maxpool_backward, maxpool_forward,
+                                 pool_out_shape)
 
 pytestmark = needs_cuda
 
 WINDOWS = [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 0)]      # (k, stride, pad); 3/2/1 overlaps (ResNet stem)
-SHAPES = [(2, 7, 6, 3), (1, 9, 9, 17), (1, 5, 8, 1)]
+SHAPES = [(2, 7, 6, 3), (1, 9, 9, 17), (1, 5, 8, 1), (1, 3, 4, 70)]    # 70: more channels than threads
 
 
 def data(shape, dtype, seed):
@@ -89,6 +91,44 @@ def test_maxpool_disjoint_matches_general_bits(k, shape):
     _maxpool_bwd_cuda[grid1d(want.size)](dev_dy, dev_arg, k, k, 0, want)
     got, want = got.copy_to_host().view(np.uint32), want.copy_to_host().view(np.uint32)
     assert_equal(got, want, "dx bits")
+
+
+# the row kernels (what maxpool_forward/backward launch for rows up to ROW_MAX wide) against the
+# per-element kernels, bit for bit: overlapping and disjoint windows, -0.0 and NaN in x and dout,
+# every tap; channel counts below, at and above the simulator's 64 threads; more rows than blocks
+ROWS = [((3, 2, 1), (2, 7, 6, 3)), ((3, 1, 1), (1, 5, 4, 64)), ((2, 1, 0), (1, 4, 3, 65)),
+        ((2, 2, 0), (2, 5, 7, 130)), ((3, 2, 1), (3, 9, 2, 1))]
+
+
+@pytest.mark.parametrize("window,shape", ROWS)
+def test_maxpool_row_kernels_match_element_kernels_bits(window, shape):
+    k, s, p = window
+    out = pool_out_shape(shape, k, s, p)
+    rng = np.random.default_rng(sum(shape))
+    x = np.round(data(shape, np.float32, 7))
+    x.flat[::5] = -0.0
+    x.flat[::11] = np.nan
+    dy = data(out, np.float32, 8)
+    dy[rng.random(out) < 0.2] = -0.0
+    dy[rng.random(out) < 0.05] = np.nan
+    arg = rng.integers(0, k * k, out).astype(np.uint8)
+    dx, ya, yb = cuda.to_device(x), cuda.device_array(out, np.float32), cuda.device_array(out, np.float32)
+    aa, ab = cuda.device_array(out, np.uint8), cuda.device_array(out, np.uint8)
+    _maxpool_fwd_rows(ya, aa, dx, k, s, p)
+    _maxpool_fwd_cuda[grid1d(ya.size)](dx, k, s, p, yb, ab)
+    assert_equal(ya.copy_to_host().view(np.uint32), yb.copy_to_host().view(np.uint32), "out bits")
+    assert_equal(aa.copy_to_host(), ab.copy_to_host(), "argmax")
+    dev_dy, dev_arg = cuda.to_device(dy), cuda.to_device(arg)
+    got, want = cuda.to_device(np.full(shape, 7, np.float32)), cuda.to_device(np.full(shape, 7, np.float32))
+    _maxpool_bwd_rows(got, dev_dy, dev_arg, k, s, p)
+    _maxpool_bwd_cuda[grid1d(want.size)](dev_dy, dev_arg, k, s, p, want)
+    assert_equal(got.copy_to_host().view(np.uint32), want.copy_to_host().view(np.uint32), "dx bits")
+
+
+def test_maxpool_rows_wider_than_the_table_take_the_element_kernels(monkeypatch):
+    """Rows wider than ROW_MAX fall back to the per-element kernels (same results as the CPU)."""
+    monkeypatch.setattr(pool, "ROW_MAX", 4)
+    test_maxpool(3, 2, 1, (2, 7, 6, 3), np.float32)
 
 
 @pytest.mark.parametrize("rows,cols,c", [(1, 1, 1), (3, 4, 5), (7, 1, 3), (2, 9, 64), (5, 6, 1)])

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 from numba import cuda, float32, int64
 
-from . import check, on_device, scratch, stream_threads, view
+from . import MAX_BLOCKS, check, on_device, scratch, stream_threads, view
 
 
 def out_size(h, k, stride, pad):
@@ -109,8 +109,11 @@ def _col2im(dcols, kh, kw, stride, pad, oh_n, ow_n, dx):
 #                            sums a second kernel adds in a fixed order (deterministic)
 
 TM, TN, TK = 64, 64, 16
+TMP, TNP = TM + 1, TN + 1   # padded rows of the forward's tiles (shared-memory shapes must be constants)
 DW_CHUNK = 1024      # rows of m per weight-gradient split, at least; a multiple of it, set by
-DW_SPLITS = 128      # the shape alone (so every GPU sums alike), keeps the splits <= DW_SPLITS
+DW_SPLITS = 512      # the shape alone (so every GPU sums alike), keeps the splits <= DW_SPLITS
+                     # (512: a 3-channel first layer has 1-3 tiles of (K, R), and 128 splits left
+                     # most of the GPU idle: ResNet-18's 224 px stem ran 378 blocks)
 
 
 @cuda.jit(device=True, inline=True)
@@ -191,8 +194,8 @@ def _conv_fwd_cuda(x, w, out, scale, oh_n, ow_n, kw, stride, pad):
     # x (N, H, W, C) int8 or float32; w (K, R) int8; out (M, K) float32. Each thread loads the
     # same 4 rows m of the patch tile at every step of r (rows tid // TK + 16 q) and the column
     # r0 + tid % TK: the rows' positions are found once, the column's advanced by TK per step.
-    As = cuda.shared.array((TK, TM), float32)
-    Bs = cuda.shared.array((TK, TN), float32)
+    As = cuda.shared.array((TK, TMP), float32)   # + 1: the stores below run down a column
+    Bs = cuda.shared.array((TK, TNP), float32)   # (16 threads a row apart): no bank conflicts
     acc = cuda.local.array((4, 4), float32)
     pos = cuda.local.array((4, 3), int64)
     tid = cuda.threadIdx.x
@@ -230,7 +233,7 @@ def _conv_fwd_cuda(x, w, out, scale, oh_n, ow_n, kw, stride, pad):
 @cuda.jit
 def _conv_dx_cuda(dy, w, dx, scale, h_n, w_n, kw, stride, pad):
     # dy (N, OH, OW, K) float32; w (K, KH, KW, C) int8; dx (N*H*W, C) float32
-    As = cuda.shared.array((TK, TM), float32)
+    As = cuda.shared.array((TK, TMP), float32)   # padded as in _conv_fwd_cuda
     Bs = cuda.shared.array((TK, TN), float32)
     acc = cuda.local.array((4, 4), float32)
     tid = cuda.threadIdx.x
@@ -318,6 +321,170 @@ def _sum_splits_cuda(part, out):
         out[k, r] = s
 
 
+# Direct kernels for a first layer: few input channels, a short reduction (R = KH*KW*C <= DR_MAX:
+# ResNet's 7x7x3 stem is 147, vgg-gxnor's 3x3x3 is 27). The tiled kernels above gather every
+# operand from global memory with its own index arithmetic and reach ~7 TFLOP/s on the 224 px
+# stem. Here a block takes a tile of DH x DW output positions of one image; the input patch the
+# tile reads (zero padding included) is loaded into shared memory once, as whole contiguous image
+# rows, and every product then comes from shared memory: the forward holds the layer's weights for
+# DK output channels there too, the weight gradient the tile's dy. Each thread keeps 8 x 8
+# (forward) or 8 x 5 (weight gradient) sums in registers. Same sums as the tiled kernels up to the
+# order of the float32 additions (r in (i, j, ch) order; positions tile by tile).
+
+DH, DW, DK = 8, 16, 64     # output rows x columns per tile, output channels per block
+DR_MAX = 148               # reduction length R the kernels take (the forward's weights: DR_MAX x DK)
+DX_MAX = 2336              # floats of a tile's input patch: ((DH-1) s + KH) * ((DW-1) s + KW) * C
+DW_TILE_SPLITS = 512       # weight gradient: at most this many blocks of consecutive tiles per K chunk
+DR_Q = 5                   # ceil(DR_MAX / 32): reduction columns per thread in the weight gradient
+WS_N, DYS_N = DR_MAX * DK, DH * DW * DK     # shared-memory sizes (numba wants plain constants)
+
+
+DW_DIRECT_MIN_R = 120      # the weight gradient's threads hold DR_Q * 32 = 160 columns: shorter
+                           # reductions leave most idle and run faster tiled (vgg-gxnor's R = 27)
+
+
+def _direct_fits(c, kh, kw, stride):
+    return kh * kw * c <= DR_MAX and ((DH - 1) * stride + kh) * ((DW - 1) * stride + kw) * c <= DX_MAX
+
+
+@cuda.jit(device=True, inline=True)
+def _load_patch(x2, xs, row0, h, ih0, iw0, ph, pw, c):
+    # xs[a * pw * c + e] = x[n, ih0 + a, iw0 + e // c, e % c] for a < ph, e < pw * c; zero outside
+    # the image. x2 is x viewed (N * H, W * C) and row0 = n * H: each patch row is a contiguous run
+    # of an image row, so consecutive threads read consecutive floats and nothing is divided.
+    tid, nt = cuda.threadIdx.x, cuda.blockDim.x
+    run, f0, wc = pw * c, iw0 * c, x2.shape[1]
+    for a in range(ph):
+        ih = ih0 + a
+        for e in range(tid, run, nt):
+            f = f0 + e
+            v = float32(0.0)
+            if ih >= 0 and ih < h and f >= 0 and f < wc:
+                v = float32(x2[row0 + ih, f])
+            xs[a * run + e] = v
+
+
+@cuda.jit(device=True, inline=True)
+def _tile_at(t, tiles_h, tiles_w):
+    # tile number t -> (image, first output row, first output column)
+    per = tiles_h * tiles_w
+    n = t // per
+    rem = t - n * per
+    th = rem // tiles_w
+    return n, th * DH, (rem - th * tiles_w) * DW
+
+
+@cuda.jit
+def _conv_fwd_direct_cuda(x2, w2, out2, scale, h, c, kh, kw, stride, pad, oh_n, ow_n, tiles_h, tiles_w):
+    # x2 (N*H, W*C) float32 or int8; w2 (K, R) int8; out2 (N*OH*OW, K) float32. 128 threads:
+    # thread (tp, tk) = (tid // 8, tid % 8) computes output column tp of the tile's 8 rows for
+    # channels k0 + tk + 8 jj; a block strides over the tiles of all images. (Each thread's 8
+    # channels side by side instead, for 16-byte shared loads, measured slower: 4.98 -> 5.20 ms on
+    # the 224 px stem, 0.51 -> 0.73 ms on vgg-gxnor's first layer, thirteenth session.)
+    xs = cuda.shared.array(DX_MAX, float32)
+    ws = cuda.shared.array(WS_N, float32)
+    acc = cuda.local.array((DH, 8), float32)
+    wv = cuda.local.array(8, float32)
+    tid = cuda.threadIdx.x
+    tk, tp = tid % 8, tid // 8
+    k0, k_n, r_n = cuda.blockIdx.y * DK, w2.shape[0], w2.shape[1]
+    ph, pw = (DH - 1) * stride + kh, (DW - 1) * stride + kw
+    for e in range(tid, r_n * DK, cuda.blockDim.x):      # ws[r, kk] = w[k0 + kk, r]
+        r = e // DK
+        kk = e - r * DK
+        ws[e] = float32(w2[k0 + kk, r]) if k0 + kk < k_n else float32(0.0)
+    n_img = x2.shape[0] // h
+    rs = stride * pw * c                                  # one output row further down the patch
+    for t in range(cuda.blockIdx.x, n_img * tiles_h * tiles_w, cuda.gridDim.x):
+        n, oh0, ow0 = _tile_at(t, tiles_h, tiles_w)
+        cuda.syncthreads()                                # the last tile's reads are done
+        _load_patch(x2, xs, n * h, h, oh0 * stride - pad, ow0 * stride - pad, ph, pw, c)
+        cuda.syncthreads()
+        for q in range(DH):
+            for jj in range(8):
+                acc[q, jj] = float32(0.0)
+        r = 0
+        for i in range(kh):
+            for j in range(kw):
+                off = (i * pw + (tp * stride + j)) * c
+                for ch in range(c):
+                    for jj in range(8):
+                        wv[jj] = ws[r * DK + tk + 8 * jj]
+                    for q in range(DH):
+                        xv = xs[off + ch + q * rs]
+                        for jj in range(8):
+                            acc[q, jj] += xv * wv[jj]
+                    r += 1
+        ow = ow0 + tp
+        for q in range(DH):
+            oh = oh0 + q
+            if oh < oh_n and ow < ow_n:
+                m = (n * oh_n + oh) * ow_n + ow
+                for jj in range(8):
+                    k = k0 + tk + 8 * jj
+                    if k < k_n:
+                        out2[m, k] = acc[q, jj] * scale
+
+
+@cuda.jit
+def _conv_dw_direct_cuda(dy2, x2, part, h, c, kh, kw, stride, pad, oh_n, ow_n, tiles_h, tiles_w, chunk):
+    # dy2 (N*OH*OW, K) float32; x2 (N*H, W*C); part (splits, K, R): block (k chunk y, split z) sums
+    # tiles [z chunk, (z+1) chunk) in order. 256 threads: thread (tr, tk) = (tid // 8, tid % 8)
+    # sums channels k0 + tk + 8 jj against reduction columns tr + 32 q.
+    xs = cuda.shared.array(DX_MAX, float32)
+    dys = cuda.shared.array(DYS_N, float32)
+    acc = cuda.local.array((8, DR_Q), float32)
+    roff = cuda.local.array(DR_Q, int64)
+    dv = cuda.local.array(8, float32)
+    tid = cuda.threadIdx.x
+    tk, tr = tid % 8, tid // 8
+    k0, k_n, r_n = cuda.blockIdx.y * DK, dy2.shape[1], part.shape[2]
+    z = cuda.blockIdx.z
+    ph, pw = (DH - 1) * stride + kh, (DW - 1) * stride + kw
+    for q in range(DR_Q):                                 # where column r sits in a position's patch
+        r = min(tr + 32 * q, r_n - 1)
+        i = r // (kw * c)
+        rem = r - i * kw * c
+        roff[q] = i * pw * c + rem                        # rem = j * c + ch
+        for jj in range(8):
+            acc[jj, q] = float32(0.0)
+    n_img = x2.shape[0] // h
+    t_end = min(n_img * tiles_h * tiles_w, (z + 1) * chunk)
+    for t in range(z * chunk, t_end):
+        n, oh0, ow0 = _tile_at(t, tiles_h, tiles_w)
+        cuda.syncthreads()
+        _load_patch(x2, xs, n * h, h, oh0 * stride - pad, ow0 * stride - pad, ph, pw, c)
+        for e in range(tid, DYS_N, cuda.blockDim.x):   # dys[p, kk], zero off the image
+            p = e // DK
+            kk = e - p * DK
+            oh, ow = oh0 + p // DW, ow0 + p % DW
+            v = float32(0.0)
+            if oh < oh_n and ow < ow_n and k0 + kk < k_n:
+                v = dy2[(n * oh_n + oh) * ow_n + ow, k0 + kk]
+            dys[e] = v
+        cuda.syncthreads()
+        for a in range(DH):
+            for b in range(DW):
+                xo = (a * stride * pw + b * stride) * c
+                for jj in range(8):
+                    dv[jj] = dys[(a * DW + b) * DK + tk + 8 * jj]
+                for q in range(DR_Q):
+                    xv = xs[xo + roff[q]]
+                    for jj in range(8):
+                        acc[jj, q] += dv[jj] * xv
+    for jj in range(8):
+        k = k0 + tk + 8 * jj
+        for q in range(DR_Q):
+            r = tr + 32 * q
+            if k < k_n and r < r_n:
+                part[z, k, r] = acc[jj, q]
+
+
+def _direct_grid(n, oh, ow):
+    tiles_h, tiles_w = (oh + DH - 1) // DH, (ow + DW - 1) // DW
+    return tiles_h, tiles_w, n * tiles_h * tiles_w
+
+
 def _grid2(rows, cols):
     return ((rows + TM - 1) // TM, (cols + TN - 1) // TN)
 
@@ -327,9 +494,17 @@ def _conv2d_forward_cuda(out, inp, weight, scale, stride, pad):
     if conv_tc.forward(out, inp, weight, scale, stride, pad):
         return
     n, oh, ow, k = out.shape
-    kw = weight.shape[2]
+    _, kh, kw, c = weight.shape
     out2 = view(out, n * oh * ow, k)
     w2 = view(weight, k, weight.size // k)
+    h = inp.shape[1]
+    if _direct_fits(c, kh, kw, stride):
+        tiles_h, tiles_w, tiles = _direct_grid(n, oh, ow)
+        blocks = min(tiles, MAX_BLOCKS)
+        _conv_fwd_direct_cuda[(blocks, (k + DK - 1) // DK), 128](
+            view(inp, n * h, inp.shape[2] * c), w2, out2, np.float32(scale), h, c, kh, kw, stride, pad, oh, ow,
+            tiles_h, tiles_w)
+        return
     _conv_fwd_cuda[_grid2(n * oh * ow, k), 256](inp, w2, out2, np.float32(scale), oh, ow, kw, stride, pad)
 
 
@@ -349,7 +524,16 @@ def _conv2d_backward_weight_cuda(dweight, dout, inp, stride, pad):
     kh, kw = dweight.shape[1], dweight.shape[2]
     m, r = n * oh * ow, dweight.size // k
     part = conv_tc.backward_weight_partials(dout, inp, stride, pad, kh, kw)
-    if part is None:
+    c, h = inp.shape[3], inp.shape[1]
+    if part is None and _direct_fits(c, kh, kw, stride) and r >= DW_DIRECT_MIN_R:
+        tiles_h, tiles_w, tiles = _direct_grid(n, oh, ow)
+        chunk = -(-tiles // DW_TILE_SPLITS)
+        splits = -(-tiles // chunk)
+        part = scratch("conv.dw_part", (splits, k, r), np.float32)
+        _conv_dw_direct_cuda[(1, (k + DK - 1) // DK, splits), 256](
+            view(dout, m, k), view(inp, n * h, inp.shape[2] * c), part, h, c, kh, kw, stride, pad, oh, ow,
+            tiles_h, tiles_w, chunk)
+    elif part is None:
         chunk = DW_CHUNK * -(-m // (DW_CHUNK * DW_SPLITS))
         splits = (m + chunk - 1) // chunk
         part = scratch("conv.dw_part", (splits, k, r), np.float32)

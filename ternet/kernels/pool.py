@@ -5,9 +5,9 @@ Exercise: pytest tests/test_ops.py -k pool, tests/test_cuda_pool.py.
 import numba
 import numpy as np
 
-from numba import cuda
+from numba import cuda, int32
 
-from . import check, grid1d, on_device, stream_threads, view
+from . import THREADS, check, grid1d, on_device, stream_threads, view
 from .conv import out_size
 
 
@@ -230,6 +230,91 @@ def _maxpool_bwd_cuda(dout, arg, k, stride, pad, dx):
         at = _advance(at, by, h, w, c)
 
 
+ROW_MAX = 1024     # widest input row the row kernels take (their covering table is in shared memory)
+
+
+@cuda.jit
+def _maxpool_fwd_rows_cuda(x, k, stride, pad, out, arg):
+    # one block per output row (n, oh), striding over rows; its threads step through the row's
+    # (ow, ch) elements with adds and a carry, so no element pays a 64-bit division. (Addressing
+    # flat arrays from per-row bases instead, as the backward does, measured slower here: 1.35 ->
+    # 1.72 ms on ResNet-18's 224 px stem pooling at batch 256, thirteenth session.)
+    n_img, h, w, c = x.shape
+    _, oh_n, ow_n, _ = out.shape
+    tid, nt = cuda.threadIdx.x, cuda.blockDim.x
+    t_ow, t_ch, d_ow, d_ch = tid // c, tid % c, nt // c, nt % c
+    for row in range(cuda.blockIdx.x, n_img * oh_n, cuda.gridDim.x):
+        n = row // oh_n
+        oh = row - n * oh_n
+        ow, ch = t_ow, t_ch
+        while ow < ow_n:
+            best, pos, first = x[n, 0, 0, ch], 0, True
+            for i in range(k):
+                ih = oh * stride - pad + i
+                if ih < 0 or ih >= h:
+                    continue
+                for j in range(k):
+                    iw = ow * stride - pad + j
+                    if iw < 0 or iw >= w:
+                        continue
+                    v = x[n, ih, iw, ch]
+                    if first or v > best:              # first maximum wins, as the CPU path
+                        best, pos, first = v, i * k + j, False
+            out[n, oh, ow, ch] = best
+            arg[n, oh, ow, ch] = pos
+            ch += d_ch
+            ow += d_ow
+            if ch >= c:
+                ch -= c
+                ow += 1
+
+
+@cuda.jit
+def _maxpool_bwd_rows_cuda(dout, arg, h, w, c, k, stride, pad, oh_n, ow_n, dx):
+    # the gather of _maxpool_bwd_cuda (same sums, same order) on flat arrays, one block per input
+    # row (n, ih), striding over rows: the output rows covering ih are found once per row, the
+    # output columns covering each iw once per block (a table in shared memory), and the threads
+    # step through the row's (iw, ch) elements with adds: no division per element
+    lo = cuda.shared.array(ROW_MAX, int32)
+    hi = cuda.shared.array(ROW_MAX, int32)
+    tid, nt = cuda.threadIdx.x, cuda.blockDim.x
+    for iw in range(tid, w, nt):
+        lo[iw], hi[iw] = _covering(iw, k, stride, pad, ow_n)
+    cuda.syncthreads()
+    run, orun = w * c, ow_n * c
+    t_iw, t_ch, d_iw, d_ch = tid // c, tid % c, nt // c, nt % c
+    for row in range(cuda.blockIdx.x, dx.size // run, cuda.gridDim.x):
+        n = row // h
+        ih = row - n * h
+        oh0, oh1 = _covering(ih, k, stride, pad, oh_n)
+        iw, ch = t_iw, t_ch
+        for e in range(tid, run, nt):
+            s = np.float32(0.0)
+            for oh in range(oh0, oh1):
+                base = (n * oh_n + oh) * orun + ch
+                tap = (ih - oh * stride + pad) * k + iw + pad     # minus ow * stride: the window's tap
+                for ow in range(lo[iw], hi[iw]):
+                    if arg[base + ow * c] == tap - ow * stride:
+                        s += dout[base + ow * c]
+            dx[row * run + e] = s
+            ch += d_ch
+            iw += d_iw
+            if ch >= c:
+                ch -= c
+                iw += 1
+
+
+def _maxpool_fwd_rows(out, arg, inp, k, stride, pad):
+    _maxpool_fwd_rows_cuda[grid1d(out.shape[0] * out.shape[1] * THREADS)](inp, k, stride, pad, out, arg)
+
+
+def _maxpool_bwd_rows(dinp, dout, arg, k, stride, pad):
+    n, h, w, c = dinp.shape
+    _, oh, ow, _ = dout.shape
+    _maxpool_bwd_rows_cuda[grid1d(n * h * THREADS)](view(dout, dout.size), view(arg, arg.size), h, w, c, k, stride,
+                                                    pad, oh, ow, view(dinp, dinp.size))
+
+
 @cuda.jit
 def _maxpool_bwd_disjoint_cuda(dout, arg, k, dx):
     # k == stride, pad 0: one thread per window writes its k*k inputs, dout at the argmax and 0
@@ -320,7 +405,9 @@ def maxpool_forward(out, arg, inp, k, stride, pad):
     check(pad < k, "maxpool: padding must be smaller than the window")
     check(k * k <= 256, "maxpool: window positions must fit in uint8")
     if on_device(out, inp):
-        if out.size:
+        if out.size and inp.shape[2] <= ROW_MAX:
+            _maxpool_fwd_rows(out, arg, inp, k, stride, pad)
+        elif out.size:
             _maxpool_fwd_cuda[grid1d(out.size)](inp, k, stride, pad, out, arg)
         return
     stream_threads(_maxpool_fwd, inp, k, stride, pad, out, arg)
@@ -334,6 +421,8 @@ def maxpool_backward(dinp, dout, arg, k, stride, pad):
     if on_device(dinp, dout, arg):
         if k == stride and pad == 0 and dout.size:
             _maxpool_bwd_disjoint_cuda[grid1d(dout.size)](dout, arg, k, dinp)
+        elif dinp.size and dinp.shape[2] <= ROW_MAX:
+            _maxpool_bwd_rows(dinp, dout, arg, k, stride, pad)
         elif dinp.size:
             _maxpool_bwd_cuda[grid1d(dinp.size)](dout, arg, k, stride, pad, dinp)
         return
