@@ -2,7 +2,7 @@
 # Everything the GPU path needs checked and timed, in one device call (see docs/performance.md):
 #   bash bench/gpu_session.sh [profile|bench|graph|peer|ab|tests|all ...]   (timings first, then the
 #   tests; TEST_LIMIT s each). profile: every kernel's GPU time in one vgg-gxnor step at batch 64,
-#   128, 512 (bench/profile_kernels.py); graph: the trainer's loop at batch 64 and 128, eager and
+#   128, 512 (bench/profile_kernels.py) and the first layer's kernels (bench/first_layer.py); graph: the trainer's loop at batch 64 and 128, eager and
 #   replayed (bench/bench_graph.py).
 # ab: this code against an earlier commit's copy in .data/base (made here with
 #   `rm -rf .data/base && mkdir -p .data/base && git archive REV bench ternet | tar -x -C .data/base`,
@@ -18,7 +18,8 @@ what=${*:-all}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c "import numba, numba_cuda, numpy; print('numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'numpy', numpy.__version__)"
 case " $what " in *" profile "*|*" all "*)
-    python3 bench/profile_kernels.py --batch 64 128 512 2>&1 | tee "$OUT/profile.log" | tail -30 ;;
+    python3 bench/profile_kernels.py --batch 64 128 512 2>&1 | tee "$OUT/profile.log" | tail -30
+    python3 bench/first_layer.py 2>&1 | tee "$OUT/first_layer.log" | tail -7 ;;
 esac
 case " $what " in *" bench "*|*" all "*)
     # numba's launches against the planned ones where the host matters; resnet18-224 is GPU-bound
