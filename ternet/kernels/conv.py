@@ -348,20 +348,26 @@ def _direct_fits(c, kh, kw, stride):
 
 
 @cuda.jit(device=True, inline=True)
-def _load_patch(x2, xs, row0, h, ih0, iw0, ph, pw, c):
+def _load_patch(x2, xs, row0, h, ih0, iw0, ph, pw, c, tmp):
     # xs[a * pw * c + e] = x[n, ih0 + a, iw0 + e // c, e % c] for a < ph, e < pw * c; zero outside
     # the image. x2 is x viewed (N * H, W * C) and row0 = n * H: each patch row is a contiguous run
     # of an image row, so consecutive threads read consecutive floats and nothing is divided.
+    # Four rows' loads are issued before their stores (tmp: 4 floats of the thread's own).
     tid, nt = cuda.threadIdx.x, cuda.blockDim.x
     run, f0, wc = pw * c, iw0 * c, x2.shape[1]
-    for a in range(ph):
-        ih = ih0 + a
-        for e in range(tid, run, nt):
-            f = f0 + e
-            v = float32(0.0)
-            if ih >= 0 and ih < h and f >= 0 and f < wc:
-                v = float32(x2[row0 + ih, f])
-            xs[a * run + e] = v
+    for e in range(tid, run, nt):
+        f = f0 + e
+        fok = f >= 0 and f < wc
+        for a0 in range(0, ph, 4):
+            for u in range(4):
+                ih = ih0 + a0 + u
+                v = float32(0.0)
+                if a0 + u < ph and fok and ih >= 0 and ih < h:
+                    v = float32(x2[row0 + ih, f])
+                tmp[u] = v
+            for u in range(4):
+                if a0 + u < ph:
+                    xs[(a0 + u) * run + e] = tmp[u]
 
 
 @cuda.jit(device=True, inline=True)
@@ -385,6 +391,7 @@ def _conv_fwd_direct_cuda(x2, w2, out2, scale, h, c, kh, kw, stride, pad, oh_n, 
     ws = cuda.shared.array(WS_N, float32)
     acc = cuda.local.array((DH, 8), float32)
     wv = cuda.local.array(8, float32)
+    tmp = cuda.local.array(4, float32)
     tid = cuda.threadIdx.x
     tk, tp = tid % 8, tid // 8
     k0, k_n, r_n = cuda.blockIdx.y * DK, w2.shape[0], w2.shape[1]
@@ -398,7 +405,7 @@ def _conv_fwd_direct_cuda(x2, w2, out2, scale, h, c, kh, kw, stride, pad, oh_n, 
     for t in range(cuda.blockIdx.x, n_img * tiles_h * tiles_w, cuda.gridDim.x):
         n, oh0, ow0 = _tile_at(t, tiles_h, tiles_w)
         cuda.syncthreads()                                # the last tile's reads are done
-        _load_patch(x2, xs, n * h, h, oh0 * stride - pad, ow0 * stride - pad, ph, pw, c)
+        _load_patch(x2, xs, n * h, h, oh0 * stride - pad, ow0 * stride - pad, ph, pw, c, tmp)
         cuda.syncthreads()
         for q in range(DH):
             for jj in range(8):
@@ -436,9 +443,12 @@ def _conv_dw_direct_cuda(dy2, x2, part, h, c, kh, kw, stride, pad, oh_n, ow_n, t
     acc = cuda.local.array((8, DR_Q), float32)
     roff = cuda.local.array(DR_Q, int64)
     dv = cuda.local.array(8, float32)
+    tmp = cuda.local.array(4, float32)
     tid = cuda.threadIdx.x
     tk, tr = tid % 8, tid // 8
     k0, k_n, r_n = cuda.blockIdx.y * DK, dy2.shape[1], part.shape[2]
+    kk, p0, pstep = tid % DK, tid // DK, cuda.blockDim.x // DK     # the dy tile's loads (256 threads)
+    kok = k0 + kk < k_n
     z = cuda.blockIdx.z
     ph, pw = (DH - 1) * stride + kh, (DW - 1) * stride + kw
     for q in range(DR_Q):                                 # where column r sits in a position's patch
@@ -453,15 +463,19 @@ def _conv_dw_direct_cuda(dy2, x2, part, h, c, kh, kw, stride, pad, oh_n, ow_n, t
     for t in range(z * chunk, t_end):
         n, oh0, ow0 = _tile_at(t, tiles_h, tiles_w)
         cuda.syncthreads()
-        _load_patch(x2, xs, n * h, h, oh0 * stride - pad, ow0 * stride - pad, ph, pw, c)
-        for e in range(tid, DYS_N, cuda.blockDim.x):   # dys[p, kk], zero off the image
-            p = e // DK
-            kk = e - p * DK
-            oh, ow = oh0 + p // DW, ow0 + p % DW
-            v = float32(0.0)
-            if oh < oh_n and ow < ow_n and k0 + kk < k_n:
-                v = dy2[(n * oh_n + oh) * ow_n + ow, k0 + kk]
-            dys[e] = v
+        _load_patch(x2, xs, n * h, h, oh0 * stride - pad, ow0 * stride - pad, ph, pw, c, tmp)
+        for pb in range(p0, DH * DW, 4 * pstep):        # dys[p, kk], zero off the image: four
+            for u in range(4):                           # positions' loads before their stores
+                p = pb + u * pstep
+                oh, ow = oh0 + p // DW, ow0 + p % DW
+                v = float32(0.0)
+                if p < DH * DW and oh < oh_n and ow < ow_n and kok:
+                    v = dy2[(n * oh_n + oh) * ow_n + ow, k0 + kk]
+                tmp[u] = v
+            for u in range(4):
+                p = pb + u * pstep
+                if p < DH * DW:
+                    dys[p * DK + kk] = tmp[u]
         cuda.syncthreads()
         for a in range(DH):
             for b in range(DW):

@@ -294,8 +294,9 @@ def _maxpool_bwd_rows_cuda(dout, arg, h, w, c, k, stride, pad, oh_n, ow_n, dx):
                 base = (n * oh_n + oh) * orun + ch
                 tap = (ih - oh * stride + pad) * k + iw + pad     # minus ow * stride: the window's tap
                 for ow in range(lo[iw], hi[iw]):
+                    g = dout[base + ow * c]                # loaded with the argmax, not after it
                     if arg[base + ow * c] == tap - ow * stride:
-                        s += dout[base + ow * c]
+                        s += g
             dx[row * run + e] = s
             ch += d_ch
             iw += d_iw
