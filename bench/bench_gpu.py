@@ -13,6 +13,7 @@ configurations of docs/performance.md. Prints one JSON line per configuration, t
                                               # the median round is reported, all rounds listed
     python bench/bench_gpu.py --graph both    # eager steps, then the step captured once as a CUDA graph
                                               # and replayed (ternet/cuda_graph.py; default: eager only)
+    python bench/bench_gpu.py --save-memory   # ternet train's --save-memory on
 
 With --graph, graph_pool_gib is the memory the captured step's own pool reserved (its temporaries,
 reused within the step); peak_gib counts only arrays live between steps there, so the graph's
@@ -95,11 +96,12 @@ def host_profile(name, step, t0, steps=10, top=25):
     print(json.dumps({"host_profile": name, "profiled_ms_per_step": round(total, 2), "top": out}), flush=True)
 
 
-def training_step(arch, shape, classes, batch, use_graph=False, sampler="dst"):
+def training_step(arch, shape, classes, batch, use_graph=False, sampler="dst", save_memory=False):
     """(model, step): a model on the GPU and step(t), the training step the benchmarks time
     (forward, cross-entropy, backward, DST-sgd on the discrete weights -- or with sampler="bop"
-    the annealed Bop of ternet train's default --, Adam on batch norm) on a fixed random batch.
-    bench/host_counts.py counts what the same step does on the host."""
+    the annealed Bop of ternet train's default --, Adam on batch norm) on a fixed random batch;
+    save_memory: ternet train's --save-memory on. bench/host_counts.py counts what the same
+    step does on the host."""
     from numba import cuda
 
     from ternet.kernels import empty, zeros
@@ -112,6 +114,8 @@ def training_step(arch, shape, classes, batch, use_graph=False, sampler="dst"):
     from ternet.kernels.elementwise import put_scalars
     rng = np.random.default_rng(0)
     model = Model(arch, shape, classes, seed=0).to(True)
+    if save_memory:
+        model.save_memory()
     x = cuda.to_device(rng.standard_normal((batch,) + shape).astype(np.float32))
     y = cuda.to_device(rng.integers(0, classes, batch).astype(np.int32))
     if sampler == "bop":
@@ -156,7 +160,7 @@ def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False, graph=Fals
     launch.install() if fast else launch.uninstall()
     gc.collect()                      # the previous round's model is gone before this one's is built
     held_before = cuda_memory.in_use_bytes()
-    model, step = training_step(arch, shape, classes, batch, graph)
+    model, step = training_step(arch, shape, classes, batch, graph, save_memory=SAVE_MEMORY)
     for t in range(warm):
         step(t)
     cuda.synchronize()
@@ -179,13 +183,16 @@ def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False, graph=Fals
     if prof and not graph:
         total, parts = profile(model, step, warm + steps)
         print(json.dumps({"profile": name, "synced_step_ms": round(total, 2), **parts}), flush=True)
-    return dict(impl="ternet", launch="graph" if graph else "planned" if fast else "numba", model=name, batch=batch, step_ms=round(med, 3),
+    return dict(impl="ternet", launch="graph" if graph else "planned" if fast else "numba", model=name, batch=batch,
+                **({"save_memory": True} if SAVE_MEMORY else {}), step_ms=round(med, 3),
                 host_ms=round(host[len(host) // 2], 3), img_per_s=round(batch / med * 1e3, 1),
                 peak_gib=round(cuda_memory.peak_bytes() / 2 ** 30, 3),
                 held_before_gib=round(held_before / 2 ** 30, 3), **(launch.stats() if fast else {}),
                 **({"graph_pool_gib": round(sum(n for _, n in (step.graph.graph.pool.spans if step.graph.graph else ())) / 2 ** 30, 3),
                     "capture_failed": step.graph.failed} if graph else {}))
 
+
+SAVE_MEMORY = "--save-memory" in sys.argv
 
 if __name__ == "__main__":
     prof = "--profile" in sys.argv

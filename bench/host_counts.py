@@ -12,6 +12,7 @@ here (bench_gpu.py --host-profile on a GPU).
 
     python bench/host_counts.py [arch] [--side 64] [--batch 4] [--top 15]
     python bench/host_counts.py vgg-gxnor --side 32 --classes 10 --batch 512 --top 0   # the peak at batch 512
+    python bench/host_counts.py resnet18 --batch 512 --top 0 --peak-sites 25           # ... and who holds it
 """
 import argparse
 import collections
@@ -31,6 +32,8 @@ from numba.cuda.simulator.cudadrv import devicearray as sim_array  # noqa: E402
 COUNTS = collections.defaultdict(collections.Counter)
 ON = [False]                     # counting (the warm-up step is not counted)
 HELD = {"live": 0, "peak": 0}    # bytes of live device_array allocations
+LIVE = {}                        # id -> (bytes, call site) of each live device_array allocation
+AT_PEAK = {}                     # call site -> bytes held there when the step's peak was reached
 
 
 def _site(depth):
@@ -55,9 +58,16 @@ def _instrument(depth):
             COUNTS["allocations"][_site(depth)] += 1
         arr = alloc(*a, **k)
         HELD["live"] += arr.nbytes
-        HELD["peak"] = max(HELD["peak"], HELD["live"])
+        key = id(arr._ary)
+        LIVE[key] = (arr.nbytes, _site(depth))
+        if HELD["live"] > HELD["peak"]:
+            HELD["peak"] = HELD["live"]
+            if ON[0]:
+                AT_PEAK.clear()
+                for nb, site in LIVE.values():
+                    AT_PEAK[site] = AT_PEAK.get(site, 0) + nb
         # on the wrapped numpy array: views of it (reshape, slices) keep it alive, as on a GPU
-        weakref.finalize(arr._ary, _release, arr.nbytes)
+        weakref.finalize(arr._ary, _release, arr.nbytes, key)
         return arr
 
     def view(self, *a, **k):
@@ -69,8 +79,9 @@ def _instrument(depth):
     sim_array.FakeCUDAArray.reshape = view
 
 
-def _release(nbytes):
+def _release(nbytes, key):
     HELD["live"] -= nbytes
+    LIVE.pop(key, None)
 
 
 def main():
@@ -81,16 +92,23 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--depth", type=int, default=2, help="call-site frames to show")
+    ap.add_argument("--peak-sites", type=int, default=0, help="list the N largest holders at the peak")
+    ap.add_argument("--save-memory", action="store_true", help="ternet train's --save-memory on")
     args = ap.parse_args()
     _instrument(args.depth)
     from bench_gpu import training_step
-    _, step = training_step(args.arch, (args.side, args.side, 3), args.classes, args.batch)
+    _, step = training_step(args.arch, (args.side, args.side, 3), args.classes, args.batch,
+                            save_memory=args.save_memory)
     step(0)                       # first-call work (weight caches, tables) is not per step
     ON[0] = True
     start = HELD["peak"] = HELD["live"]
     step(1)
     print(f"{args.arch} {args.side}x{args.side}, batch {args.batch}, one training step (DST sgd, Adam on batch norm):")
     print(f"device_array bytes held: {start:,} at the step's start, {HELD['peak']:,} at its peak")
+    if args.peak_sites:
+        print(f"\nbytes held at the peak, by allocation site (top {args.peak_sites}):")
+        for site, nb in sorted(AT_PEAK.items(), key=lambda kv: -kv[1])[:args.peak_sites]:
+            print(f"  {nb:13,d}  {site}")
     for what in ("launches", "allocations", "reshapes"):
         c = COUNTS[what]
         print(f"\n{what}: {sum(c.values())} per step; by call site")

@@ -83,6 +83,15 @@ TRAIN_OPTIONS = [
                                                "Python: for small batches, where the host bounds the step). Same "
                                                "results bit for bit. Needs --device cuda, one process, no "
                                                "--grad-shards, and a sampler that supports it (bop, dst)."),
+    ("save_memory", click.Choice(["off", "on"]), "on: the GPU keeps less from the forward to the backward: the "
+                                                "first layer's output (float32) is computed again in the backward "
+                                                "instead of kept (where the first layer feeds its batch norm "
+                                                "directly: vgg-gxnor, resnet18; not lenet), and fused batch-norm "
+                                                "backwards write their gradient over the one they receive. One "
+                                                "more first-layer forward per step; the same results bit for "
+                                                "bit. Counted on vgg-gxnor at batch 512: 268 MB less at the "
+                                                "step's peak (docs/performance.md). On the CPU it changes "
+                                                "nothing."),
     ("log_every", int, "Steps between metrics lines."),
     ("ckpt_every", int, "Steps between mid-epoch checkpoints (0: only at epoch ends)."),
     ("keep_last", int, "Checkpoints to keep."),

@@ -42,6 +42,7 @@ class Config:
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
     cuda_graph: str = "off"         # on: replay each full-batch GPU step from a captured CUDA graph
+    save_memory: str = "off"        # on: the GPU keeps less from the forward to the backward (Model.save_memory)
     log_every: int = 50             # steps between metrics lines
     ckpt_every: int = 500           # steps between mid-epoch checkpoints (0 = at epoch ends only)
     keep_last: int = 3              # checkpoints kept
@@ -80,7 +81,7 @@ CHOICES = {
     "window": ("rect", "tri"), "cuda_graph": ("off", "on"), "loss": ("xent", "sqhinge"), "source": ("sgd", "adam"),
     "lr_schedule": ("constant", "step", "exp", "cosine", "linear"), "bn_optim": ("adam", "sgd"),
     "augment": ("none", "auto", "crop-flip", "crop", "rrc-flip"), "device": ("auto", "cpu", "cuda"),
-    "eval_tta": ("none", "flip"),
+    "eval_tta": ("none", "flip"), "save_memory": ("off", "on"),
 }
 
 

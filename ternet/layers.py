@@ -120,6 +120,14 @@ class Conv2d(Layer):
             self.ctx = (x, cols)
         return y
 
+    def recompute(self):
+        """The training forward's output once more, from the input it kept: for a batch norm right
+        after this layer that dropped its own copy of it (BNAct.source). Same kernel, same bits."""
+        x, cols = self.ctx
+        y = empty((x.shape[0],) + self.out_shape(x.shape[1:]), np.float32, on_device(x))
+        conv2d_forward(y, x, self.w.q, self.w.scale, self.stride, self.pad, cols)
+        return y
+
     def backward(self, dy):
         x, cols = self.ctx
         self.ctx = None
@@ -242,6 +250,10 @@ class BNAct(BatchNorm):
         super().__init__(name, c, momentum, eps)
         self.act = TernaryAct(name.replace("bn", "act"), r, a, window)
         self.int_scale = int_scale
+        # Model.save_memory, on the GPU: source, a Conv2d right before this layer that recomputes a
+        # float32 input for the backward instead of this layer keeping it (4 bytes per element);
+        # in_place, the backward's dx written over dy
+        self.source, self.in_place = None, False
 
     def forward(self, x, train):
         dev = on_device(x)
@@ -252,16 +264,22 @@ class BNAct(BatchNorm):
             return y
         rm, rv, stats = self._train_args(dev)
         self.ctx = bn_act_forward_train(y, x, g, b, rm, rv, self.momentum, self.eps, self.act.r, self.act.a,
-                                        self.act.shape, self.int_scale, stats, self.kept)
+                                        self.act.shape, self.int_scale, stats, self.kept,
+                                        keep_input=self.source is None)
         return y
 
     def backward(self, dy):
         saved, self.ctx = self.ctx, None
         dev = on_device(dy)
+        if dev and saved.s == 0 and saved.xf is None:     # dropped by the forward: recompute
+            saved.xf = view(self.source.recompute(), saved.size)
         for p in (self.gamma, self.beta):
             if p.grad is None:
                 p.grad = empty((self.c,), np.float32, dev)
-        dx = empty(dy.shape, np.float32, dev)
+        # in place: dx overwrites dy, whose kernel reads each element of dy before writing that same
+        # element; a fused layer's dy is its own (the next layer's fresh gradient, never a residual's
+        # shared one): one activation-sized float32 buffer less at every such backward
+        dx = dy if dev and self.in_place else empty(dy.shape, np.float32, dev)
         bn_act_backward(dx, self.gamma.grad, self.beta.grad, dy, saved, self.gamma.value)
         return dx
 

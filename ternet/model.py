@@ -190,6 +190,24 @@ class Model:
         params = self.rparams()
         self.reals = RealBuffers(params, [p.value for p in params], False)
 
+    def save_memory(self, on=True):
+        """ternet train --save-memory: on the GPU, (1) the batch norm right after the first layer
+        does not keep that layer's float32 output from the forward to the backward but has the layer
+        compute it again there (one more first-layer forward per step), and (2) every fused batch
+        norm + activation writes its input gradient over the gradient it receives. Same results bit
+        for bit. (1) needs the first layer to feed its batch norm directly (vgg-gxnor, resnet18; not
+        lenet, which pools first). Returns whether (1) applies."""
+        found = False
+        for layer in walk(self.net):
+            if isinstance(layer, BNAct):
+                layer.in_place = on
+        layers = self.net.layers
+        for conv, bn in zip(layers, layers[1:]):
+            if isinstance(conv, Conv2d) and not conv.needs_dinput and isinstance(bn, BNAct):
+                bn.source, found = (conv if on else None), True
+                break
+        return found
+
     def forward(self, x, train=True):
         return self.net.forward(x, train)
 

@@ -113,6 +113,8 @@ class Trainer:
             self.eval_loaders = {s: on_gpu(ld) for s, ld in self.eval_loaders.items()}
         self.model = Model(cfg.arch, self.train_loader.output_shape, self.data.num_classes, cfg.bits,
                            cfg.act_r, cfg.act_a, cfg.window, cfg.seed).to(self.device)
+        if cfg.save_memory == "on":
+            self.model.save_memory()
         self.spe = len(self.train_loader)
         total = cfg.epochs * self.spe
         lr = Schedule(cfg.lr_schedule, cfg.lr, cfg.lr_end, total, cfg.lr_every * self.spe, cfg.lr_gamma)

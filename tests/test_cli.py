@@ -130,3 +130,17 @@ def test_average_last_option_prints_and_writes_the_average(tiny_data, tmp_path):
     assert f"{collect(tmp_path / 'a')['average']['test_acc']:.4f}" == acc
     assert (tmp_path / "a" / "average-last2.h5").exists()
     assert "--average-last" in train_cli("--help").output
+
+
+def test_save_memory_option_trains_and_is_recorded(tiny_data, tmp_path):
+    import json
+    base = ("--data", tiny_data, "--runs-dir", tmp_path, "--device", "cpu", "--quiet", "--epochs", 1,
+            "--batch-size", 50, "--save-memory")
+    r = train_cli(*base, "maybe")
+    assert r.exit_code == 2 and "--save-memory" in r.output
+    assert not any(tmp_path.iterdir())
+    for arch, name in ((SMALL, "pooled-first"), ("8C3-16C3-MP2-32FC", "direct")):   # on the CPU: no effect
+        r = train_cli(*base, "on", "--arch", arch, "--name", name)
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / name / "config.json").read_text())["save_memory"] == "on"
+    assert "--save-memory" in train_cli("--help").output

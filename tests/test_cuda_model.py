@@ -78,3 +78,34 @@ def test_model_all_layers_on_device(arch, window, monkeypatch):
     # against these in tests/test_gpu_full.py
     monkeypatch.setenv("TERNET_NO_TC", "1")
     compare(arch, window)
+
+
+def test_save_memory_gives_the_same_bits(monkeypatch):
+    """Model.save_memory (ternet train --save-memory on) on the device path: the first batch norm's
+    record keeps no float32 input from the forward (the backward recomputes it), the fused layers'
+    backwards write dx over dy, and the step's logits, every gradient and the running statistics are
+    the same bits as without. (The same Conv2d -> BNAct pair as ResNet's 7x7 stem, which costs
+    minutes in the simulator.)"""
+    monkeypatch.setenv("TERNET_NO_TC", "1")
+    arch = "6C3-8C3-MP2-8FC-5"
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    y = rng.integers(0, 5, 2).astype(np.int32)
+    plain, lean = (Model(arch, (8, 8, 3), 5, seed=2).to(True) for _ in range(2))
+    assert lean.save_memory() and not Model("6C3-MP2-8FC-5", (8, 8, 3), 5).save_memory()   # pooled first
+    bn, seen = lean.net.layers[1], []
+    assert bn.source is lean.net.layers[0] and all(l.in_place for l in lean.layers() if isinstance(l, layers.BNAct))
+    backward = bn.backward
+
+    def spy(dy):
+        seen.append((bn.ctx.s, bn.ctx.xf, bn.ctx.nbytes))
+        dx = backward(dy)
+        assert dx is dy
+        return dx
+
+    bn.backward = spy
+    want, got = step(plain, x, y, True), step(lean, x, y, True)
+    assert seen == [(0, None, 2 * 8 * 8 * 6 // 8)]      # only the window bits were kept
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

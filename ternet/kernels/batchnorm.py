@@ -604,9 +604,10 @@ class BNActSaved:
     bit (1/8 byte). The triangular window keeps no per-element window state: the backward
     recomputes y = gamma * xhat + beta bit for bit from copies of gamma and beta. Per channel:
     mean and invstd (and those copies). So 2.125 bytes per element (int16, rect), 2 (int16,
-    tri), 4.125 / 4 (float32); the CPU path keeps 8 (xhat and phi' as float32).
+    tri), 4.125 / 4 (float32); the CPU path keeps 8 (xhat and phi' as float32). A float32 input
+    not kept (keep_input=False) leaves xf None: the caller recomputes it for the backward.
     """
-    __slots__ = ("xq", "xf", "s", "mean", "invstd", "bits", "height", "cg", "cb", "r", "a", "shape")
+    __slots__ = ("xq", "xf", "s", "mean", "invstd", "bits", "height", "cg", "cb", "r", "a", "shape", "size")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -616,10 +617,10 @@ class BNActSaved:
     def nbytes(self):
         """Bytes of per-element state kept for the backward (the 1-element placeholders excluded)."""
         kept = [self.xq if self.s > 0 else self.xf] + ([self.bits] if self.shape == WINDOW_RECT else [])
-        return sum(int(a.size) * a.dtype.itemsize for a in kept)
+        return sum(int(a.size) * a.dtype.itemsize for a in kept if a is not None)
 
 
-def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale, buffers):
+def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale, buffers, keep_input):
     n, s = inp.size, np.float32(max(int_scale, 0))
     mean, invstd, exact = _cuda_stats(_rows(inp), eps, stats, s, buffers)
     if s > 0 and not exact:
@@ -629,7 +630,7 @@ def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, i
     rect = shape == WINDOW_RECT
     # per-element records are allocated per call (StepBuffers says why), 1-element placeholders kept
     xq = empty(n, np.int16, True) if s > 0 else buffers("bn_act.xq", 1, np.int16)
-    xf = buffers("bn_act.xf", 1, np.float32) if s > 0 else empty(n, np.float32, True)
+    xf = buffers("bn_act.xf", 1, np.float32) if s > 0 else empty(n, np.float32, True) if keep_input else flat(inp)
     bits = empty(num_words(n), np.uint32, True) if rect else buffers("bn_act.bits", 1, np.uint32)
     cg, cb = gamma, beta
     if not rect:   # the backward needs this step's gamma, beta, even if an optimizer updates them first
@@ -638,8 +639,10 @@ def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, i
         copy(cb, beta)
     r32, a32 = np.float32(r), np.float32(a)
     _bn_act_fwd_cuda[grid1d(n)](flat(inp), mean, invstd, gamma, beta, r32, a32, shape, s, flat(out), xq, xf, bits)
+    # not keeping the input: the kernel's record of it went to inp itself (the same values), not kept
+    xf = xf if s > 0 or keep_input else None
     return BNActSaved(xq=xq, xf=xf, s=s, mean=mean, invstd=invstd, bits=bits, cg=cg, cb=cb, r=r32, a=a32,
-                      shape=shape, height=np.float32(window_grad(r32, r32, a32, WINDOW_RECT)))
+                      shape=shape, height=np.float32(window_grad(r32, r32, a32, WINDOW_RECT)), size=n)
 
 
 def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
@@ -655,7 +658,7 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
 
 
 def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momentum, eps, r, a, shape,
-                         int_scale=0, stats=None, buffers=fresh):
+                         int_scale=0, stats=None, buffers=fresh, keep_input=True):
     """out (int8) = phi_r(gamma * xhat + beta), batch statistics; overwrites out and stats (as
     batchnorm_forward_train), updates the running statistics in place unless running_mean is None.
 
@@ -665,12 +668,14 @@ def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momen
     the input as int16, after checking that every value round-trips exactly (the one host read
     of the forward: 4 bytes); it falls back to float32, with a warning, where not. The GPU's
     per-channel arrays and placeholders come from `buffers(role, shape, dtype)` (a layer's
-    StepBuffers, or `fresh`).
+    StepBuffers, or `fresh`). keep_input=False (GPU): a float32 input is not kept; the record's xf
+    is None and the caller puts the same values there before the backward (BNAct.source).
     """
     check(out.shape == inp.shape and gamma.shape == (_channels(inp),), "bn_act: shape mismatch")
     if on_device(out, inp, gamma):
         stats = _stats_out(stats, _channels(inp), True)
-        saved = _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale, buffers)
+        saved = _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale, buffers,
+                                           keep_input)
         if running_mean is not None:
             batchnorm_update_running(running_mean, running_var, stats, momentum)
         return saved

@@ -187,6 +187,24 @@ def _covering(i, k, stride, pad, n_out):
     return lo, hi
 
 
+@cuda.jit(device=True, inline=True)
+def _window_max(x, n, oh, ow, ch, k, stride, pad, h, w):
+    """(max, i * k + j of its first position) over the window of output (oh, ow), channel ch."""
+    best, pos, first = x[n, 0, 0, ch], 0, True
+    for i in range(k):
+        ih = oh * stride - pad + i
+        if ih < 0 or ih >= h:
+            continue
+        for j in range(k):
+            iw = ow * stride - pad + j
+            if iw < 0 or iw >= w:
+                continue
+            v = x[n, ih, iw, ch]
+            if first or v > best:              # first maximum wins, as the CPU path
+                best, pos, first = v, i * k + j, False
+    return best, pos
+
+
 @cuda.jit
 def _maxpool_fwd_cuda(x, k, stride, pad, out, arg):
     # (divides per element: the stepped version measured slower on the H200, 0.68 -> 0.81 ms on
@@ -196,18 +214,7 @@ def _maxpool_fwd_cuda(x, k, stride, pad, out, arg):
     for o in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         t, ow, ch = _unravel(o, ow_n, c)
         n, oh = t // oh_n, t % oh_n
-        best, pos, first = x[n, 0, 0, ch], 0, True
-        for i in range(k):
-            ih = oh * stride - pad + i
-            if ih < 0 or ih >= h:
-                continue
-            for j in range(k):
-                iw = ow * stride - pad + j
-                if iw < 0 or iw >= w:
-                    continue
-                v = x[n, ih, iw, ch]
-                if first or v > best:              # first maximum wins, as the CPU path
-                    best, pos, first = v, i * k + j, False
+        best, pos = _window_max(x, n, oh, ow, ch, k, stride, pad, h, w)
         out[n, oh, ow, ch] = best
         arg[n, oh, ow, ch] = pos
 
@@ -248,18 +255,7 @@ def _maxpool_fwd_rows_cuda(x, k, stride, pad, out, arg):
         oh = row - n * oh_n
         ow, ch = t_ow, t_ch
         while ow < ow_n:
-            best, pos, first = x[n, 0, 0, ch], 0, True
-            for i in range(k):
-                ih = oh * stride - pad + i
-                if ih < 0 or ih >= h:
-                    continue
-                for j in range(k):
-                    iw = ow * stride - pad + j
-                    if iw < 0 or iw >= w:
-                        continue
-                    v = x[n, ih, iw, ch]
-                    if first or v > best:              # first maximum wins, as the CPU path
-                        best, pos, first = v, i * k + j, False
+            best, pos = _window_max(x, n, oh, ow, ch, k, stride, pad, h, w)
             out[n, oh, ow, ch] = best
             arg[n, oh, ow, ch] = pos
             ch += d_ch
