@@ -163,7 +163,7 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------
     def train_step(self, x, y):
-        cfg, t = self.cfg, self.state["step"]
+        t = self.state["step"]
         if self.window is not None:
             set_window(self.model, self.window(t))
         if self.hp is not None:      # one launch writes every per-step value the update kernels read

@@ -18,7 +18,7 @@ import numpy as np
 from numba import cuda
 
 from . import SIMULATOR, THREADS, check, empty, flat, fresh, grid1d, on_device, scratch, view, zeros
-from .activation import ActSaved, num_words, pack_tile, ternary_backward, ternary_forward
+from .activation import ActSaved, num_words, pack_tile, ternary_forward
 from .elementwise import copy
 from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize, ternarize,
                      window_grad)
