@@ -59,6 +59,10 @@ BN_SIGS = {
     "_stats_cuda": (types.Array(types.float64, 3, "C"), types.float64, F64, types.float64, F1, F1,
                     types.Array(f32, 2, "C")),
     "_bwd_final_cuda": (types.Array(types.float64, 3, "C"), F1, F1),
+    "_normalize_cuda": (F1, F1, F1, F1, F1, F1, F1, f32, I16),
+    "_bwd_sums_cuda": (types.Array(f32, 2, "C"), types.Array(f32, 2, "C"), f32, types.Array(types.int16, 2, "C"),
+                       F1, F1, types.Array(types.float64, 3, "C")),
+    "_bwd_dx_cuda": (F1, F1, f32, I16, F1, F1, F1, F1, F1, types.float64, F1),
 }
 KERNELS.update({name: (getattr(BN, name), sig) for name, sig in BN_SIGS.items()})
 from ternet.kernels import loss as L   # noqa: E402

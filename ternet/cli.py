@@ -86,12 +86,13 @@ TRAIN_OPTIONS = [
     ("save_memory", click.Choice(["off", "on"]), "on: the GPU keeps less from the forward to the backward: the "
                                                 "first layer's output (float32) is computed again in the backward "
                                                 "instead of kept (where the first layer feeds its batch norm "
-                                                "directly: vgg-gxnor, resnet18; not lenet), and fused batch-norm "
-                                                "backwards write their gradient over the one they receive. One "
-                                                "more first-layer forward per step; the same results bit for "
-                                                "bit. Counted on vgg-gxnor at batch 512: 268 MB less at the "
-                                                "step's peak (docs/performance.md). On the CPU it changes "
-                                                "nothing."),
+                                                "directly: vgg-gxnor, resnet18; not lenet), fused batch-norm "
+                                                "backwards write their gradient over the one they receive, and "
+                                                "plain batch norms on integer inputs (ResNet's) keep them as "
+                                                "int16 rather than xhat as float32. One more first-layer forward "
+                                                "per step; the same results bit for bit. Counted at the "
+                                                "benchmark shapes: 22-38 % less at the step's peak "
+                                                "(docs/performance.md). On the CPU it changes nothing."),
     ("log_every", int, "Steps between metrics lines."),
     ("ckpt_every", int, "Steps between mid-epoch checkpoints (0: only at epoch ends)."),
     ("keep_last", int, "Checkpoints to keep."),

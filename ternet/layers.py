@@ -11,9 +11,9 @@ import numpy as np
 
 from .kernels import StepBuffers, empty, on_device, view, workspace
 from .kernels.activation import ternary_backward, ternary_forward
-from .kernels.batchnorm import (batchnorm_backward, batchnorm_forward_eval, batchnorm_forward_train,
-                                batchnorm_update_running, bn_act_backward, bn_act_forward_eval,
-                                bn_act_forward_train)
+from .kernels.batchnorm import (batchnorm_backward, batchnorm_backward_int16, batchnorm_forward_eval,
+                                batchnorm_forward_train, batchnorm_forward_train_int16, batchnorm_update_running,
+                                bn_act_backward, bn_act_forward_eval, bn_act_forward_train)
 from .kernels.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward, out_size
 from .kernels.elementwise import add_forward
 from .kernels.linear import linear_backward_input, linear_backward_weight, linear_forward
@@ -186,7 +186,7 @@ class BatchNorm(Layer):
     batch_stats and calls update_running once per step instead.
     """
 
-    def __init__(self, name, c, momentum=0.1, eps=1e-4):
+    def __init__(self, name, c, momentum=0.1, eps=1e-4, int_scale=0):
         self.name, self.c, self.momentum, self.eps = name, c, momentum, eps
         self.gamma = RealParam(name + ".gamma", np.ones(c, np.float32))
         self.beta = RealParam(name + ".beta", np.zeros(c, np.float32))
@@ -194,6 +194,9 @@ class BatchNorm(Layer):
         self.running_var = np.ones(c, np.float32)
         self.track_running, self.batch_stats = True, None
         self.ctx = None
+        # int_scale > 0: inputs are integers once multiplied by it (as BNAct's); with lean set
+        # (Model.save_memory) the GPU then keeps them as int16 for the backward instead of xhat
+        self.int_scale, self.lean = int_scale, False
 
     def _train_args(self, dev):
         """(running_mean, running_var, stats) for a train forward: None, None when not tracking."""
@@ -213,22 +216,29 @@ class BatchNorm(Layer):
             batchnorm_forward_eval(y, x, self.gamma.value, self.beta.value, self.running_mean,
                                    self.running_var, self.eps)
             return y
-        xhat = empty(x.shape, np.float32, dev)
         rm, rv, stats = self._train_args(dev)
+        if dev and self.lean and self.int_scale > 0:
+            self.ctx = ("int16", batchnorm_forward_train_int16(y, x, self.gamma.value, self.beta.value, rm, rv,
+                                                               self.momentum, self.eps, self.int_scale, stats,
+                                                               self.kept))
+            return y
+        xhat = empty(x.shape, np.float32, dev)
         invstd = batchnorm_forward_train(y, xhat, x, self.gamma.value, self.beta.value, rm, rv, self.momentum,
                                          self.eps, stats, self.kept)
         self.ctx = (xhat, invstd)
         return y
 
     def backward(self, dy):
-        xhat, invstd = self.ctx
-        self.ctx = None
+        ctx, self.ctx = self.ctx, None
         dev = on_device(dy)
         for p in (self.gamma, self.beta):
             if p.grad is None:
                 p.grad = empty((self.c,), np.float32, dev)
         dx = empty(dy.shape, np.float32, dev)
-        batchnorm_backward(dx, self.gamma.grad, self.beta.grad, dy, xhat, self.gamma.value, invstd)
+        if isinstance(ctx[0], str):
+            batchnorm_backward_int16(dx, self.gamma.grad, self.beta.grad, dy, ctx[1], self.gamma.value)
+        else:
+            batchnorm_backward(dx, self.gamma.grad, self.beta.grad, dy, ctx[0], self.gamma.value, ctx[1])
         return dx
 
     def rparams(self):

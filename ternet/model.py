@@ -66,12 +66,12 @@ class _Builder:
         self.push(main, self.conv(s.out, 3, s.stride, 1, f"{name}.conv1"))
         self.push(main, BNAct(f"{name}.bn1", s.out, int_scale=self.int_scale(9 * cin), **self.act_kw))
         self.push(main, self.conv(s.out, 3, 1, 1, f"{name}.conv2"))
-        self.push(main, BatchNorm(f"{name}.bn2", s.out))
+        self.push(main, BatchNorm(f"{name}.bn2", s.out, int_scale=self.qmax if 9 * s.out * self.qmax <= 32767 else 0))
         if s.stride != 1 or cin != s.out:
             end, self.shape = self.shape, start
             sc = []
             self.push(sc, self.conv(s.out, 1, s.stride, 0, f"{name}.proj"))
-            self.push(sc, BatchNorm(f"{name}.proj_bn", s.out))
+            self.push(sc, BatchNorm(f"{name}.proj_bn", s.out, int_scale=self.int_scale(cin)))
             short, self.shape = Sequential(f"{name}.shortcut", sc), end
         return Residual(name, Sequential(f"{name}.main", main), short, TernaryAct(f"{name}.act2", **self.act_kw))
 
@@ -193,14 +193,17 @@ class Model:
     def save_memory(self, on=True):
         """ternet train --save-memory: on the GPU, (1) the batch norm right after the first layer
         does not keep that layer's float32 output from the forward to the backward but has the layer
-        compute it again there (one more first-layer forward per step), and (2) every fused batch
-        norm + activation writes its input gradient over the gradient it receives. Same results bit
-        for bit. (1) needs the first layer to feed its batch norm directly (vgg-gxnor, resnet18; not
-        lenet, which pools first). Returns whether (1) applies."""
+        compute it again there (one more first-layer forward per step), (2) every fused batch norm +
+        activation writes its input gradient over the gradient it receives, and (3) plain batch norms
+        on integer inputs (ResNet's before the residual add) keep them as int16 instead of xhat as
+        float32. Same results bit for bit. (1) needs the first layer to feed its batch norm directly
+        (vgg-gxnor, resnet18; not lenet, which pools first). Returns whether (1) applies."""
         found = False
         for layer in walk(self.net):
             if isinstance(layer, BNAct):
                 layer.in_place = on
+            elif isinstance(layer, BatchNorm):
+                layer.lean = on
         layers = self.net.layers
         for conv, bn in zip(layers, layers[1:]):
             if isinstance(conv, Conv2d) and not conv.needs_dinput and isinstance(bn, BNAct):

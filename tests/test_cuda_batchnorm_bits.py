@@ -359,20 +359,65 @@ def test_chunk_sums_bits(chunks):
     same(bn._bwd_final_cuda, _old_bwd_final_cuda, grid, [part], [np.zeros(c, np.float32), np.zeros(c, np.float32)])
 
 
+class Reordered:
+    """kernel[grid](*args) called as Reordered(kernel, f)[grid](*args) = f(kernel[grid], *args): the
+    old kernels' argument lists on kernels that since took more arguments."""
+
+    def __init__(self, kernel, f):
+        self.kernel, self.f = kernel, f
+
+    def __getitem__(self, grid):
+        return lambda *args: self.f(self.kernel[grid], *args)
+
+
 @pytest.mark.parametrize("m,c", SHAPES[::2])
 def test_plain_batchnorm_bits(m, c):
+    """The plain batch norm's kernels keeping xhat (float32, s = 0) against the old ones; their
+    int16-record path (s > 0) is checked against this one in test_plain_batchnorm_int16_record."""
     x, mean, invstd, gamma, beta = channel_data(m, c, 7 * m + c)
     rng = np.random.default_rng(c)
     n = x.size
     dy, xhat = rng.standard_normal((m, c)).astype(np.float32), rng.standard_normal((m, c)).astype(np.float32)
+    s0, q1, q2 = np.float32(0), cuda.to_device(np.zeros(1, np.int16)), cuda.to_device(np.zeros((1, 1), np.int16))
+    dmean, dinv = cuda.to_device(mean), cuda.to_device(invstd)
+    sums = Reordered(bn._bwd_sums_cuda, lambda k, dy, xh, part: k(dy, xh, s0, q2, dmean, dinv, part))
+    norm = Reordered(bn._normalize_cuda, lambda k, *a: k(*a, s0, q1))
+    dx = Reordered(bn._bwd_dx_cuda, lambda k, dy, xh, g, inv, sdy, sdyx, m, out: k(dy, xh, s0, q1, dmean, g, inv,
+                                                                                  sdy, sdyx, m, out))
     for grid in reduce_grids(m, c):
         part = np.full((grid[0][0], 2, c), np.nan, np.float64)
-        same(bn._bwd_sums_cuda, _old_bwd_sums_cuda, grid, [dy, xhat], [part])
+        same(sums, _old_bwd_sums_cuda, grid, [dy, xhat], [part])
     flat = [x.reshape(-1), mean, invstd, gamma, beta]
     for grid in grids1d(n):
-        same(bn._normalize_cuda, _old_normalize_cuda, grid, flat, [np.zeros(n, np.float32), np.zeros(n, np.float32)])
+        same(norm, _old_normalize_cuda, grid, flat, [np.zeros(n, np.float32), np.zeros(n, np.float32)])
         same(bn._affine_cuda, _old_affine_cuda, grid, [x.reshape(-1), gamma, beta], [np.zeros(n, np.float32)])
         same(bn._affine_act_cuda, _old_affine_act_cuda, grid, [x.reshape(-1), gamma, beta, np.float32(0.8)],
              [np.zeros(n, np.int8)])
-        same(bn._bwd_dx_cuda, _old_bwd_dx_cuda, grid,
+        same(dx, _old_bwd_dx_cuda, grid,
              [dy.reshape(-1), xhat.reshape(-1), gamma, invstd, beta, mean, np.float64(m)], [np.zeros(n, np.float32)])
+
+
+@pytest.mark.parametrize("m,c", SHAPES[::2])
+def test_plain_batchnorm_int16_record(m, c):
+    """batchnorm_forward_train_int16 / batchnorm_backward_int16 (ternet train --save-memory) against
+    batchnorm_forward_train / batchnorm_backward on the same inputs (multiples of 1/4): the same bits
+    in the output, the statistics, dx, dgamma and dbeta, with an int16 record of 2 bytes per element
+    and no xhat."""
+    x, _, _, gamma, beta = channel_data(m, c, 5 * m + c, int_scale=4)
+    dy = np.random.default_rng(m).standard_normal((m, c)).astype(np.float32)
+    xd, g_, b_, dyd = (cuda.to_device(a) for a in (x, gamma, beta, dy))
+    runs = {}
+    for kind in ("xhat", "int16"):
+        y, stats = cuda.device_array((m, c), np.float32), cuda.device_array((2, c), np.float32)
+        dx, dg, db = cuda.device_array((m, c), np.float32), cuda.device_array(c, np.float32), cuda.device_array(c, np.float32)
+        if kind == "xhat":
+            xhat = cuda.device_array((m, c), np.float32)
+            invstd = bn.batchnorm_forward_train(y, xhat, xd, g_, b_, None, None, 0.1, 1e-4, stats)
+            bn.batchnorm_backward(dx, dg, db, dyd, xhat, g_, invstd)
+        else:
+            record = bn.batchnorm_forward_train_int16(y, xd, g_, b_, None, None, 0.1, 1e-4, 4, stats)
+            assert record[1] == 4 and record[2].dtype == np.int16 and record[2].size == m * c and record[0].size == 1
+            bn.batchnorm_backward_int16(dx, dg, db, dyd, record, g_)
+        runs[kind] = [a.copy_to_host() for a in (y, stats, dx, dg, db)]
+    for name, got, want in zip(("y", "stats", "dx", "dgamma", "dbeta"), runs["int16"], runs["xhat"]):
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=name)

@@ -83,11 +83,12 @@ def test_model_all_layers_on_device(arch, window, monkeypatch):
 def test_save_memory_gives_the_same_bits(monkeypatch):
     """Model.save_memory (ternet train --save-memory on) on the device path: the first batch norm's
     record keeps no float32 input from the forward (the backward recomputes it), the fused layers'
-    backwards write dx over dy, and the step's logits, every gradient and the running statistics are
-    the same bits as without. (The same Conv2d -> BNAct pair as ResNet's 7x7 stem, which costs
-    minutes in the simulator.)"""
+    backwards write dx over dy, the residual block's plain batch norm keeps an int16 record instead of
+    xhat, and the step's logits, every gradient and the running statistics are the same bits as
+    without. (The same Conv2d -> BNAct pair as ResNet's 7x7 stem, which costs minutes in the
+    simulator.)"""
     monkeypatch.setenv("TERNET_NO_TC", "1")
-    arch = "6C3-8C3-MP2-8FC-5"
+    arch = "6C3-RB6-GAP-5"
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
     y = rng.integers(0, 5, 2).astype(np.int32)
@@ -95,6 +96,17 @@ def test_save_memory_gives_the_same_bits(monkeypatch):
     assert lean.save_memory() and not Model("6C3-MP2-8FC-5", (8, 8, 3), 5).save_memory()   # pooled first
     bn, seen = lean.net.layers[1], []
     assert bn.source is lean.net.layers[0] and all(l.in_place for l in lean.layers() if isinstance(l, layers.BNAct))
+    plain_bn = [l for l in lean.layers() if type(l) is layers.BatchNorm and l.int_scale > 0]
+    assert [l.name for l in plain_bn] == ["block1.bn2"] and plain_bn[0].lean
+    forward = plain_bn[0].forward
+
+    def spy_forward(x, train):
+        y = forward(x, train)
+        kinds.append(plain_bn[0].ctx[0] if train else None)
+        return y
+
+    kinds = []
+    plain_bn[0].forward = spy_forward
     backward = bn.backward
 
     def spy(dy):
@@ -106,6 +118,7 @@ def test_save_memory_gives_the_same_bits(monkeypatch):
     bn.backward = spy
     want, got = step(plain, x, y, True), step(lean, x, y, True)
     assert seen == [(0, None, 2 * 8 * 8 * 6 // 8)]      # only the window bits were kept
+    assert kinds == ["int16", None]                     # the train forward's record, then the eval forward
     assert want.keys() == got.keys()
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)

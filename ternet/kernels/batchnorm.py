@@ -297,13 +297,26 @@ def _update_running_cuda(run_mean, run_var, stats, momentum):
 
 
 @cuda.jit
-def _normalize_cuda(x, mean, invstd, gamma, beta, y, xhat):
+def _normalize_cuda(x, mean, invstd, gamma, beta, y, xhat, s, xq):
+    # s > 0: the record kept for the backward is the input as int16 (x * s, exact) in xq, else xhat
     i, step, n, j, dj, c = _walk(x.size, mean.size)
     while i < n:
-        h = normalize(x[i], mean[j], invstd[j])
-        xhat[i] = h
+        v = x[i]
+        h = normalize(v, mean[j], invstd[j])
+        if s > 0:
+            xq[i] = np.int16(_to_int16(v, s))
+        else:
+            xhat[i] = h
         y[i] = affine(h, gamma[j], beta[j])
         i, j = i + step, _next_channel(j, dj, c)
+
+
+@cuda.jit(device=True, inline=True)
+def _xhat_at(xhat, xq, s, mean_j, invstd_j, i, j):
+    # xhat of element (i, j) (2-d) from the record _normalize_cuda kept: the same float32 value
+    if s > 0:
+        return normalize(_from_int16(xq[i, j], s), mean_j, invstd_j)
+    return xhat[i, j]
 
 
 @cuda.jit
@@ -331,8 +344,9 @@ def _affine_act_cuda(x, scale, shift, r, out):
 
 
 @cuda.jit
-def _bwd_sums_cuda(dy, xhat, part):
-    # part[chunk, 0, j] = chunk sum of dy, part[chunk, 1, j] = of dy * xhat (dy, xhat (M, C))
+def _bwd_sums_cuda(dy, xhat, s, xq, mean, invstd, part):
+    # part[chunk, 0, j] = chunk sum of dy, part[chunk, 1, j] = of dy * xhat (dy, xhat (M, C); with
+    # s > 0 xhat is recomputed from the int16 record xq (M, C))
     sh = cuda.shared.array((LANES, TILE_C), numba.float64)
     bd = cuda.local.array(ROWS, numba.float32)
     bx = cuda.local.array(ROWS, numba.float32)
@@ -342,10 +356,12 @@ def _bwd_sums_cuda(dy, xhat, part):
     if j < c:
         i, end = _lane_rows(m)
         ju = U64(j)
+        mean_j, invstd_j = mean[j], invstd[j]
         while i < end:
             for u in range(ROWS):
                 if i + U64(u * LANES) < end:
-                    bd[u], bx[u] = dy[i + U64(u * LANES), ju], xhat[i + U64(u * LANES), ju]
+                    row = i + U64(u * LANES)
+                    bd[u], bx[u] = dy[row, ju], _xhat_at(xhat, xq, s, mean_j, invstd_j, row, ju)
             for u in range(ROWS):
                 if i + U64(u * LANES) < end:
                     g = bd[u]
@@ -368,10 +384,11 @@ def _bwd_final_cuda(part, dgamma, dbeta):
 
 
 @cuda.jit
-def _bwd_dx_cuda(dy, xhat, gamma, invstd, sdy, sdyx, m, dx):
+def _bwd_dx_cuda(dy, xhat, s, xq, mean, gamma, invstd, sdy, sdyx, m, dx):
     i, step, n, j, dj, c = _walk(dx.size, gamma.size)
     while i < n:
-        dx[i] = bn_dx(dy[i], xhat[i], gamma[j], invstd[j], sdy[j], sdyx[j], m)
+        h = normalize(_from_int16(xq[i], s), mean[j], invstd[j]) if s > 0 else xhat[i]
+        dx[i] = bn_dx(dy[i], h, gamma[j], invstd[j], sdy[j], sdyx[j], m)
         i, j = i + step, _next_channel(j, dj, c)
 
 
@@ -550,7 +567,8 @@ def batchnorm_forward_train(out, xhat, inp, gamma, beta, running_mean, running_v
     stats = _stats_out(stats, c, dev)
     if dev:
         mean, invstd, _ = _cuda_stats(_rows(inp), eps, stats, buffers=buffers)
-        _normalize_cuda[grid1d(inp.size)](flat(inp), mean, invstd, gamma, beta, flat(out), flat(xhat))
+        q = buffers("bn.xq", 1, np.int16)
+        _normalize_cuda[grid1d(inp.size)](flat(inp), mean, invstd, gamma, beta, flat(out), flat(xhat), np.float32(0), q)
     else:
         x = _rows(inp)
         mean, invstd = _cpu_stats(x, eps, stats)
@@ -581,16 +599,56 @@ def batchnorm_backward(dinp, dgamma, dbeta, dout, xhat, gamma, invstd):
     dy, xh = _rows(dout), _rows(xhat)
     m = np.float64(dy.shape[0])
     if on_device(dinp, dout, xhat):
-        grid, block = _reduce_grid(dy.shape[0], dy.shape[1])
-        part = scratch("bn.part", (grid[0], 2, dy.shape[1]), np.float64)
-        _bwd_sums_cuda[grid, block](dy, xh, part)
-        _bwd_final_cuda[grid1d(gamma.size)](part, dgamma, dbeta)
-        _bwd_dx_cuda[grid1d(dout.size)](flat(dout), flat(xhat), gamma, invstd, dbeta, dgamma, m, flat(dinp))
+        q = scratch("bn.xq", 1, np.int16)         # (no int16 record: its placeholder)
+        _bn_backward_cuda(dinp, dgamma, dbeta, dout, xhat, np.float32(0), q, invstd, gamma, invstd)
         return
     sums = _bn_bwd_sums(dy, xh)
     dbeta[:] = sums[0]
     dgamma[:] = sums[1]
     _bn_bwd_dx(dy, xh, gamma, invstd, dbeta, dgamma, m, _rows(dinp))
+
+
+def _bn_backward_cuda(dinp, dgamma, dbeta, dout, xhat, s, xq, mean, gamma, invstd):
+    # s > 0: xhat is a placeholder and xq the int16 record, else the other way round
+    dy = _rows(dout)
+    m, c = dy.shape
+    grid, block = _reduce_grid(m, c)
+    part = scratch("bn.part", (grid[0], 2, c), np.float64)
+    xh2, xq2 = (view(xhat, 1, 1), view(xq, m, c)) if s > 0 else (_rows(xhat), view(xq, 1, 1))
+    _bwd_sums_cuda[grid, block](dy, xh2, s, xq2, mean, invstd, part)
+    _bwd_final_cuda[grid1d(c)](part, dgamma, dbeta)
+    _bwd_dx_cuda[grid1d(dout.size)](flat(dout), flat(xhat), s, xq, mean, gamma, invstd, dbeta, dgamma,
+                                    np.float64(m), flat(dinp))
+
+
+def batchnorm_forward_train_int16(out, inp, gamma, beta, running_mean, running_var, momentum, eps, int_scale,
+                                  stats, buffers=fresh):
+    """GPU only: batchnorm_forward_train keeping, instead of xhat (float32), the input as exact
+    int16 inp * int_scale (2 bytes per element; int_scale as BNAct's: the builder's promise that
+    inp * int_scale holds integers, checked with TERNET_CHECK_INT16=1, xhat kept where it fails).
+    Returns the record for batchnorm_backward_int16."""
+    c = _channels(inp)
+    check(gamma.shape == (c,) and out.shape == inp.shape and on_device(out, inp, gamma), "batchnorm_int16: "
+          "device arrays of one shape expected")
+    stats = _stats_out(stats, c, True)
+    s = np.float32(int_scale)
+    mean, invstd, exact = _cuda_stats(_rows(inp), eps, stats, s, buffers)
+    if not exact:
+        warnings.warn("batchnorm: inp * int_scale is not an exact int16 everywhere; keeping xhat (float32)")
+        s = np.float32(0)
+    xq = empty(inp.size, np.int16, True) if s > 0 else buffers("bn.xq", 1, np.int16)
+    xhat = buffers("bn.xhat", 1, np.float32) if s > 0 else empty(inp.shape, np.float32, True)
+    _normalize_cuda[grid1d(inp.size)](flat(inp), mean, invstd, gamma, beta, flat(out), flat(xhat), s, xq)
+    if running_mean is not None:
+        batchnorm_update_running(running_mean, running_var, stats, momentum)
+    return xhat, s, xq, mean, invstd
+
+
+def batchnorm_backward_int16(dinp, dgamma, dbeta, dout, record, gamma):
+    """Backward of batchnorm_forward_train_int16 (its record); overwrites dinp, dgamma, dbeta. The
+    same values as batchnorm_backward: xhat is recomputed from the int16 input bit for bit."""
+    xhat, s, xq, mean, invstd = record
+    _bn_backward_cuda(dinp, dgamma, dbeta, dout, xhat, s, xq, mean, gamma, invstd)
 
 
 # ----------------------------------------------------------------------------------------------
