@@ -24,7 +24,9 @@ esac
 case " $what " in *" bench "*|*" all "*)
     # numba's launches against the planned ones where the host matters; resnet18-224 is GPU-bound
     python3 bench/bench_gpu.py --rounds 3 --launch both vgg resnet18-64 2>&1 | tee "$OUT/bench_gpu.log" | tail -8
-    python3 bench/bench_gpu.py --rounds 3 resnet18-224 2>&1 | tee -a "$OUT/bench_gpu.log" | tail -3 ;;
+    python3 bench/bench_gpu.py --rounds 3 resnet18-224 2>&1 | tee -a "$OUT/bench_gpu.log" | tail -3
+    # ternet train --save-memory on: its peak and what the extra first-layer forward costs
+    python3 bench/bench_gpu.py --save-memory --graph both vgg resnet18-64 resnet18-224 2>&1 | tee -a "$OUT/bench_gpu.log" | tail -8 ;;
 esac
 case " $what " in *" ab "*)
     for r in $(seq "${AB_ROUNDS:-3}"); do
