@@ -15,7 +15,8 @@ import os
 import threading
 
 import h5py
-import numpy as np
+
+from .kernels import to_host
 
 FORMAT = "ternet-checkpoint"
 VERSION = 1
@@ -34,7 +35,7 @@ def save(path, config_json, model, optimizer, trainer_state, seconds=0.0):
 def snapshot(config_json, model, optimizer, trainer_state, seconds=0.0):
     """Host copies of everything a checkpoint holds, taken now: training may go on while write()
     puts them in a file (Writer)."""
-    host = lambda a: np.array(a) if isinstance(a, np.ndarray) else a.copy_to_host()
+    host = lambda a: to_host(a, copy=True)
     state = model.state_dict()
     return {"attrs": {"format": FORMAT, "version": VERSION, "config": config_json,
                       "trainer": json.dumps(trainer_state, sort_keys=True), "seconds": float(seconds)},

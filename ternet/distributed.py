@@ -18,6 +18,8 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from .kernels import to_host
+
 
 class ReplicaDivergence(RuntimeError):
     """The replicas' weights, batch-norm parameters or statistics differ (see checksum_check)."""
@@ -62,7 +64,7 @@ class Collective:
         return cuda.to_device(a)
 
     def _host(self, a):
-        return a if isinstance(a, np.ndarray) else a.copy_to_host()
+        return to_host(a)
 
     def any(self, flag):
         """True on every rank when `flag` is true on at least one (e.g. a stop request)."""
@@ -99,7 +101,7 @@ def checksums(model):
     state = model.state_dict()
     named = [(n, a) for group in ("weights", "real", "buffers") for n, a in state[group].items()]
     for p in model.tparams():
-        named += [(f"{p.name}/{k}", v if isinstance(v, np.ndarray) else v.copy_to_host())
+        named += [(f"{p.name}/{k}", to_host(v))
                   for k, v in sorted(p.slots.items())]
     return [n for n, _ in named], np.array([zlib.crc32(np.ascontiguousarray(a).tobytes()) for _, a in named],
                                            np.int64)

@@ -4,7 +4,7 @@ import dataclasses
 
 import numpy as np
 
-from .kernels import empty, zeros
+from .kernels import empty, to_host, zeros
 from .kernels.loss import loss_forward_backward
 
 
@@ -53,7 +53,7 @@ def _evaluate_flip(model, loader, loss_kind):
 
 
 def _host(a):
-    return np.array(a) if isinstance(a, np.ndarray) else a.copy_to_host()
+    return to_host(a, copy=True)
 
 
 def mirror(x):

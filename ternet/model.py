@@ -5,7 +5,7 @@ device. Exercise: pytest tests/test_model.py.
 import numpy as np
 
 from . import arch as archmod
-from .kernels import zeros
+from .kernels import to_host, zeros
 from .layers import (AvgPool, BatchNorm, BNAct, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool, Residual,
                      Sequential, TernaryAct, walk)
 
@@ -159,7 +159,7 @@ class RealBuffers:
 
     def split(self, flat):
         """{name: host array} of a flat array laid out like `value`."""
-        host = flat if isinstance(flat, np.ndarray) else flat.copy_to_host()
+        host = to_host(flat)
         return {name: host[a:b].reshape(shape).copy()
                 for name, (a, b), shape in zip(self.names(), self.spans, self.shapes)}
 
@@ -238,7 +238,7 @@ class Model:
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self):
         """Host copies: {'weights': {name: int8}, 'real': {name: float32}, 'buffers': {...}}."""
-        host = lambda a: a.copy_to_host() if self.device else np.array(a)
+        host = lambda a: to_host(a, copy=True)
         return {"weights": {p.name: host(p.q) for p in self.tparams()},
                 "real": self.reals.split(self.reals.value),
                 "buffers": {k: host(v) for k, v in self.buffers().items()}}
@@ -273,7 +273,7 @@ def _move(a, device):
     from numba import cuda
     if device:
         return cuda.to_device(np.ascontiguousarray(a))
-    return a.copy_to_host() if not isinstance(a, np.ndarray) else a
+    return to_host(a)
 
 
 def _check_shape(what, value, shape):

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from .kernels import empty, on_device, zeros
+from .kernels import empty, on_device, to_host, zeros
 from .kernels.stats import sum_squares
 from .kernels.transitions import bop, dst_adam, dst_sgd, metropolis, step_keys
 from .rng import stream_base, stream_key
@@ -64,7 +64,7 @@ class Sampler:
         c = self.counts
         if c is None:
             return None
-        host = (np.array(c) if isinstance(c, np.ndarray) else c.copy_to_host()).tolist()
+        host = to_host(c).tolist()
         if isinstance(c, np.ndarray):
             c[:] = 0
         else:

@@ -265,6 +265,14 @@ class StepBuffers:
         return a
 
 
+def to_host(a, copy=False):
+    """A numpy array holding a: a device array's copy_to_host(); a host array itself, or with
+    copy=True a copy of it (for snapshots that must not change with the live array)."""
+    if isinstance(a, np.ndarray):
+        return np.array(a) if copy else a
+    return a.copy_to_host()
+
+
 def zeros(shape, dtype, device):
     """Zero-filled array on the host or the GPU."""
     if device:
