@@ -9,7 +9,7 @@ model's flat buffers (model.RealBuffers). Exercise: pytest tests/test_layers.py.
 """
 import numpy as np
 
-from .kernels import StepBuffers, empty, on_device, view, workspace
+from .kernels import StepBuffers, empty, flat, on_device, view, workspace
 from .kernels.activation import ternary_backward, ternary_forward
 from .kernels.batchnorm import (batchnorm_backward, batchnorm_backward_int16, batchnorm_forward_eval,
                                 batchnorm_forward_train, batchnorm_forward_train_int16, batchnorm_update_running,
@@ -112,10 +112,12 @@ class Conv2d(Layer):
         n, oh, ow, _ = (x.shape[0],) + self.out_shape(x.shape[1:])
         return workspace(self, name, (n * oh * ow, self.k * self.k * self.cin), np.float32)
 
+    def _conv(self, x, cols):
+        y = empty((x.shape[0],) + self.out_shape(x.shape[1:]), np.float32, on_device(x))
+        return y, conv2d_forward(y, x, self.w.q, self.w.scale, self.stride, self.pad, cols)
+
     def forward(self, x, train):
-        n = x.shape[0]
-        y = empty((n,) + self.out_shape(x.shape[1:]), np.float32, on_device(x))
-        cols = conv2d_forward(y, x, self.w.q, self.w.scale, self.stride, self.pad, self._cols("cols", x))
+        y, cols = self._conv(x, self._cols("cols", x))
         if train:
             self.ctx = (x, cols)
         return y
@@ -123,10 +125,7 @@ class Conv2d(Layer):
     def recompute(self):
         """The training forward's output once more, from the input it kept: for a batch norm right
         after this layer that dropped its own copy of it (BNAct.source). Same kernel, same bits."""
-        x, cols = self.ctx
-        y = empty((x.shape[0],) + self.out_shape(x.shape[1:]), np.float32, on_device(x))
-        conv2d_forward(y, x, self.w.q, self.w.scale, self.stride, self.pad, cols)
-        return y
+        return self._conv(*self.ctx)[0]
 
     def backward(self, dy):
         x, cols = self.ctx
@@ -282,7 +281,7 @@ class BNAct(BatchNorm):
         saved, self.ctx = self.ctx, None
         dev = on_device(dy)
         if dev and saved.s == 0 and saved.xf is None:     # dropped by the forward: recompute
-            saved.xf = view(self.source.recompute(), saved.size)
+            saved.xf = flat(self.source.recompute())
         for p in (self.gamma, self.beta):
             if p.grad is None:
                 p.grad = empty((self.c,), np.float32, dev)

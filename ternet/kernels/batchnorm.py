@@ -312,11 +312,12 @@ def _normalize_cuda(x, mean, invstd, gamma, beta, y, xhat, s, xq):
 
 
 @cuda.jit(device=True, inline=True)
-def _xhat_at(xhat, xq, s, mean_j, invstd_j, i, j):
-    # xhat of element (i, j) (2-d) from the record _normalize_cuda kept: the same float32 value
+def _xhat_at(xhat, xq, s, mean_j, invstd_j, at):
+    # xhat at index `at` (flat, or (row, channel)) from the record _normalize_cuda kept: the same
+    # float32 value it computed there
     if s > 0:
-        return normalize(_from_int16(xq[i, j], s), mean_j, invstd_j)
-    return xhat[i, j]
+        return normalize(_from_int16(xq[at], s), mean_j, invstd_j)
+    return xhat[at]
 
 
 @cuda.jit
@@ -361,7 +362,7 @@ def _bwd_sums_cuda(dy, xhat, s, xq, mean, invstd, part):
             for u in range(ROWS):
                 if i + U64(u * LANES) < end:
                     row = i + U64(u * LANES)
-                    bd[u], bx[u] = dy[row, ju], _xhat_at(xhat, xq, s, mean_j, invstd_j, row, ju)
+                    bd[u], bx[u] = dy[row, ju], _xhat_at(xhat, xq, s, mean_j, invstd_j, (row, ju))
             for u in range(ROWS):
                 if i + U64(u * LANES) < end:
                     g = bd[u]
@@ -387,8 +388,7 @@ def _bwd_final_cuda(part, dgamma, dbeta):
 def _bwd_dx_cuda(dy, xhat, s, xq, mean, gamma, invstd, sdy, sdyx, m, dx):
     i, step, n, j, dj, c = _walk(dx.size, gamma.size)
     while i < n:
-        h = normalize(_from_int16(xq[i], s), mean[j], invstd[j]) if s > 0 else xhat[i]
-        dx[i] = bn_dx(dy[i], h, gamma[j], invstd[j], sdy[j], sdyx[j], m)
+        dx[i] = bn_dx(dy[i], _xhat_at(xhat, xq, s, mean[j], invstd[j], i), gamma[j], invstd[j], sdy[j], sdyx[j], m)
         i, j = i + step, _next_channel(j, dj, c)
 
 
@@ -665,7 +665,7 @@ class BNActSaved:
     tri), 4.125 / 4 (float32); the CPU path keeps 8 (xhat and phi' as float32). A float32 input
     not kept (keep_input=False) leaves xf None: the caller recomputes it for the backward.
     """
-    __slots__ = ("xq", "xf", "s", "mean", "invstd", "bits", "height", "cg", "cb", "r", "a", "shape", "size")
+    __slots__ = ("xq", "xf", "s", "mean", "invstd", "bits", "height", "cg", "cb", "r", "a", "shape")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -700,7 +700,7 @@ def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, i
     # not keeping the input: the kernel's record of it went to inp itself (the same values), not kept
     xf = xf if s > 0 or keep_input else None
     return BNActSaved(xq=xq, xf=xf, s=s, mean=mean, invstd=invstd, bits=bits, cg=cg, cb=cb, r=r32, a=a32,
-                      shape=shape, height=np.float32(window_grad(r32, r32, a32, WINDOW_RECT)), size=n)
+                      shape=shape, height=np.float32(window_grad(r32, r32, a32, WINDOW_RECT)))
 
 
 def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):

@@ -336,11 +336,9 @@ DR_MAX = 148               # reduction length R the kernels take (the forward's 
 DX_MAX = 2336              # floats of a tile's input patch: ((DH-1) s + KH) * ((DW-1) s + KW) * C
 DW_TILE_SPLITS = 512       # weight gradient: at most this many blocks of consecutive tiles per K chunk
 DR_Q = 5                   # ceil(DR_MAX / 32): reduction columns per thread in the weight gradient
-WS_N, DYS_N = DR_MAX * DK, DH * DW * DK     # shared-memory sizes (numba wants plain constants)
-
-
 DW_DIRECT_MIN_R = 120      # the weight gradient's threads hold DR_Q * 32 = 160 columns: shorter
                            # reductions leave most idle and run faster tiled (vgg-gxnor's R = 27)
+WS_N, DYS_N = DR_MAX * DK, DH * DW * DK     # shared-memory sizes (numba wants plain constants)
 
 
 def _direct_fits(c, kh, kw, stride):
