@@ -38,6 +38,14 @@ def _wrapper(fn, sig):
     return k
 
 
+def _dw_wrapper(fn, sig):
+    @cuda.jit(sig, link=[SRC], launch_bounds=256)
+    def k_dw(dy, x, part, geom):
+        fn(dy, x, part, geom)
+
+    return k_dw
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels():
     """Compile the numba wrappers once (needs a GPU: done at first use, never at import)."""
@@ -47,11 +55,9 @@ def _kernels():
                     ("conv_fwd_bf16_128", u16p), ("conv_fwd_bf16_64", u16p)):
         fn = cuda.declare_device(name, types.int32(a, a, f32p, i32p, types.float32), link=SRC)
         out[name] = _wrapper(fn, types.void(a, a, f32p, i32p, types.float32))
-    dw = cuda.declare_device("conv_dw_bf16", types.int32(u16p, i8p, f32p, i32p), link=SRC)
-
-    @cuda.jit(types.void(u16p, i8p, f32p, i32p), link=[SRC], launch_bounds=256)
-    def k_dw(dy, x, part, geom):
-        dw(dy, x, part, geom)
+    for name in ("conv_dw_bf16", "conv_dw_bf16_64"):
+        out[name] = _dw_wrapper(cuda.declare_device(name, types.int32(u16p, i8p, f32p, i32p), link=SRC),
+                                types.void(u16p, i8p, f32p, i32p))
 
     cvt = cuda.declare_device("to_bf16", types.int32(f32p, u16p, types.int64), link=SRC)
 
@@ -59,7 +65,7 @@ def _kernels():
     def k_cvt(src, dst, n):
         cvt(src, dst, n)
 
-    out["conv_dw_bf16"], out["to_bf16"] = k_dw, k_cvt
+    out["to_bf16"] = k_cvt
     return out
 
 
@@ -155,11 +161,12 @@ def forward(out, x, w, scale, stride, pad):
 def backward_input(dx, dy, w, scale, stride, pad, dy16=None):
     """dx = transposed conv of dy: a stride-1 bf16 convolution of dy, dilated by the stride
     (zeros skipped by the loader, not stored), with the flipped, transposed weights; returns
-    False when the shapes do not fit. A stride-s layer does s^2 times the useful work here."""
+    False when the shapes do not fit. Stride 2: one grid layer (z) per parity of dx's (y, x),
+    each running only the taps that reach it."""
     n, h, wd, c = dx.shape
     k, kh, kw, _ = w.shape
     _, oh, ow, _ = dy.shape
-    if k % 32 or not available():
+    if k % 32 or stride > 2 or not available():     # the kernel's dilation is 1 or 2
         return False
     dy16 = bf16(dy) if dy16 is None else dy16
     wf = flip_weight_bf16(w, scale)
@@ -167,7 +174,8 @@ def backward_input(dx, dy, w, scale, stride, pad, dy16=None):
               r=kh * kw * k, dil=stride)
     bn = 64 if c <= 64 else 128
     kern = _kernels()[f"conv_fwd_bf16_{bn}"]
-    kern[((n * h * wd + 127) // 128, (c + bn - 1) // bn), 256](_ptr(dy16), _ptr(wf), _ptr(dx), _ptr(g), np.float32(1.0))
+    rows, z = (n * h * wd, 1) if stride == 1 else (n * ((h + 1) // 2) * ((wd + 1) // 2), 4)   # the largest parity
+    kern[((rows + 127) // 128, (c + bn - 1) // bn, z), 256](_ptr(dy16), _ptr(wf), _ptr(dx), _ptr(g), np.float32(1.0))
     return True
 
 
@@ -182,5 +190,7 @@ def backward_weight_partials(dy, x, stride, pad, kh, kw, dy16=None):
     splits = (m + DW_CHUNK - 1) // DW_CHUNK
     part = scratch("conv.dw_part", (splits, k, r), np.float32)     # summed by the caller, then free
     g = _geom(n=n, h=h, w=wd, c=c, k=k, kh=kh, kw=kw, oh=oh, ow=ow, stride=stride, pad=pad, m=m, r=r, chunk=DW_CHUNK)
-    _kernels()["conv_dw_bf16"][((k + 127) // 128, (r + 127) // 128, splits), 256](_ptr(dy16), _ptr(x), _ptr(part), _ptr(g))
+    bm = 64 if k <= 64 else 128     # output channels per block
+    _kernels()["conv_dw_bf16" if bm == 128 else "conv_dw_bf16_64"][((k + bm - 1) // bm, (r + 127) // 128, splits), 256](
+        _ptr(dy16), _ptr(x), _ptr(part), _ptr(g))
     return part
