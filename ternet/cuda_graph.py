@@ -85,6 +85,11 @@ class Graph:
 
     def __init__(self, fn):
         from cuda.bindings import driver as drv
+        if not cuda_memory.active():
+            # without it the capture's temporaries come from cuMemAlloc and go back with cuMemFree
+            # after the capture, while the graph's kernels keep their addresses
+            raise CaptureError("the caching allocator is not in effect in this CUDA context (call "
+                               "ternet.cuda_memory.install() before capturing)")
         self.pool = cuda_memory.Pool()
         self.held, self._starts = [], None
         stream = _capture_stream()

@@ -78,18 +78,41 @@ def _make_manager():
 
 STATS = []
 _installed = False
+_manager = None     # the CachingMemoryManager class, once made
 
 
 def install():
-    """Use the caching allocator for every later numba device allocation (call before the first)."""
-    global _installed
-    if _installed:
-        return
+    """Use the caching allocator for every later numba device allocation. numba gives a context
+    its memory manager when it creates it, so a context that already exists (CUDA used before
+    this call: a test, a notebook) gets one here; its earlier arrays are freed as they were made."""
+    global _installed, _manager
     from numba import config, cuda
     if config.ENABLE_CUDASIM:
         return
-    cuda.set_memory_manager(_make_manager())
-    _installed = True
+    if not _installed:
+        _manager = _make_manager()
+        cuda.set_memory_manager(_manager)
+        _installed = True
+    from numba.cuda.cudadrv import driver
+    if not driver.driver.is_available:
+        return
+    for dev in list(driver.driver.devices.values()):     # the devices numba has opened, if any
+        ctx = dev.primary_context
+        if ctx is not None and not isinstance(ctx.memory_manager, _manager):
+            mgr = _manager(context=ctx)
+            ctx.push()      # (initialize asks the context for its memory size)
+            try:
+                mgr.initialize()
+            finally:
+                ctx.pop()
+            ctx.memory_manager = mgr
+
+
+def active():
+    """Whether the current CUDA context allocates through the caching allocator (what a graph
+    capture's pool needs: ternet.cuda_graph)."""
+    from numba import cuda
+    return _installed and isinstance(cuda.current_context().memory_manager, _manager)
 
 
 def peak_bytes():

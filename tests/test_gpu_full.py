@@ -208,3 +208,24 @@ def test_cuda_graph_replays_train_as_the_eager_steps(tiny_data, tmp_path, sample
         for k in out["off"][0][group]:
             np.testing.assert_array_equal(out["on"][0][group][k], out["off"][0][group][k])
     assert out["on"][1] == out["off"][1]
+
+
+def test_allocator_installs_into_a_context_made_before_it(tmp_path):
+    """CUDA used before ternet (a context numba made with its own memory manager): install() gives
+    that context the caching allocator, which a graph capture's pool needs (without it a captured
+    step's temporaries went back to cuMemFree under the graph: illegal addresses in replays)."""
+    import subprocess
+    import sys
+    code = ("from numba import cuda\n"
+            "a = cuda.device_array(1000)\n"
+            "from ternet import cuda_memory\n"
+            "assert not cuda_memory.active()\n"
+            "cuda_memory.install()\n"
+            "assert cuda_memory.active()\n"
+            "b = cuda.device_array(1000)\n"
+            "del a, b\n"
+            "c = cuda.device_array(1000)\n"
+            "print('ok', cuda_memory.in_use_bytes())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["ok", "8192"], r.stdout
