@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU path needs checked and timed, in one device call (see docs/performance.md):
-#   bash bench/gpu_session.sh [profile|bench|graph|peer|ab|tests|all ...]   (timings first, then the
-#   tests; TEST_LIMIT s each). profile: every kernel's GPU time in one vgg-gxnor step at batch 64,
+#   bash bench/gpu_session.sh [profile|mma|bench|graph|peer|ab|tests|all ...]   (timings first, then the
+#   tests; TEST_LIMIT s each; ROUNDS rounds of bench_gpu.py, 3 by default). mma: bench/mma_check.py. profile: every kernel's GPU time in one vgg-gxnor step at batch 64,
 #   128, 512 (bench/profile_kernels.py) and the first layer's kernels (bench/first_layer.py); graph: the trainer's loop at batch 64 and 128, eager and
 #   replayed (bench/bench_graph.py).
 # ab: this code against an earlier commit's copy in .data/base (made here with
@@ -21,12 +21,15 @@ case " $what " in *" profile "*|*" all "*)
     python3 bench/profile_kernels.py --batch 64 128 512 2>&1 | tee "$OUT/profile.log" | tail -30
     python3 bench/first_layer.py 2>&1 | tee "$OUT/first_layer.log" | tail -7 ;;
 esac
+case " $what " in *" mma "*|*" all "*)
+    # the tensor-core kernels against the pure-numba ones (checks), then their times per layer
+    python3 bench/mma_check.py 2>&1 | tee "$OUT/mma_check.log" | grep -v '"tc": false' | cut -c1-240 ;;
+esac
 case " $what " in *" bench "*|*" all "*)
-    # numba's launches against the planned ones where the host matters; resnet18-224 is GPU-bound
-    python3 bench/bench_gpu.py --rounds 3 --launch both vgg resnet18-64 2>&1 | tee "$OUT/bench_gpu.log" | tail -8
-    python3 bench/bench_gpu.py --rounds 3 resnet18-224 2>&1 | tee -a "$OUT/bench_gpu.log" | tail -3
-    # ternet train --save-memory on: its peak and what the extra first-layer forward costs
-    python3 bench/bench_gpu.py --save-memory --graph both vgg resnet18-64 resnet18-224 2>&1 | tee -a "$OUT/bench_gpu.log" | tail -8 ;;
+    # the step eager and replayed; then ternet train --save-memory on: its peak and what the extra
+    # first-layer forward costs
+    python3 bench/bench_gpu.py --rounds "${ROUNDS:-3}" --graph both vgg resnet18-64 resnet18-224 2>&1 | tee "$OUT/bench_gpu.log" | tail -7
+    python3 bench/bench_gpu.py --rounds "${SM_ROUNDS:-1}" --save-memory --graph both vgg resnet18-64 resnet18-224 2>&1 | tee -a "$OUT/bench_gpu.log" | tail -7 ;;
 esac
 case " $what " in *" ab "*)
     for r in $(seq "${AB_ROUNDS:-3}"); do
