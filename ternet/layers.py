@@ -17,7 +17,7 @@ from .kernels.batchnorm import (batchnorm_backward, batchnorm_backward_int16, ba
 from .kernels.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward, out_size
 from .kernels.elementwise import add_forward
 from .kernels.linear import linear_backward_input, linear_backward_weight, linear_forward
-from .kernels.pool import (avgpool_backward, avgpool_forward, global_avgpool_backward,
+from .kernels.pool import (PoolGrad, avgpool_backward, avgpool_forward, global_avgpool_backward,
                            global_avgpool_forward, maxpool_backward, maxpool_forward, pool_out_shape)
 from .kernels.scalar import WINDOW_RECT, WINDOW_TRI
 
@@ -261,7 +261,8 @@ class BNAct(BatchNorm):
         self.int_scale = int_scale
         # Model.save_memory, on the GPU: source, a Conv2d right before this layer that recomputes a
         # float32 input for the backward instead of this layer keeping it (4 bytes per element);
-        # in_place, the backward's dx written over dy
+        # in_place, the backward's dx written over dy (over the float32 record when dy is a
+        # max pool's gradient not computed yet: MaxPool.lazy)
         self.source, self.in_place = None, False
 
     def forward(self, x, train):
@@ -279,7 +280,8 @@ class BNAct(BatchNorm):
 
     def backward(self, dy):
         saved, self.ctx = self.ctx, None
-        dev = on_device(dy)
+        pooled = isinstance(dy, PoolGrad)
+        dev = on_device(dy.dout if pooled else dy)
         if dev and saved.s == 0 and saved.xf is None:     # dropped by the forward: recompute
             saved.xf = flat(self.source.recompute())
         for p in (self.gamma, self.beta):
@@ -287,8 +289,14 @@ class BNAct(BatchNorm):
                 p.grad = empty((self.c,), np.float32, dev)
         # in place: dx overwrites dy, whose kernel reads each element of dy before writing that same
         # element; a fused layer's dy is its own (the next layer's fresh gradient, never a residual's
-        # shared one): one activation-sized float32 buffer less at every such backward
-        dx = dy if dev and self.in_place else empty(dy.shape, np.float32, dev)
+        # shared one): one activation-sized float32 buffer less at every such backward. A pool's
+        # gradient not computed yet (PoolGrad) has no buffer: dx then goes over the float32 record
+        # of the input (read at each element before it is written), where there is one
+        if pooled:
+            over = dev and self.in_place and saved.s == 0
+            dx = view(saved.xf, dy.shape) if over else empty(dy.shape, np.float32, dev)
+        else:
+            dx = dy if dev and self.in_place else empty(dy.shape, np.float32, dev)
         bn_act_backward(dx, self.gamma.grad, self.beta.grad, dy, saved, self.gamma.value)
         return dx
 
@@ -317,6 +325,9 @@ class MaxPool(Layer):
     def __init__(self, name, k, stride=None, pad=0):
         self.name, self.k, self.stride, self.pad = name, k, stride or k, pad
         self.ctx = None
+        # Model.save_memory, on the GPU, when a fused batch norm comes right before: the backward
+        # returns its gradient uncomputed (PoolGrad), for that layer's kernels to gather
+        self.lazy = False
 
     def out_shape(self, shape):
         return pool_out_shape((1,) + tuple(shape), self.k, self.stride, self.pad)[1:]
@@ -332,6 +343,8 @@ class MaxPool(Layer):
 
     def backward(self, dy):
         (shape, arg), self.ctx = self.ctx, None
+        if self.lazy and on_device(dy):
+            return PoolGrad(dy, arg, self.k, self.stride, self.pad, tuple(shape))
         dx = empty(shape, np.float32, on_device(dy))
         maxpool_backward(dx, dy, arg, self.k, self.stride, self.pad)
         return dx

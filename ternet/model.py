@@ -194,10 +194,14 @@ class Model:
         """ternet train --save-memory: on the GPU, (1) the batch norm right after the first layer
         does not keep that layer's float32 output from the forward to the backward but has the layer
         compute it again there (one more first-layer forward per step), (2) every fused batch norm +
-        activation writes its input gradient over the gradient it receives, and (3) plain batch norms
+        activation writes its input gradient over the gradient it receives, (3) plain batch norms
         on integer inputs (ResNet's before the residual add) keep them as int16 instead of xhat as
-        float32. Same results bit for bit. (1) needs the first layer to feed its batch norm directly
-        (vgg-gxnor, resnet18; not lenet, which pools first). Returns whether (1) applies."""
+        float32, and (4) a max pool right after a fused batch norm (ResNet's stem) hands that layer
+        its gradient uncomputed: the batch norm's kernels gather it from the pool's output gradient
+        and write their input gradient over the float32 input (1) recomputed, so the input-sized
+        gradient between the two layers is never stored. Same results bit for bit. (1) needs the
+        first layer to feed its batch norm directly (vgg-gxnor, resnet18; not lenet, which pools
+        first). Returns whether (1) applies."""
         found = False
         for layer in walk(self.net):
             if isinstance(layer, BNAct):
@@ -205,6 +209,9 @@ class Model:
             elif isinstance(layer, BatchNorm):
                 layer.lean = on
         layers = self.net.layers
+        for bn, pool in zip(layers, layers[1:]):
+            if isinstance(bn, BNAct) and type(pool) is MaxPool:
+                pool.lazy = on
         for conv, bn in zip(layers, layers[1:]):
             if isinstance(conv, Conv2d) and not conv.needs_dinput and isinstance(bn, BNAct):
                 bn.source, found = (conv if on else None), True

@@ -227,13 +227,14 @@ def _old_bn_act_bwd_dx_cuda(dout, xq, xf, s, mean, invstd, bits, height, cg, cb,
 SHAPES = [(37, 5), (13, 70), (9, 33)]
 
 
-def same(new, old, grid, inputs, outputs):
-    """Launch both kernels on copies of the same inputs and outputs (outputs pre-filled alike);
-    assert every output is equal bit for bit."""
-    dev_in = [cuda.to_device(a) if isinstance(a, np.ndarray) else a for a in inputs]
+def same(new, old, grid, inputs, outputs, new_inputs=None):
+    """Launch both kernels on copies of the same inputs (or new on new_inputs) and outputs (outputs
+    pre-filled alike); assert every output is equal bit for bit."""
+    dev = lambda args: [cuda.to_device(a) if isinstance(a, np.ndarray) else a for a in args]
+    dev_in = dev(inputs)
     got = [cuda.to_device(o) for o in outputs]
     want = [cuda.to_device(o) for o in outputs]
-    new[grid](*dev_in, *got)
+    new[grid](*(dev_in if new_inputs is None else dev(new_inputs)), *got)
     old[grid](*dev_in, *want)
     for k, (g, w) in enumerate(zip(got, want)):
         g, w = g.copy_to_host(), w.copy_to_host()
@@ -310,22 +311,73 @@ def bwd_inputs(m, c, int_scale, seed):
             np.float32(0.5)]
 
 
+# the kernels' max-pool arguments when dout is the gradient itself (pk = 0: not read)
+NO_POOL = [np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 1, 1, 1), np.uint8), np.int64(0), np.int64(0), 0, 0, 0]
+
+
 @pytest.mark.parametrize("shape,int_scale,window", CASES)
 def test_bn_act_bwd_bits(shape, int_scale, window):
     m, c = shape
     args = bwd_inputs(m, c, int_scale, 3 * m + c) + [window]
+    new = args[:1] + NO_POOL + args[1:]
     n = m * c
     for grid in reduce_grids(m, c):
         part = np.full((grid[0][0], 2, c), np.nan, np.float64)
-        sums = same(bn._bn_act_bwd_sums_cuda, _old_bn_act_bwd_sums_cuda, grid, args, [part])[0]
+        sums = same(bn._bn_act_bwd_sums_cuda, _old_bn_act_bwd_sums_cuda, grid, args, [part], new)[0]
     assert (sums != 0).any()
     rng = np.random.default_rng(c)
     gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
     sdy, sdyx = sums.sum(0).astype(np.float32)
+    tail = [gamma, sdy, sdyx, np.float64(m)]
     for grid in grids1d(n):
-        dx = same(bn._bn_act_bwd_dx_cuda, _old_bn_act_bwd_dx_cuda, grid, args + [gamma, sdy, sdyx, np.float64(m)],
-                  [np.full(n, np.nan, np.float32)])[0]
+        dx = same(bn._bn_act_bwd_dx_cuda, _old_bn_act_bwd_dx_cuda, grid, args + tail,
+                  [np.full(n, np.nan, np.float32)], new + tail)[0]
     assert np.isfinite(dx).all() and (dx != 0).any()
+
+
+# (N, H, W, C) of the batch norm's input, the max pool after it (k, stride, pad), int_scale, window
+POOLED = [((2, 7, 6, 5), (3, 2, 1), 0, WINDOW_RECT), ((2, 6, 8, 70), (3, 2, 1), 4, WINDOW_TRI),
+          ((3, 4, 6, 33), (2, 2, 0), 0, WINDOW_TRI), ((2, 5, 5, 64), (2, 2, 0), 2, WINDOW_RECT)]
+
+
+@pytest.mark.parametrize("shape,pool,int_scale,window", POOLED)
+def test_bn_act_bwd_pooled_bits(shape, pool, int_scale, window):
+    """--save-memory's fused stem: the max pool's gradient gathered inside the backward kernels
+    (pk > 0) against the same kernels reading the gradient maxpool_backward stored, overlapping
+    (3/2, padded) and disjoint (2/2) windows: the sums and dx bit for bit, and dx once more written
+    over the float32 record it reads."""
+    from ternet.kernels.pool import maxpool_backward, maxpool_forward, pool_out_shape
+    n, h, w, c = shape
+    k, st, pd = pool
+    m = n * h * w
+    args = bwd_inputs(m, c, int_scale, m + c) + [window]
+    rng = np.random.default_rng(c)
+    oshape = pool_out_shape(shape, k, st, pd)
+    pout, parg = np.empty(oshape, np.float32), np.empty(oshape, np.uint8)
+    maxpool_forward(pout, parg, rng.standard_normal(shape).astype(np.float32), k, st, pd)   # a real argmax
+    pdout = rng.standard_normal(oshape).astype(np.float32)
+    pdout[..., ::3] = -0.0
+    dy = cuda.device_array(shape, np.float32)
+    maxpool_backward(dy, cuda.to_device(pdout), cuda.to_device(parg), k, st, pd)
+    dy = dy.copy_to_host().reshape(-1)
+    assert (dy != 0).any() and (dy == 0).any()
+    ref = [dy] + NO_POOL + args[1:]
+    fused = [np.zeros(1, np.float32), pdout, parg, np.int64(h * w), np.int64(w), k, st, pd] + args[1:]
+    for grid in reduce_grids(m, c):
+        part = np.full((grid[0][0], 2, c), np.nan, np.float64)
+        sums = same(bn._bn_act_bwd_sums_cuda, bn._bn_act_bwd_sums_cuda, grid, ref, [part], fused)[0]
+    assert (sums != 0).any()
+    gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    sdy, sdyx = sums.sum(0).astype(np.float32)
+    tail = [gamma, sdy, sdyx, np.float64(m)]
+    for grid in grids1d(m * c):
+        dx = same(bn._bn_act_bwd_dx_cuda, bn._bn_act_bwd_dx_cuda, grid, ref + tail, [np.full(m * c, np.nan, np.float32)],
+                  fused + tail)[0]
+    assert np.isfinite(dx).all() and (dx != 0).any()
+    if int_scale == 0:          # dx over the float32 record xf (fused[9]), as BNAct.backward writes it
+        dev = [cuda.to_device(a) if isinstance(a, np.ndarray) else a for a in fused + tail]
+        bn._bn_act_bwd_dx_cuda[grid1d(m * c)](*dev, dev[9])
+        np.testing.assert_array_equal(dev[9].copy_to_host().view(np.uint32), dx.view(np.uint32))
 
 
 # ----------------------------------------------------------------------------------------------

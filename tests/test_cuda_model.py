@@ -122,3 +122,52 @@ def test_save_memory_gives_the_same_bits(monkeypatch):
     assert want.keys() == got.keys()
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def same_memory(a, b):
+    """Whether two device arrays (the simulator's, or a GPU's) start at the same memory."""
+    if hasattr(a, "_ary"):
+        return np.shares_memory(a._ary, b._ary)
+    return a.__cuda_array_interface__["data"][0] == b.__cuda_array_interface__["data"][0]
+
+
+def test_save_memory_gathers_the_stem_pools_gradient(monkeypatch):
+    """ResNet's stem shape under --save-memory: conv -> fused BN -> 3/2 max pool. The pool hands the
+    batch norm its gradient uncomputed (PoolGrad) and the batch norm writes dx over the recomputed
+    conv output; the step's logits, every gradient and the running statistics are the same bits as
+    without --save-memory. (The 3x3 first layer and the pool are inserted by hand: the 7x7 stem
+    costs minutes in the simulator.)"""
+    monkeypatch.setenv("TERNET_NO_TC", "1")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    y = rng.integers(0, 5, 2).astype(np.int32)
+    plain, lean = (Model("6C3-RB6-GAP-5", (8, 8, 3), 5, seed=4).to(True) for _ in range(2))
+    for m in (plain, lean):
+        m.net.layers.insert(2, layers.MaxPool("pool1", 3, 2, 1))      # 8x8 -> 4x4 for the block
+    assert lean.save_memory() and lean.net.layers[2].lazy and not plain.net.layers[2].lazy
+    pool, bn, conv, handed, made = lean.net.layers[2], lean.net.layers[1], lean.net.layers[0], [], []
+    pool_backward, bn_backward, recompute = pool.backward, bn.backward, conv.recompute
+
+    def spy_pool(dy):
+        g = pool_backward(dy)
+        handed.append(type(g).__name__)
+        return g
+
+    def spy_recompute():
+        made.append(recompute())
+        return made[-1]
+
+    def spy_bn(dy):
+        xf = bn.ctx.xf
+        dx = bn_backward(dy)
+        # the conv output recomputed for the backward, then overwritten by dx
+        assert xf is None and dx.shape == (2, 8, 8, 6) and len(made) == 1
+        assert same_memory(dx, made[0])
+        return dx
+
+    pool.backward, bn.backward, conv.recompute = spy_pool, spy_bn, spy_recompute
+    want, got = step(plain, x, y, True), step(lean, x, y, True)
+    assert handed == ["PoolGrad"]
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

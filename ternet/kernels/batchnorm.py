@@ -20,6 +20,7 @@ from numba import cuda
 from . import SIMULATOR, THREADS, check, empty, flat, fresh, grid1d, on_device, scratch, view, zeros
 from .activation import ActSaved, num_words, pack_tile, ternary_forward
 from .elementwise import copy
+from .pool import PoolGrad, pool_grad_at
 from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize, ternarize,
                      window_grad)
 
@@ -427,10 +428,10 @@ def _bn_act_fwd_cuda(x, mean, invstd, gamma, beta, r, a, shape, s, out, xq, xf, 
 
 
 @cuda.jit(device=True)
-def _bn_act_load(e, dout, xq, xf, s, bits, shape):
-    """The loads of flat element e (uint64) for the backward: (dout, int16 record, float32 record,
-    the word of its window bit), of the records only the one kept (s) and the word only for the
-    rectangular window."""
+def _bn_act_load(e, xq, xf, s, bits, shape):
+    """The record's loads of flat element e (uint64) for the backward: (int16 record, float32
+    record, the word of its window bit), of the records only the one kept (s) and the word only
+    for the rectangular window."""
     q, v, w = np.int16(0), np.float32(0.0), np.uint32(0)
     if s > 0:
         q = xq[e]
@@ -438,7 +439,21 @@ def _bn_act_load(e, dout, xq, xf, s, bits, shape):
         v = xf[e]
     if shape == WINDOW_RECT:
         w = bits[e >> U64(5)]                   # bit_of(bits, e), unsigned
-    return dout[e], q, v, w
+    return q, v, w
+
+
+@cuda.jit(device=True, inline=True)
+def _dout_at(e, row, j, dout, pd, pa, hw, pw, pk, ps, pp):
+    """The gradient arriving at flat element e (pixel row `row`, channel j, uint64): dout[e], or
+    with pk > 0 the input gradient of the max pool after this layer, gathered from its output
+    gradient pd and argmax pa (pool.pool_grad_at: the bits maxpool_backward would have stored)."""
+    if pk == 0:
+        return dout[e]
+    r = np.int64(row)
+    n = r // hw
+    rem = r - n * hw
+    ih = rem // pw
+    return pool_grad_at(pd, pa, n, ih, rem - ih * pw, np.int64(j), pk, ps, pp)
 
 
 @cuda.jit(device=True)
@@ -455,11 +470,17 @@ def _bn_act_point(e, j, d, q, v, w, s, mean_j, invstd_j, height, cg, cb, r, a, s
     return d * g, h
 
 
+# The backward's incoming gradient is dout, or (pk > 0: --save-memory, the first layer's batch norm
+# before ResNet's stem pooling) the max pool's (pd, pa, hw = H * W, pw = W, window pk, ps, pp), from
+# which _dout_at gathers each element: the input-sized gradient is never stored, and dx may be
+# written over the float32 record xf (each element read before it is written).
+
 @cuda.jit
-def _bn_act_bwd_sums_cuda(dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape, part):
+def _bn_act_bwd_sums_cuda(dout, pd, pa, hw, pw, pk, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a,
+                          shape, part):
     sh = cuda.shared.array((LANES, TILE_C), numba.float64)
     c = mean.size
-    m = dout.size // c
+    m = xf.size // c if s == 0 else xq.size // c
     j = cuda.blockIdx.y * TILE_C + cuda.threadIdx.x
     a0, a1 = np.float64(0.0), np.float64(0.0)
     if j < c:
@@ -468,21 +489,24 @@ def _bn_act_bwd_sums_cuda(dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r
         e, de, e_end = i * cu + ju, U64(LANES) * cu, end * cu     # flat: row i, the lane step, the end
         mean_j, invstd_j = mean[j], invstd[j]
         while e < e_end:
-            d, q, v, w = _bn_act_load(e, dout, xq, xf, s, bits, shape)
+            d = _dout_at(e, i, ju, dout, pd, pa, hw, pw, pk, ps, pp)
+            q, v, w = _bn_act_load(e, xq, xf, s, bits, shape)
             g, h = _bn_act_point(e, ju, d, q, v, w, s, mean_j, invstd_j, height, cg, cb, r, a, shape)
             a0 += np.float64(g)
             a1 += np.float64(g * h)
             e += de
+            i += U64(LANES)
     _lanes_to_part(sh, a0, part, 0, c)
     _lanes_to_part(sh, a1, part, 1, c)
 
 
 @cuda.jit
-def _bn_act_bwd_dx_cuda(dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape, gamma, sdy, sdyx, m,
-                        dx):
+def _bn_act_bwd_dx_cuda(dout, pd, pa, hw, pw, pk, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a,
+                        shape, gamma, sdy, sdyx, m, dx):
     i, step, n, j, dj, c = _walk(dx.size, mean.size)
     while i < n:
-        d, q, v, w = _bn_act_load(i, dout, xq, xf, s, bits, shape)
+        d = _dout_at(i, i // c if pk > 0 else U64(0), j, dout, pd, pa, hw, pw, pk, ps, pp)
+        q, v, w = _bn_act_load(i, xq, xf, s, bits, shape)
         g, h = _bn_act_point(i, j, d, q, v, w, s, mean[j], invstd[j], height, cg, cb, r, a, shape)
         dx[i] = bn_dx(g, h, gamma[j], invstd[j], sdy[j], sdyx[j], m)
         i, j = i + step, _next_channel(j, dj, c)
@@ -705,14 +729,22 @@ def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, i
 
 def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
     c = gamma.size
-    m = dout.size // c
+    m = dinp.size // c
     t = saved
     args = (t.xq, t.xf, t.s, t.mean, t.invstd, t.bits, t.height, t.cg, t.cb, t.r, t.a, t.shape)
+    if isinstance(dout, PoolGrad):
+        _, h, w, _ = dout.shape
+        pool = (dout.dout, dout.arg, np.int64(h * w), np.int64(w), dout.k, dout.stride, dout.pad)
+        d = scratch("bn_act.dout", 1, np.float32)             # (placeholders, not read)
+    else:
+        pool = (scratch("bn_act.pd", (1, 1, 1, 1), np.float32), scratch("bn_act.pa", (1, 1, 1, 1), np.uint8),
+                np.int64(0), np.int64(0), 0, 0, 0)
+        d = flat(dout)
     grid, block = _reduce_grid(m, c)
     part = scratch("bn.part", (grid[0], 2, c), np.float64)
-    _bn_act_bwd_sums_cuda[grid, block](flat(dout), *args, part)
+    _bn_act_bwd_sums_cuda[grid, block](d, *pool, *args, part)
     _bwd_final_cuda[grid1d(c)](part, dgamma, dbeta)
-    _bn_act_bwd_dx_cuda[grid1d(dout.size)](flat(dout), *args, gamma, dbeta, dgamma, np.float64(m), flat(dinp))
+    _bn_act_bwd_dx_cuda[grid1d(dinp.size)](d, *pool, *args, gamma, dbeta, dgamma, np.float64(m), flat(dinp))
 
 
 def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momentum, eps, r, a, shape,
@@ -761,8 +793,13 @@ def bn_act_forward_eval(out, inp, gamma, beta, running_mean, running_var, eps, r
 
 def bn_act_backward(dinp, dgamma, dbeta, dout, saved, gamma):
     """Backward of bn_act_forward_train: the window derivative, then batch norm's backward.
-    Overwrites dinp (float32, inp's shape), dgamma and dbeta."""
-    if on_device(dinp, dout, gamma):
+    Overwrites dinp (float32, inp's shape), dgamma and dbeta. dout may be a pool.PoolGrad (the
+    gradient of a max pool after this layer, not computed yet): on the device its elements are
+    gathered where the kernels read them, and dinp may then be the float32 input record itself
+    (the record's xf, as a view of inp's shape); on the host it is computed first."""
+    if isinstance(dout, PoolGrad) and not on_device(dout.dout):
+        dout = dout.materialize()
+    if on_device(dinp, gamma):
         return _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma)
     xhat, invstd, act = saved
     dy, deriv = _rows(dout), view(act.deriv, tuple(xhat.shape))

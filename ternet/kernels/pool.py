@@ -2,12 +2,14 @@
 (padding counted as zeros, divisor k*k) and global average pooling.
 Exercise: pytest tests/test_ops.py -k pool, tests/test_cuda_pool.py.
 """
+from typing import NamedTuple
+
 import numba
 import numpy as np
 
 from numba import cuda, int32
 
-from . import THREADS, check, grid1d, on_device, stream_threads, view
+from . import THREADS, check, empty, grid1d, on_device, stream_threads, view
 from .conv import out_size
 
 
@@ -219,21 +221,29 @@ def _maxpool_fwd_cuda(x, k, stride, pad, out, arg):
         arg[n, oh, ow, ch] = pos
 
 
+@cuda.jit(device=True, inline=True)
+def pool_grad_at(dout, arg, n, ih, iw, ch, k, stride, pad):
+    """The max pool's input gradient at (n, ih, iw, ch) (int64 indices): the douts of the windows
+    whose argmax is that input, summed in window order from 0.0, as every backward kernel here
+    sums them (the row kernel and the disjoint one give the same bits)."""
+    _, oh_n, ow_n, _ = dout.shape
+    oh0, oh1 = _covering(ih, k, stride, pad, oh_n)
+    ow0, ow1 = _covering(iw, k, stride, pad, ow_n)
+    s = np.float32(0.0)
+    for oh in range(oh0, oh1):
+        for ow in range(ow0, ow1):
+            if arg[n, oh, ow, ch] == (ih - oh * stride + pad) * k + (iw - ow * stride + pad):
+                s += dout[n, oh, ow, ch]
+    return s
+
+
 @cuda.jit
 def _maxpool_bwd_cuda(dout, arg, k, stride, pad, dx):
     _, h, w, c = dx.shape
-    _, oh_n, ow_n, _ = dout.shape
     at, by = _digits(cuda.grid(1), h, w, c), _digits(cuda.gridsize(1), h, w, c)
     for _e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
         n, ih, iw, ch = at
-        oh0, oh1 = _covering(ih, k, stride, pad, oh_n)
-        ow0, ow1 = _covering(iw, k, stride, pad, ow_n)
-        s = np.float32(0.0)
-        for oh in range(oh0, oh1):
-            for ow in range(ow0, ow1):
-                if arg[n, oh, ow, ch] == (ih - oh * stride + pad) * k + (iw - ow * stride + pad):
-                    s += dout[n, oh, ow, ch]
-        dx[n, ih, iw, ch] = s
+        dx[n, ih, iw, ch] = pool_grad_at(dout, arg, n, ih, iw, ch, k, stride, pad)
         at = _advance(at, by, h, w, c)
 
 
@@ -408,6 +418,24 @@ def maxpool_forward(out, arg, inp, k, stride, pad):
             _maxpool_fwd_cuda[grid1d(out.size)](inp, k, stride, pad, out, arg)
         return
     stream_threads(_maxpool_fwd, inp, k, stride, pad, out, arg)
+
+
+class PoolGrad(NamedTuple):
+    """A max pool's input gradient not yet computed: its output gradient, argmax and window, and
+    the input's shape. What MaxPool.backward hands a fused batch norm before it under
+    --save-memory (kernels.batchnorm gathers each element where it reads it, so the input-sized
+    float32 gradient is never stored); materialize() computes it as maxpool_backward would."""
+    dout: object
+    arg: object
+    k: int
+    stride: int
+    pad: int
+    shape: tuple
+
+    def materialize(self):
+        dx = empty(self.shape, np.float32, on_device(self.dout))
+        maxpool_backward(dx, self.dout, self.arg, self.k, self.stride, self.pad)
+        return dx
 
 
 def maxpool_backward(dinp, dout, arg, k, stride, pad):
