@@ -90,16 +90,18 @@ def test_training_steps_are_deterministic(tiny_data, tmp_path):
         np.testing.assert_array_equal(weights[0][k], weights[1][k])
 
 
-def test_save_memory_trains_the_same_bits(tiny_data, tmp_path):
+@pytest.mark.parametrize("arch", ["64C3-RB64-MP2-64FC", "stem64-RB64-64FC"])
+def test_save_memory_trains_the_same_bits(tiny_data, tmp_path, arch):
     """ternet train --save-memory on (the first layer's output recomputed, fused batch-norm gradients
-    in place, the residual block's plain batch norms on int16 records) against off, with the
-    tensor-core convolutions, eager and replayed from a CUDA graph: the same weights bit for bit."""
+    in place, the residual block's plain batch norms on int16 records; with a ResNet stem, its max
+    pool's gradient gathered by the batch norm before it) against off, with the tensor-core
+    convolutions, eager and replayed from a CUDA graph: the same weights bit for bit."""
     from ternet.config import Config
     from ternet.run import RunDir
     from ternet.train import Trainer
     weights = {}
     for save, graph in (("off", "off"), ("on", "off"), ("on", "on")):
-        cfg = Config(data=str(tiny_data), arch="64C3-RB64-MP2-64FC", sampler="dst", epochs=1, batch_size=50,
+        cfg = Config(data=str(tiny_data), arch=arch, sampler="dst", epochs=1, batch_size=50,
                      device="cuda", save_memory=save, cuda_graph=graph).resolve()
         run = RunDir(tmp_path / f"{save}-{graph}")
         run.create(cfg)
