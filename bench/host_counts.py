@@ -13,6 +13,16 @@ here (bench_gpu.py --host-profile on a GPU).
     python bench/host_counts.py [arch] [--side 64] [--batch 4] [--top 15]
     python bench/host_counts.py vgg-gxnor --side 32 --classes 10 --batch 512 --top 0   # the peak at batch 512
     python bench/host_counts.py resnet18 --batch 512 --top 0 --peak-sites 25           # ... and who holds it
+    python bench/host_counts.py resnet18 --batch 512 --top 0 --pool                     # graph-pool policies
+
+--pool replays the step's allocations and frees (in order, 512-byte rounded, as cuda_memory
+rounds them) through allocation policies for a captured step's private pool (cuda_memory.Pool: its
+blocks serve only the step's own temporaries) and prints the bytes each would reserve, against the
+step's own peak of live temporaries: "exact" (a freed block serves only a request of its exact
+size: the Pool's policy), "best fit" (the smallest free block at least as large, used whole),
+"arena" (one address range, best fit with splitting and coalescing), "planned" (one range, each
+allocation at an offset chosen from the whole step's order beforehand: largest first, lowest
+offset free over its lifetime).
 """
 import argparse
 import collections
@@ -34,6 +44,7 @@ ON = [False]                     # counting (the warm-up step is not counted)
 HELD = {"live": 0, "peak": 0}    # bytes of live device_array allocations
 LIVE = {}                        # id -> (bytes, call site) of each live device_array allocation
 AT_PEAK = {}                     # call site -> bytes held there when the step's peak was reached
+EVENTS = []                      # ("a", key, bytes) and ("f", key) in order, during the counted step
 
 
 def _site(depth):
@@ -60,6 +71,8 @@ def _instrument(depth):
         HELD["live"] += arr.nbytes
         key = id(arr._ary)
         LIVE[key] = (arr.nbytes, _site(depth))
+        if ON[0]:
+            EVENTS.append(("a", key, arr.nbytes))
         if HELD["live"] > HELD["peak"]:
             HELD["peak"] = HELD["live"]
             if ON[0]:
@@ -82,6 +95,86 @@ def _instrument(depth):
 def _release(nbytes, key):
     HELD["live"] -= nbytes
     LIVE.pop(key, None)
+    if ON[0]:
+        EVENTS.append(("f", key))
+
+
+def _rounded(n):
+    return max(512, (n + 511) // 512 * 512)
+
+
+def pool_policies(events):
+    """({policy: bytes reserved}, peak of live bytes) for the step's own allocations (see --pool)."""
+    import bisect
+    sizes = {}
+    live = peak = 0
+    exact, exact_res = collections.defaultdict(int), 0       # free blocks per size
+    best, best_res, held = [], 0, {}                         # sorted free block sizes; key -> its block
+    free, top, at = [], 0, {}                                # arena: sorted free (start, size); key -> range
+    for ev in events:
+        if ev[0] == "a":
+            _, key, n = ev
+            n = sizes[key] = _rounded(n)
+            live += n
+            peak = max(peak, live)
+            if exact[n]:
+                exact[n] -= 1
+            else:
+                exact_res += n
+            i = bisect.bisect_left(best, n)
+            if i < len(best):
+                held[key] = best.pop(i)
+            else:
+                held[key] = n
+                best_res += n
+            fits = [(sz, st) for st, sz in free if sz >= n]
+            if fits:
+                sz, st = min(fits)
+                free.remove((st, sz))
+                if sz > n:
+                    bisect.insort(free, (st + n, sz - n))
+                at[key] = (st, n)
+            else:
+                at[key] = (top, n)
+                top += n
+        elif ev[1] in sizes:          # a free of a block the step allocated
+            key = ev[1]
+            n = sizes.pop(key)
+            live -= n
+            exact[n] += 1
+            bisect.insort(best, held.pop(key))
+            st, sz = at.pop(key)
+            bisect.insort(free, (st, sz))
+            i = free.index((st, sz))     # coalesce with the neighbours
+            if i + 1 < len(free) and free[i][0] + free[i][1] == free[i + 1][0]:
+                free[i] = (st, sz + free.pop(i + 1)[1])
+            if i > 0 and free[i - 1][0] + free[i - 1][1] == free[i][0]:
+                free[i - 1] = (free[i - 1][0], free[i - 1][1] + free.pop(i)[1])
+    return {"exact": exact_res, "best fit": best_res, "arena": top, "planned": planned(events)}, peak
+
+
+def planned(events):
+    """Bytes of one range holding every allocation of the step at an offset chosen beforehand from
+    the step's (allocation, free) order: largest first, each at the lowest offset free over its
+    lifetime (greedy by size)."""
+    life, now = [], {}        # [t0, t1, bytes] per allocation; key -> its index (keys are reused)
+    for t, ev in enumerate(events):
+        if ev[0] == "a":
+            now[ev[1]] = len(life)
+            life.append([t, len(events), _rounded(ev[2])])
+        elif ev[1] in now:
+            life[now.pop(ev[1])][1] = t
+    placed, top = [], 0       # (start, end offset, t0, t1)
+    for t0, t1, n in sorted(life, key=lambda v: -v[2]):
+        clash = sorted((a, b) for a, b, u0, u1 in placed if u0 < t1 and t0 < u1)
+        off = 0
+        for a, b in clash:
+            if off + n <= a:
+                break
+            off = max(off, b)
+        placed.append((off, off + n, t0, t1))
+        top = max(top, off + n)
+    return top
 
 
 def main():
@@ -94,6 +187,7 @@ def main():
     ap.add_argument("--depth", type=int, default=2, help="call-site frames to show")
     ap.add_argument("--peak-sites", type=int, default=0, help="list the N largest holders at the peak")
     ap.add_argument("--save-memory", action="store_true", help="ternet train's --save-memory on")
+    ap.add_argument("--pool", action="store_true", help="the step's allocations through graph-pool policies")
     args = ap.parse_args()
     _instrument(args.depth)
     from bench_gpu import training_step
@@ -105,6 +199,11 @@ def main():
     step(1)
     print(f"{args.arch} {args.side}x{args.side}, batch {args.batch}, one training step (DST sgd, Adam on batch norm):")
     print(f"device_array bytes held: {start:,} at the step's start, {HELD['peak']:,} at its peak")
+    if args.pool:
+        reserved, peak = pool_policies(EVENTS)
+        print(f"\nthe step's own allocations: peak of live ones {peak:,} bytes; a captured step's pool would reserve")
+        for name, n in reserved.items():
+            print(f"  {name:9s} {n:15,d}  ({n / max(peak, 1):.2f}x that peak)")
     if args.peak_sites:
         print(f"\nbytes held at the peak, by allocation site (top {args.peak_sites}):")
         for site, nb in sorted(AT_PEAK.items(), key=lambda kv: -kv[1])[:args.peak_sites]:
