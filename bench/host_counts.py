@@ -21,8 +21,8 @@ blocks serve only the step's own temporaries) and prints the bytes each would re
 step's own peak of live temporaries: "exact" (a freed block serves only a request of its exact
 size: the Pool's policy), "best fit" (the smallest free block at least as large, used whole),
 "arena" (one address range, best fit with splitting and coalescing), "planned" (one range, each
-allocation at an offset chosen from the whole step's order beforehand: largest first, lowest
-offset free over its lifetime).
+allocation at an offset chosen from the whole step's order beforehand: cuda_memory.plan, the
+layout TERNET_GRAPH_POOL=planned captures with).
 """
 import argparse
 import collections
@@ -155,26 +155,9 @@ def pool_policies(events):
 
 def planned(events):
     """Bytes of one range holding every allocation of the step at an offset chosen beforehand from
-    the step's (allocation, free) order: largest first, each at the lowest offset free over its
-    lifetime (greedy by size)."""
-    life, now = [], {}        # [t0, t1, bytes] per allocation; key -> its index (keys are reused)
-    for t, ev in enumerate(events):
-        if ev[0] == "a":
-            now[ev[1]] = len(life)
-            life.append([t, len(events), _rounded(ev[2])])
-        elif ev[1] in now:
-            life[now.pop(ev[1])][1] = t
-    placed, top = [], 0       # (start, end offset, t0, t1)
-    for t0, t1, n in sorted(life, key=lambda v: -v[2]):
-        clash = sorted((a, b) for a, b, u0, u1 in placed if u0 < t1 and t0 < u1)
-        off = 0
-        for a, b in clash:
-            if off + n <= a:
-                break
-            off = max(off, b)
-        placed.append((off, off + n, t0, t1))
-        top = max(top, off + n)
-    return top
+    the step's order (cuda_memory.plan, what TERNET_GRAPH_POOL=planned captures with)."""
+    from ternet.cuda_memory import plan
+    return plan(events)[2]
 
 
 def main():

@@ -26,9 +26,17 @@ Exercise: pytest -m gpu tests/test_gpu_full.py -k graph; bench/bench_graph.py.
 """
 import bisect
 import contextlib
+import os
 
 from . import cuda_memory
 from .kernels import launch
+
+
+# TERNET_GRAPH_POOL=planned: the capture places its allocations by a layout planned from the last
+# warm-up step (cuda_memory.plan: about the step's peak of live bytes, where the pool's free lists
+# of exact sizes reserve about twice that: bench/host_counts.py --pool). Not yet run on a GPU, so
+# not the default.
+PLANNED = os.environ.get("TERNET_GRAPH_POOL", "exact") == "planned"
 
 
 class CaptureError(RuntimeError):
@@ -81,16 +89,17 @@ def _no_copies():
 
 
 class Graph:
-    """fn() captured once; launch() replays it on the default stream."""
+    """fn() captured once; launch() replays it on the default stream. layout: where the capture's
+    allocations go (cuda_memory.plan of a recorded step), or None for the pool's free lists."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, layout=None):
         from cuda.bindings import driver as drv
         if not cuda_memory.active():
             # without it the capture's temporaries come from cuMemAlloc and go back with cuMemFree
             # after the capture, while the graph's kernels keep their addresses
             raise CaptureError("the caching allocator is not in effect in this CUDA context (call "
                                "ternet.cuda_memory.install() before capturing)")
-        self.pool = cuda_memory.Pool()
+        self.pool = cuda_memory.Pool(layout)
         self.held, self._starts = [], None
         stream = _capture_stream()
         mode = drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
@@ -144,7 +153,7 @@ class StepGraph:
 
     def __init__(self, step, rows, warmup=2):
         self.step, self.rows, self.warmup = step, rows, warmup
-        self.x = self.y = self.graph = None
+        self.x = self.y = self.graph = self.layout = None
         self.calls = 0
         self.failed = None      # why the capture failed, if it did
 
@@ -164,10 +173,15 @@ class StepGraph:
         self.y.copy_to_device(y)
         self.calls += 1
         if self.calls <= self.warmup:
-            return self.step(self.x, self.y)
+            if self.calls < self.warmup or not PLANNED:
+                return self.step(self.x, self.y)
+            with cuda_memory.record() as rec:      # the step the capture will repeat
+                out = self.step(self.x, self.y)
+            self.layout = cuda_memory.plan(rec.events)
+            return out
         if self.graph is None:
             try:
-                self.graph = Graph(lambda: self.step(self.x, self.y))
+                self.graph = Graph(lambda: self.step(self.x, self.y), self.layout)
             except Exception as e:     # noqa: BLE001 - whatever stopped it, the eager step is correct
                 import warnings
                 self.failed = str(e)

@@ -102,9 +102,9 @@ def test_step_graph_warms_up_captures_once_replays_and_runs_odd_batches_eagerly(
     class FakeGraph:
         """Records the step once; launch() runs it again, as a replay would."""
 
-        def __init__(self, fn):
+        def __init__(self, fn, layout=None):
             made.append(self)
-            self.fn = fn
+            self.fn, self.layout = fn, layout
 
         def launch(self):
             self.fn()
@@ -134,7 +134,7 @@ def test_step_graph_warms_up_captures_once_replays_and_runs_odd_batches_eagerly(
 def test_a_failed_capture_warns_once_and_the_run_goes_on_eagerly(monkeypatch):
     from numba import cuda
 
-    def refuse(fn):
+    def refuse(fn, layout=None):
         raise cuda_graph.CaptureError("cuStreamBeginCapture failed: test")
 
     monkeypatch.setattr(cuda_graph, "Graph", refuse)

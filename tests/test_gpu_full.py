@@ -231,3 +231,34 @@ def test_allocator_installs_into_a_context_made_before_it(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["ok", "8192"], r.stdout
+
+
+def test_planned_graph_pool_trains_as_the_eager_steps(tiny_data, tmp_path, monkeypatch):
+    """TERNET_GRAPH_POOL=planned: the capture's allocations placed by a layout planned from the last
+    warm-up step (cuda_memory.plan) give the eager run's weights and metrics bit for bit, every
+    allocation of the captured step found its planned place, and the pool reserved less than
+    with free lists of exact sizes."""
+    from ternet import cuda_graph
+    from ternet.config import Config
+    from ternet.run import RunDir
+    from ternet.train import Trainer
+    out, pools = {}, {}
+    for graph, planned in (("off", False), ("on", False), ("on", True)):
+        monkeypatch.setattr(cuda_graph, "PLANNED", planned)
+        cfg = Config(data=str(tiny_data), arch="64C3-MP2-64C3-MP2-64FC", sampler="dst", epochs=2, batch_size=64,
+                     cuda_graph=graph, device="cuda").resolve()
+        run = RunDir(tmp_path / f"{graph}-{planned}")
+        run.create(cfg)
+        t = Trainer(cfg, run, progress=False)
+        t.fit()
+        if graph == "on":
+            pool = t.graph.graph.pool
+            pools[planned] = sum(n for _, n in pool.spans)
+            if planned:
+                assert pool.planned.next == len(pool.planned.sizes) and len(pool.spans) == 1   # all as planned
+        out[graph, planned] = (t.model.state_dict()["weights"], run.metrics_path.read_bytes())
+    for key in (("on", False), ("on", True)):
+        for k in out["off", False][0]:
+            np.testing.assert_array_equal(out[key][0][k], out["off", False][0][k])
+        assert out[key][1] == out["off", False][1]
+    assert pools[True] < pools[False]
