@@ -189,7 +189,13 @@ def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False, graph=Fals
                 peak_gib=round(cuda_memory.peak_bytes() / 2 ** 30, 3),
                 held_before_gib=round(held_before / 2 ** 30, 3), **(launch.stats() if fast else {}),
                 **({"graph_pool_gib": round(sum(n for _, n in (step.graph.graph.pool.spans if step.graph.graph else ())) / 2 ** 30, 3),
-                    "capture_failed": step.graph.failed} if graph else {}))
+                    "capture_failed": step.graph.failed, "graph_pool": "planned" if _planned() else "exact"}
+                   if graph else {}))
+
+
+def _planned():
+    from ternet import cuda_graph
+    return cuda_graph.PLANNED
 
 
 SAVE_MEMORY = "--save-memory" in sys.argv
