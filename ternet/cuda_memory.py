@@ -160,7 +160,7 @@ class Pool:
     def __init__(self, layout=None):
         self.free = collections.defaultdict(list)
         self.spans = []         # (address, bytes) of every block it allocated
-        self.planned = PlannedRange(layout) if layout is not None else None
+        self.planned = PlannedRange(layout) if layout is not None and layout[2] > 0 else None
         self.base = None        # the planned range, allocated at the first request
 
 

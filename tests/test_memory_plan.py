@@ -116,3 +116,8 @@ def test_step_graph_records_the_last_warmup_step_for_its_layout(monkeypatch):
         sg(X(), X([0, 0]))
     # warm-up steps 1 and 2 (the second recorded), the capture, one replay
     assert len(calls) == 3 and len(recorded) == 1 and made == [("layout", 2)]
+
+
+def test_an_empty_layout_leaves_the_pool_to_its_free_lists():
+    assert cuda_memory.Pool(plan([])).planned is None and cuda_memory.Pool().planned is None
+    assert cuda_memory.Pool(plan([("a", 1, 10)])).planned.total == cuda_memory.ROUND
