@@ -15,7 +15,9 @@ configurations of docs/performance.md. Prints one JSON line per configuration, t
                                               # and replayed (ternet/cuda_graph.py; default: eager only)
     python bench/bench_gpu.py --save-memory   # ternet train's --save-memory on
 
-With --graph, graph_pool_gib is the memory the captured step's own pool reserved (its temporaries,
+reserved_gib: what the caching allocator took from the driver for this configuration (live arrays,
+its cached free blocks, the graph's pool; the process's footprint, where peak_gib counts live
+arrays as PyTorch's max_memory_allocated does). With --graph, graph_pool_gib is the memory the captured step's own pool reserved (its temporaries,
 reused within the step); peak_gib counts only arrays live between steps there, so the graph's
 footprint is at most their sum.
 
@@ -159,7 +161,8 @@ def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False, graph=Fals
     cuda_memory.install()
     launch.install() if fast else launch.uninstall()
     gc.collect()                      # the previous round's model is gone before this one's is built
-    held_before = cuda_memory.in_use_bytes()
+    cuda_memory.trim()                # and its cached blocks: reserved_gib counts this round's
+    held_before, reserved_before = cuda_memory.in_use_bytes(), cuda_memory.reserved_bytes()
     model, step = training_step(arch, shape, classes, batch, graph, save_memory=SAVE_MEMORY)
     for t in range(warm):
         step(t)
@@ -187,6 +190,7 @@ def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False, graph=Fals
                 **({"save_memory": True} if SAVE_MEMORY else {}), step_ms=round(med, 3),
                 host_ms=round(host[len(host) // 2], 3), img_per_s=round(batch / med * 1e3, 1),
                 peak_gib=round(cuda_memory.peak_bytes() / 2 ** 30, 3),
+                reserved_gib=round((cuda_memory.reserved_bytes() - reserved_before) / 2 ** 30, 3),
                 held_before_gib=round(held_before / 2 ** 30, 3), **(launch.stats() if fast else {}),
                 **({"graph_pool_gib": round(sum(n for _, n in (step.graph.graph.pool.spans if step.graph.graph else ())) / 2 ** 30, 3),
                     "capture_failed": step.graph.failed, "graph_pool": "planned" if _planned() else "exact"}

@@ -140,6 +140,18 @@ def peak_bytes():
     return max((m.peak for m in STATS), default=0)
 
 
+def trim():
+    """Give the cached free blocks back to the driver (graph pools keep theirs)."""
+    for m in STATS:
+        m.trim()
+
+
+def reserved_bytes():
+    """Device bytes the allocator holds from the driver now: live arrays, cached free blocks and
+    graph pools (0 if not installed)."""
+    return sum(m.reserved for m in STATS)
+
+
 def in_use_bytes():
     """Device bytes held by live arrays now (0 if not installed)."""
     return sum(m.in_use for m in STATS)

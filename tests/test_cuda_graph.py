@@ -149,3 +149,23 @@ def test_a_failed_capture_warns_once_and_the_run_goes_on_eagerly(monkeypatch):
     assert sg.status().startswith("eager: cuStreamBeginCapture failed")
     assert sum("--cuda-graph" in str(m.message) for m in w) == 1
     assert ran[0] is sg.x and all(r is x for r in ran[2:])   # after the failure: the loader's own arrays
+
+
+def test_linked_kernels_addresses_are_held_by_a_capture(monkeypatch):
+    """The tensor-core kernels take raw device addresses; during a capture conv_tc._ptr hands each
+    array to the graph (Graph.hold), as planned launches do with array arguments, so nothing the
+    graph's kernels address is freed under it."""
+    from ternet.kernels import conv_tc, launch
+    held = []
+
+    class Capture:
+        def hold(self, args):
+            held.extend(args)
+
+    class Arr:
+        __cuda_array_interface__ = {"data": (4096, False)}
+
+    a = Arr()
+    assert conv_tc._ptr(a) == 4096 and held == []
+    monkeypatch.setattr(launch, "_capturing", Capture())
+    assert conv_tc._ptr(a) == 4096 and held == [a]

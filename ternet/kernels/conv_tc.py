@@ -10,7 +10,7 @@ import os
 import numpy as np
 from numba import cuda, types
 
-from . import scratch, view
+from . import launch, scratch, view
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conv_mma.cu")
 GEOM = ("n", "h", "w", "c", "k", "kh", "kw", "oh", "ow", "stride", "pad", "m", "r", "chunk", "dil")
@@ -70,6 +70,11 @@ def _kernels():
 
 
 def _ptr(a):
+    """a's device address, for the linked kernels' pointer arguments. While a CUDA graph is being
+    captured, a is also handed to it (Graph.hold keeps alive what the graph's kernels address and
+    its pool does not own): planned launches do that for array arguments, raw addresses hide them."""
+    if launch._capturing is not None:
+        launch._capturing.hold((a,))
     return a.__cuda_array_interface__["data"][0]
 
 
