@@ -99,13 +99,10 @@ def _release(nbytes, key):
         EVENTS.append(("f", key))
 
 
-def _rounded(n):
-    return max(512, (n + 511) // 512 * 512)
-
-
 def pool_policies(events):
     """({policy: bytes reserved}, peak of live bytes) for the step's own allocations (see --pool)."""
     import bisect
+    from ternet.cuda_memory import _rounded
     sizes = {}
     live = peak = 0
     exact, exact_res = collections.defaultdict(int), 0       # free blocks per size
