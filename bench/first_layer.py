@@ -1,11 +1,13 @@
-"""The first layer's pure-numba kernels on the benchmark shapes: the direct kernels (the input
-patch in shared memory) against the tiled ones, GPU time of the forward and the weight gradient
-(CUDA events, median of 10 after 2 warm-up calls), and how far apart their results are (float32
-sums in different orders: the largest difference relative to the largest magnitude).
+"""The first layer's kernels on the benchmark shapes: the tensor-core kernels (conv_mma.cu's
+conv_fwd_first / conv_dw_first), the pure-numba direct kernels (the input patch in shared memory)
+and the tiled ones; GPU time of the forward and the weight gradient (CUDA events, median of 10
+after 2 warm-up calls), and how far each is from the direct kernels' results (the largest
+difference relative to the largest magnitude: float32 sums in other orders, or bf16 operands).
 
     python bench/first_layer.py
 """
 import json
+import os
 
 import numpy as np
 from numba import cuda
@@ -43,8 +45,9 @@ def run(name, xs, ws, stride, pad):
     wq = cuda.to_device(rng.integers(-1, 2, ws).astype(np.int8))
     dy = cuda.to_device(rng.standard_normal((n, oh, ow, k)).astype(np.float32))
     res, outs = {"shape": name, "gflop": round(2 * n * oh * ow * k * kh * kw * c / 1e9, 1)}, {}
-    for path, dr_max in (("tiled", 0), ("direct", conv.DR_MAX)):
+    for path, dr_max, tc in (("tc", conv.DR_MAX, "0"), ("tiled", 0, "1"), ("direct", conv.DR_MAX, "1")):
         saved, conv.DR_MAX = conv.DR_MAX, dr_max
+        os.environ["TERNET_NO_TC"] = tc
         try:
             y = cuda.device_array((n, oh, ow, k), np.float32)
             dw = cuda.device_array(ws, np.float32)
@@ -53,11 +56,14 @@ def run(name, xs, ws, stride, pad):
             outs[path] = (y.copy_to_host(), dw.copy_to_host())
         finally:
             conv.DR_MAX = saved
+            os.environ["TERNET_NO_TC"] = "0"
     for i, what in enumerate(("fwd", "dw")):
-        a, b = outs["tiled"][i], outs["direct"][i]
-        res[f"{what}_max_rel_diff"] = float(np.abs(a - b).max() / np.abs(a).max())
+        b = outs["direct"][i]
+        for path in ("tc", "tiled"):
+            res[f"{what}_{path}_max_rel_diff"] = float(np.abs(outs[path][i] - b).max() / np.abs(b).max())
     for what in ("fwd", "dw"):
-        res[f"{what}_tflops_direct"] = round(res["gflop"] / res[f"direct_{what}_ms"], 1)
+        for path in ("tc", "direct"):
+            res[f"{what}_tflops_{path}"] = round(res["gflop"] / res[f"{path}_{what}_ms"], 1)
     print(json.dumps(res), flush=True)
 
 

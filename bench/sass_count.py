@@ -25,6 +25,8 @@ ENTRIES = {  # entry point -> its C parameter list and call
     "conv_fwd_bf16_64": "const bf16_t* x, const bf16_t* w, float* o, const int* g",
     "conv_dw_bf16": "const bf16_t* x, const signed char* w, float* o, const int* g",
     "conv_dw_bf16_64": "const bf16_t* x, const signed char* w, float* o, const int* g",
+    "conv_fwd_first_f32": "const float* x, const signed char* w, float* o, const int* g",
+    "conv_dw_first_f32": "const float* x, const float* w, float* o, const int* g",
 }
 
 

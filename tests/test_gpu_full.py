@@ -47,6 +47,59 @@ def test_tensor_core_convolutions_match_numba_kernels(shape):
         assert np.linalg.norm(a - b) <= 4e-3 * np.linalg.norm(b)
 
 
+FIRST = [  # first layers on float32 images: (N, H, W, C, K, k, stride, pad); ragged tiles in the last two
+    (4, 32, 32, 3, 128, 3, 1, 1), (2, 64, 64, 3, 64, 7, 2, 3), (3, 30, 50, 3, 24, 5, 1, 2), (2, 45, 37, 1, 16, 5, 2, 1),
+]
+
+
+@pytest.mark.parametrize("shape", FIRST)
+def test_first_layer_tensor_cores_match_numba_kernels(shape):
+    from numba import cuda
+    from ternet.kernels import conv
+    n, h, w, c, k, kk, s, p = shape
+    rng = np.random.default_rng(sum(shape))
+    x = cuda.to_device(rng.standard_normal((n, h, w, c)).astype(np.float32))
+    wq = cuda.to_device(rng.integers(-1, 2, (k, kk, kk, c)).astype(np.int8))
+    oh, ow = conv.out_size(h, kk, s, p), conv.out_size(w, kk, s, p)
+    dy = cuda.to_device(rng.standard_normal((n, oh, ow, k)).astype(np.float32))
+    res = {}
+    for tc in (False, True):
+        out, dw = cuda.device_array((n, oh, ow, k), np.float32), cuda.device_array((k, kk, kk, c), np.float32)
+        _run(lambda: conv.conv2d_forward(out, x, wq, 0.5, s, p), tc)
+        _run(lambda: conv.conv2d_backward_weight(dw, dy, x, s, p), tc)
+        res[tc] = [a.copy_to_host() for a in (out, dw)]
+    # forward: x as three bf16 numbers (exact) times exact weights, fp32 sums in another order
+    np.testing.assert_allclose(res[True][0], res[False][0], rtol=0, atol=1e-6 * np.abs(res[False][0]).max())
+    # weight gradient: dy and x rounded to bf16, fp32 sums
+    a, b = res[True][1], res[False][1]
+    assert np.linalg.norm(a - b) <= 4e-3 * np.linalg.norm(b)
+
+
+POOLS = [  # (N, H, W, C, k, stride, pad): ResNet's stem, vgg-gxnor's pools, ragged edges
+    (2, 112, 112, 64, 3, 2, 1), (4, 32, 32, 128, 2, 2, 0), (3, 9, 11, 8, 3, 2, 1), (2, 7, 9, 4, 2, 2, 0),
+]
+
+
+@pytest.mark.parametrize("shape", POOLS)
+def test_vector_max_pooling_gives_the_numba_kernels_bits(shape):
+    from numba import cuda
+    from ternet.kernels import pool
+    n, h, w, c, k, s, p = shape
+    rng = np.random.default_rng(sum(shape))
+    x = cuda.to_device(rng.integers(-1, 2, (n, h, w, c)).astype(np.int8))     # ties everywhere
+    oshape = pool.pool_out_shape(x.shape, k, s, p)
+    dout = cuda.to_device(rng.standard_normal(oshape).astype(np.float32))
+    res = {}
+    for tc in (False, True):
+        out, arg = cuda.device_array(oshape, np.int8), cuda.device_array(oshape, np.uint8)
+        dx = cuda.device_array(x.shape, np.float32)
+        _run(lambda: pool.maxpool_forward(out, arg, x, k, s, p), tc)
+        _run(lambda: pool.maxpool_backward(dx, dout, arg, k, s, p), tc)
+        res[tc] = [a.copy_to_host() for a in (out, arg, dx)]
+    for a, b in zip(res[True], res[False]):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))   # bits: -0.0 is not 0.0
+
+
 @pytest.mark.parametrize("arch,shape,classes", [("vgg-gxnor", (32, 32, 3), 10), ("resnet18", (64, 64, 3), 1000)])
 def test_network_on_gpu_matches_cpu(arch, shape, classes):
     from ternet.kernels.loss import loss_forward_backward

@@ -362,6 +362,219 @@ __device__ __forceinline__ void conv_dw(const bf16_t* dy, const signed char* x, 
 }
 
 // ------------------------------------------------------------------------------------------------
+// first layers: float32 images (3 channels), int8 weights, a short reduction R = KH*KW*C <= FL_RP
+// (ResNet's 7x7x3 stem: 147; vgg-gxnor's 3x3x3: 27). Channels too few for the loaders above, so
+// these work like conv.py's direct kernels: a block takes a tile of FL_DH x FL_DW output positions
+// of one image, loads the input patch the tile reads (zero padding included) into shared memory
+// as float32, and builds every mma fragment from it through a table of where column r sits in a
+// position's patch (roff). Forward: x as the sum of three bf16 numbers (x's 24 bits of mantissa,
+// 8 at a time: exact), each times the exact bf16 weight values, fp32 accumulation: float32 sums
+// in another order. (Two numbers, 16 bits, measured 3e-6 from float32 and flipped enough ternary
+// activations downstream to change a small network's gradients.) Weight gradient: dy and x
+// rounded to bf16 once, as the other layers' dy.
+
+constexpr int FL_DH = 8, FL_DW = 16, FL_RP = 160, FL_PATCH = 2336, FL_WROW = FL_RP + 8;
+
+__device__ __forceinline__ unsigned bf16x2(float lo, float hi) {   // round to nearest even
+    unsigned d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+
+// xs[a * run + e] = image n's x[ih0 + a, iw0 * C + e] (run = pw * C floats of a patch row), zero
+// outside the image; four loads issued before their stores
+__device__ __forceinline__ void fl_load_patch(const float* x, float* xs, const Geom& g, int n, int ih0, int iw0,
+                                              int ph, int run) {
+    const int wc = g.w * g.c, f0 = iw0 * g.c, total = ph * run;
+    const float* img = x + (long)n * g.h * wc;
+    for (int i0 = threadIdx.x; i0 < total; i0 += 4 * 256) {
+        float v[4];
+        #pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            int i = i0 + u * 256, a = i / run, f = f0 + i - a * run, ih = ih0 + a;
+            v[u] = i < total && ih >= 0 && ih < g.h && f >= 0 && f < wc ? img[(long)ih * wc + f] : 0.f;
+        }
+        #pragma unroll
+        for (int u = 0; u < 4; ++u)
+            if (i0 + u * 256 < total) xs[i0 + u * 256] = v[u];
+    }
+}
+
+// roff[r] = where column r = (i, j, ch) of a patch sits relative to its position's corner; 0 past R
+__device__ __forceinline__ void fl_roff(int* roff, const Geom& g, int run, int rp) {
+    const int kwc = g.kw * g.c;
+    for (int r = threadIdx.x; r < rp; r += 256) {
+        int i = r / kwc;
+        roff[r] = r < g.r ? i * run + r - i * kwc : 0;
+    }
+}
+
+struct FlTile { int n, oh0, ow0; };
+__device__ __forceinline__ FlTile fl_tile(int t, int tiles_h, int tiles_w) {
+    int per = tiles_h * tiles_w, n = t / per, rem = t - n * per, th = rem / tiles_w;
+    return {n, th * FL_DH, (rem - th * tiles_w) * FL_DW};
+}
+
+// out[m, k] = scale * sum_r x[patch(m, r)] * w[k, r]; block (tile stride, 64 channels of K).
+// 8 warps as 4 (tile rows 2 wm, 2 wm + 1: one m16 tile each) x 2 (32 channels).
+__device__ __forceinline__ void conv_fwd_first(const float* x, const signed char* w, float* out, const Geom& g,
+                                               float scale) {
+    __shared__ __align__(16) float xs[FL_PATCH];
+    __shared__ __align__(16) bf16_t ws[64 * FL_WROW];      // ws[nn][r] = w[k0 + nn, r], 0 past K or R
+    __shared__ int roff[FL_RP];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
+    const int wm = warp & 3, wn = warp >> 2, k0 = blockIdx.y * 64, rs = (g.r + 15) / 16;
+    const int ph = (FL_DH - 1) * g.stride + g.kh, run = ((FL_DW - 1) * g.stride + g.kw) * g.c;
+    const int tiles_h = (g.oh + FL_DH - 1) / FL_DH, tiles_w = (g.ow + FL_DW - 1) / FL_DW;
+    for (int e = tid; e < 64 * rs * 16; e += 256) {
+        int nn = e / (rs * 16), r = e - nn * rs * 16;
+        int v = k0 + nn < g.k && r < g.r ? w[(long)(k0 + nn) * g.r + r] : 0;
+        ws[nn * FL_WROW + r] = (bf16_t)(__float_as_uint(float(v)) >> 16);     // small integers: exact
+    }
+    fl_roff(roff, g, run, rs * 16);
+    int po[2][2];                               // the patch offsets of this thread's four positions
+    #pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+        #pragma unroll
+        for (int hh = 0; hh < 2; ++hh) po[mt][hh] = g.stride * ((2 * wm + mt) * run + (gq + 8 * hh) * g.c);
+    for (int t = blockIdx.x; t < g.n * tiles_h * tiles_w; t += gridDim.x) {
+        const FlTile tl = fl_tile(t, tiles_h, tiles_w);
+        __syncthreads();                        // the last tile's reads are done
+        fl_load_patch(x, xs, g, tl.n, tl.oh0 * g.stride - g.pad, tl.ow0 * g.stride - g.pad, ph, run);
+        __syncthreads();
+        float acc[2][4][4];
+        #pragma unroll
+        for (int a = 0; a < 2; ++a)
+            #pragma unroll
+            for (int b = 0; b < 4; ++b)
+                #pragma unroll
+                for (int q = 0; q < 4; ++q) acc[a][b][q] = 0.f;
+        #pragma unroll 2
+        for (int ks = 0; ks < rs; ++ks) {
+            const int c0 = ks * 16 + tq * 2;
+            const int ro[4] = {roff[c0], roff[c0 + 1], roff[c0 + 8], roff[c0 + 9]};
+            unsigned a3[3][2][4], bfr[4][2];     // x = a3[0] + a3[1] + a3[2], exactly
+            #pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+                #pragma unroll
+                for (int q = 0; q < 4; ++q) {   // register q: row gq + 8 (q & 1), columns c0 + 8 (q >> 1) + {0, 1}
+                    const int base = po[mt][q & 1];
+                    float v0 = xs[base + ro[2 * (q >> 1)]], v1 = xs[base + ro[2 * (q >> 1) + 1]];
+                    #pragma unroll
+                    for (int part = 0; part < 3; ++part) {     // each residual is exact in float32
+                        unsigned h = bf16x2(v0, v1);
+                        a3[part][mt][q] = h;
+                        v0 -= __uint_as_float(h << 16);
+                        v1 -= __uint_as_float(h & 0xffff0000u);
+                    }
+                }
+            #pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                const bf16_t* wr = ws + (wn * 32 + nt * 8 + gq) * FL_WROW + c0;
+                bfr[nt][0] = *reinterpret_cast<const unsigned*>(wr);
+                bfr[nt][1] = *reinterpret_cast<const unsigned*>(wr + 8);
+            }
+            #pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+                #pragma unroll
+                for (int nt = 0; nt < 4; ++nt)
+                    #pragma unroll
+                    for (int part = 0; part < 3; ++part) mma_bf16(acc[mt][nt], a3[part][mt], bfr[nt]);
+        }
+        #pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+            #pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                int oh = tl.oh0 + 2 * wm + mt, ow = tl.ow0 + gq + 8 * hh;
+                if (oh >= g.oh || ow >= g.ow) continue;
+                float* o = out + (((long)tl.n * g.oh + oh) * g.ow + ow) * g.k;
+                #pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    int k = k0 + wn * 32 + nt * 8 + tq * 2;        // K % 8 == 0: k + 1 < K with k
+                    if (k < g.k)
+                        *reinterpret_cast<float2*>(o + k) =
+                            make_float2(acc[mt][nt][2 * hh] * scale, acc[mt][nt][2 * hh + 1] * scale);
+                }
+            }
+    }
+}
+
+// part[z, k, r] = sum over the tiles of split z (g.chunk tiles each, in order) of dy[m, k] * x[patch(m, r)];
+// block (1, 64 channels of K, split z). 8 warps as 2 (32 channels) x 4 (NT * 8 columns r).
+template <int NT>
+__device__ __forceinline__ void conv_dw_first(const float* dy, const float* x, float* part, const Geom& g) {
+    __shared__ __align__(16) float xs[FL_PATCH];
+    __shared__ __align__(128) char dys[FL_DH * FL_DW * 128];   // dys[p] = bf16(dy[position p, k0 .. k0 + 63])
+    __shared__ int roff[FL_RP];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
+    const int wk = warp & 1, wr = warp >> 1, k0 = blockIdx.y * 64, z = blockIdx.z;
+    const int ph = (FL_DH - 1) * g.stride + g.kh, run = ((FL_DW - 1) * g.stride + g.kw) * g.c;
+    const int tiles_h = (g.oh + FL_DH - 1) / FL_DH, tiles_w = (g.ow + FL_DW - 1) / FL_DW;
+    const int t_end = min(g.n * tiles_h * tiles_w, (z + 1) * g.chunk);
+    fl_roff(roff, g, run, NT * 32);
+    float acc[2][NT][4];
+    #pragma unroll
+    for (int a = 0; a < 2; ++a)
+        #pragma unroll
+        for (int b = 0; b < NT; ++b)
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) acc[a][b][q] = 0.f;
+    const int q4 = tid & 15, kq = k0 + q4 * 4;  // this thread's 4 channels of the dy rows it loads
+    for (int t = z * g.chunk; t < t_end; ++t) {
+        const FlTile tl = fl_tile(t, tiles_h, tiles_w);
+        __syncthreads();
+        float4 v[8];
+        #pragma unroll
+        for (int h = 0; h < 8; ++h) {          // position p = tid / 16 + 16 h: tile row h
+            int oh = tl.oh0 + h, ow = tl.ow0 + (tid >> 4);
+            v[h] = make_float4(0.f, 0.f, 0.f, 0.f);   // zero off the image: those products vanish
+            if (oh < g.oh && ow < g.ow && kq < g.k)
+                v[h] = *reinterpret_cast<const float4*>(dy + (((long)tl.n * g.oh + oh) * g.ow + ow) * g.k + kq);
+        }
+        fl_load_patch(x, xs, g, tl.n, tl.oh0 * g.stride - g.pad, tl.ow0 * g.stride - g.pad, ph, run);
+        #pragma unroll
+        for (int h = 0; h < 8; ++h) {
+            int p = (tid >> 4) + 16 * h;
+            *reinterpret_cast<uint2*>(&dys[swz<128>(p, q4 >> 1) + (q4 & 1) * 8]) =
+                make_uint2(bf16x2(v[h].x, v[h].y), bf16x2(v[h].z, v[h].w));
+        }
+        __syncthreads();
+        #pragma unroll 2
+        for (int ks = 0; ks < FL_DH; ++ks) {    // 16 positions: tile row ks
+            unsigned af[2][4], bfr[NT][2];
+            #pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                int q = lane >> 3, row = ks * 16 + (q >> 1) * 8 + (lane & 7);
+                ldm_x4_t(af[mt], &dys[swz<128>(row, (wk * 32 + mt * 16) / 8 + (q & 1))]);
+            }
+            const int pb = g.stride * (ks * run + tq * 2 * g.c), pc = g.stride * g.c, p8 = 8 * pc;
+            #pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {   // column r = wr NT 8 + nt 8 + gq; positions tq 2 + {0, 1, 8, 9}
+                const float* xp = xs + pb + roff[wr * NT * 8 + nt * 8 + gq];
+                bfr[nt][0] = bf16x2(xp[0], xp[pc]);
+                bfr[nt][1] = bf16x2(xp[p8], xp[p8 + pc]);
+            }
+            #pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+                #pragma unroll
+                for (int nt = 0; nt < NT; ++nt) mma_bf16(acc[mt][nt], af[mt], bfr[nt]);
+        }
+    }
+    float* dst = part + (long)z * g.k * g.r;
+    #pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+            #pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                int k = k0 + wk * 32 + mt * 16 + gq + hh * 8, r = wr * NT * 8 + nt * 8 + tq * 2;
+                if (k >= g.k) continue;
+                if (r < g.r) dst[(long)k * g.r + r] = acc[mt][nt][2 * hh];
+                if (r + 1 < g.r) dst[(long)k * g.r + r + 1] = acc[mt][nt][2 * hh + 1];
+            }
+}
+
+// ------------------------------------------------------------------------------------------------
 // entry points (numba ABI: the first argument receives the return value)
 
 __device__ __forceinline__ Geom load_geom(const int* p) {
@@ -416,6 +629,26 @@ extern "C" __device__ int conv_dw_bf16(int* ret, const bf16_t* dy, const signed 
 extern "C" __device__ int conv_dw_bf16_64(int* ret, const bf16_t* dy, const signed char* x, float* part,
                                           const int* geom) {
     conv_dw<64>(dy, x, part, load_geom(geom));
+    *ret = 0;
+    return 0;
+}
+
+extern "C" __device__ int conv_fwd_first_f32(int* ret, const float* x, const signed char* w, float* out,
+                                             const int* geom, float scale) {
+    conv_fwd_first(x, w, out, load_geom(geom), scale);
+    *ret = 0;
+    return 0;
+}
+extern "C" __device__ int conv_dw_first_f32(int* ret, const float* dy, const float* x, float* part,
+                                            const int* geom) {
+    const Geom g = load_geom(geom);
+    switch ((g.r + 31) / 32) {              // the reduction padded to 32 columns per r-warp group
+        case 1: conv_dw_first<1>(dy, x, part, g); break;
+        case 2: conv_dw_first<2>(dy, x, part, g); break;
+        case 3: conv_dw_first<3>(dy, x, part, g); break;
+        case 4: conv_dw_first<4>(dy, x, part, g); break;
+        default: conv_dw_first<5>(dy, x, part, g); break;
+    }
     *ret = 0;
     return 0;
 }

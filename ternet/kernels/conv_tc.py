@@ -10,7 +10,7 @@ import os
 import numpy as np
 from numba import cuda, types
 
-from . import launch, scratch, view
+from . import MAX_BLOCKS, launch, scratch, view
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conv_mma.cu")
 GEOM = ("n", "h", "w", "c", "k", "kh", "kw", "oh", "ow", "stride", "pad", "m", "r", "chunk", "dil")
@@ -58,6 +58,10 @@ def _kernels():
     for name in ("conv_dw_bf16", "conv_dw_bf16_64"):
         out[name] = _dw_wrapper(cuda.declare_device(name, types.int32(u16p, i8p, f32p, i32p), link=SRC),
                                 types.void(u16p, i8p, f32p, i32p))
+    fn = cuda.declare_device("conv_fwd_first_f32", types.int32(f32p, i8p, f32p, i32p, types.float32), link=SRC)
+    out["conv_fwd_first_f32"] = _wrapper(fn, types.void(f32p, i8p, f32p, i32p, types.float32))
+    fn = cuda.declare_device("conv_dw_first_f32", types.int32(f32p, f32p, f32p, i32p), link=SRC)
+    out["conv_dw_first_f32"] = _dw_wrapper(fn, types.void(f32p, f32p, f32p, i32p))
 
     cvt = cuda.declare_device("to_bf16", types.int32(f32p, u16p, types.int64), link=SRC)
 
@@ -81,14 +85,17 @@ def _ptr(a):
 _GEOMS = {}
 
 
-def _geom(**kw):
-    # one small device array per layer geometry, copied once: a host-to-device copy inside the
-    # step would make the host wait for every queued kernel
-    kw.setdefault("dil", 1)
-    key = tuple(kw.get(k, 0) for k in GEOM)
+def device_ints(key):
+    """A small int32 device array holding the tuple key (a layer's geometry), made once per key: a
+    host-to-device copy inside the step would make the host wait for every queued kernel."""
     if key not in _GEOMS:
         _GEOMS[key] = cuda.to_device(np.array(key, np.int32))
     return _GEOMS[key]
+
+
+def _geom(**kw):
+    kw.setdefault("dil", 1)
+    return device_ints(tuple(kw.get(k, 0) for k in GEOM))
 
 
 _LAST = [None, None]     # (weakref to the float32 source, its bf16 copy)
@@ -148,10 +155,33 @@ def flip_weight_bf16(w, scale):
     return wf
 
 
+# first layers (float32 images, conv_mma.cu's conv_fwd_first / conv_dw_first): tiles of FL_DH x FL_DW
+# output positions, the reduction R = KH*KW*C at most FL_R, a tile's input patch at most FL_PATCH
+# floats, K a multiple of 8; the weight gradient in at most FL_SPLITS blocks of consecutive tiles
+FL_DH, FL_DW, FL_R, FL_PATCH, FL_SPLITS = 8, 16, 160, 2336, 512
+
+
+def _first_fits(x, k, kh, kw, stride):
+    c = x.shape[3]
+    patch = ((FL_DH - 1) * stride + kh) * ((FL_DW - 1) * stride + kw) * c
+    return x.dtype == np.float32 and kh * kw * c <= FL_R and patch <= FL_PATCH and k % 8 == 0 and available()
+
+
+def _first_tiles(n, oh, ow):
+    return n * -(-oh // FL_DH) * -(-ow // FL_DW)
+
+
 def forward(out, x, w, scale, stride, pad):
     """conv2d_forward on tensor cores when the shapes allow; returns False otherwise."""
     n, h, wd, c = x.shape
     k, kh, kw, _ = w.shape
+    if _first_fits(x, k, kh, kw, stride):
+        _, oh, ow, _ = out.shape
+        g = _geom(n=n, h=h, w=wd, c=c, k=k, kh=kh, kw=kw, oh=oh, ow=ow, stride=stride, pad=pad, r=kh * kw * c)
+        blocks = min(_first_tiles(n, oh, ow), MAX_BLOCKS)
+        _kernels()["conv_fwd_first_f32"][(blocks, (k + 63) // 64), 256](
+            _ptr(x), _ptr(w), _ptr(out), _ptr(g), np.float32(scale))
+        return True
     if x.dtype != np.int8 or c % 64 or not available():
         return False
     _, oh, ow, _ = out.shape
@@ -188,6 +218,15 @@ def backward_weight_partials(dy, x, stride, pad, kh, kw, dy16=None):
     """(splits, K, R) float32 partial sums of the weight gradient, or None when shapes do not fit."""
     n, h, wd, c = x.shape
     _, oh, ow, k = dy.shape
+    if _first_fits(x, k, kh, kw, stride):
+        tiles = _first_tiles(n, oh, ow)
+        chunk = -(-tiles // FL_SPLITS)
+        splits = -(-tiles // chunk)
+        part = scratch("conv.dw_part", (splits, k, kh * kw * c), np.float32)
+        g = _geom(n=n, h=h, w=wd, c=c, k=k, kh=kh, kw=kw, oh=oh, ow=ow, stride=stride, pad=pad, r=kh * kw * c,
+                  chunk=chunk)
+        _kernels()["conv_dw_first_f32"][(1, (k + 63) // 64, splits), 256](_ptr(dy), _ptr(x), _ptr(part), _ptr(g))
+        return part
     if x.dtype != np.int8 or c % 16 or k % 8 or not available():
         return None
     dy16 = bf16(dy) if dy16 is None else dy16

@@ -2,6 +2,8 @@
 (padding counted as zeros, divisor k*k) and global average pooling.
 Exercise: pytest tests/test_ops.py -k pool, tests/test_cuda_pool.py.
 """
+import functools
+import os
 from typing import NamedTuple
 
 import numba
@@ -405,6 +407,61 @@ def pool_out_shape(shape, k, stride, pad):
     return (n, out_size(h, k, stride, pad), out_size(w, k, stride, pad), c)
 
 
+# ----------------------------------------------------------------------------------------------
+# four channels per thread: pool_vec.cu's kernels, linked (real GPUs only: conv_tc.available();
+# the numba kernels above are the reference and the simulator's path). Same bits.
+
+VEC_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pool_vec.cu")
+POOL_GEOM = ("n", "h", "w", "c", "oh", "ow", "k", "stride", "pad")
+
+
+@functools.lru_cache(maxsize=None)
+def _vec_kernels():
+    from numba import types
+    i8p, u8p, f32p, i32p = (types.CPointer(t) for t in (types.int8, types.uint8, types.float32, types.int32))
+    fwd = cuda.declare_device("maxpool_fwd_s8x4", types.int32(i8p, i8p, u8p, i32p), link=VEC_SRC)
+    bwd = cuda.declare_device("maxpool_bwd_x4", types.int32(f32p, u8p, f32p, i32p), link=VEC_SRC)
+
+    @cuda.jit(types.void(i8p, i8p, u8p, i32p), link=[VEC_SRC])
+    def k_fwd(x, out, arg, g):
+        fwd(x, out, arg, g)
+
+    @cuda.jit(types.void(f32p, u8p, f32p, i32p), link=[VEC_SRC])
+    def k_bwd(dout, arg, dx, g):
+        bwd(dout, arg, dx, g)
+
+    return k_fwd, k_bwd
+
+
+def _vec_geom(inp_shape, out_shape, k, stride, pad):
+    from .conv_tc import _ptr, device_ints
+    n, h, w, c = inp_shape
+    return _ptr(device_ints((n, h, w, c, out_shape[1], out_shape[2], k, stride, pad)))
+
+
+def _vec_fits(shape, groups):
+    from .conv_tc import available
+    return shape[3] % 4 == 0 and 0 < groups < 2 ** 31 and available()
+
+
+def _maxpool_fwd_vec(out, arg, inp, k, stride, pad):
+    from .conv_tc import _ptr
+    if inp.dtype != np.int8 or not _vec_fits(inp.shape, out.size // 4):
+        return False
+    _vec_kernels()[0][grid1d(out.size // 4)](_ptr(inp), _ptr(out), _ptr(arg),
+                                              _vec_geom(inp.shape, out.shape, k, stride, pad))
+    return True
+
+
+def _maxpool_bwd_vec(dinp, dout, arg, k, stride, pad):
+    from .conv_tc import _ptr
+    if not _vec_fits(dinp.shape, dinp.size // 4):
+        return False
+    _vec_kernels()[1][grid1d(dinp.size // 4)](_ptr(dout), _ptr(arg), _ptr(dinp),
+                                               _vec_geom(dinp.shape, dout.shape, k, stride, pad))
+    return True
+
+
 def maxpool_forward(out, arg, inp, k, stride, pad):
     """out = max over each window (same dtype as inp: int8 or float32); arg (uint8) = window
     position i * k + j of the first maximum. Overwrites out and arg."""
@@ -412,6 +469,8 @@ def maxpool_forward(out, arg, inp, k, stride, pad):
     check(pad < k, "maxpool: padding must be smaller than the window")
     check(k * k <= 256, "maxpool: window positions must fit in uint8")
     if on_device(out, inp):
+        if _maxpool_fwd_vec(out, arg, inp, k, stride, pad):
+            return
         if out.size and inp.shape[2] <= ROW_MAX:
             _maxpool_fwd_rows(out, arg, inp, k, stride, pad)
         elif out.size:
@@ -444,6 +503,8 @@ def maxpool_backward(dinp, dout, arg, k, stride, pad):
     check(dout.shape == pool_out_shape(dinp.shape, k, stride, pad) and arg.shape == dout.shape,
           "maxpool_backward: bad dout or arg shape")
     if on_device(dinp, dout, arg):
+        if _maxpool_bwd_vec(dinp, dout, arg, k, stride, pad):
+            return
         if k == stride and pad == 0 and dout.size:
             _maxpool_bwd_disjoint_cuda[grid1d(dout.size)](dout, arg, k, dinp)
         elif dinp.size and dinp.shape[2] <= ROW_MAX:

@@ -1,0 +1,93 @@
+// Max pooling four channels at a time (32-bit loads of int8 activations, 16-byte loads of float32
+// gradients), linked into numba kernels with cuda.declare_device(..., link=...) (pool.py: the
+// numba kernels there compute the same bits and remain the reference and the simulator's path).
+// NHWC, C % 4 == 0; each thread takes a group of 4 channels of one element, grid-stride.
+//
+//   maxpool_fwd_s8x4: out[n, oh, ow, c] = max over the window (first maximum wins, window order),
+//                     arg = i * k + j of that first maximum (int8 input, as ternary activations)
+//   maxpool_bwd_x4:   dx[n, ih, iw, c] = 0 + the douts of the windows covering (ih, iw) whose
+//                     argmax it is, added in window order (oh, then ow): pool.pool_grad_at's sum
+// Element indices are 32-bit (pool.py sends only arrays of fewer than 2^31 channel groups): a
+// 64-bit division per element is a long emulated one.
+
+struct PoolGeom {    // mirrors pool.POOL_GEOM
+    int n, h, w, c, oh, ow, k, stride, pad;
+};
+
+__device__ __forceinline__ PoolGeom load_pool_geom(const int* p) {
+    PoolGeom g;
+    int* d = reinterpret_cast<int*>(&g);
+    for (int i = 0; i < int(sizeof(PoolGeom) / sizeof(int)); ++i) d[i] = p[i];
+    return g;
+}
+
+extern "C" __device__ int maxpool_fwd_s8x4(int* ret, const signed char* x, signed char* out, unsigned char* arg,
+                                           const int* geom) {
+    const PoolGeom g = load_pool_geom(geom);
+    const int c4 = g.c >> 2;
+    const unsigned groups = (unsigned)g.n * g.oh * g.ow * c4;
+    for (unsigned o = blockIdx.x * blockDim.x + threadIdx.x; o < groups; o += gridDim.x * blockDim.x) {
+        const unsigned pix = o / c4, t = pix / g.ow;     // (n, oh, ow), (n, oh)
+        const int q = o - pix * c4, ow = pix - t * g.ow, n = t / g.oh, oh = t - n * g.oh;
+        int best[4] = {0, 0, 0, 0}, pos[4] = {0, 0, 0, 0};
+        bool first = true;
+        for (int i = 0; i < g.k; ++i) {
+            const int ih = oh * g.stride - g.pad + i;
+            if (ih < 0 || ih >= g.h) continue;
+            for (int j = 0; j < g.k; ++j) {
+                const int iw = ow * g.stride - g.pad + j;
+                if (iw < 0 || iw >= g.w) continue;
+                const int v = *reinterpret_cast<const int*>(x + (((long)n * g.h + ih) * g.w + iw) * g.c + 4 * q);
+                #pragma unroll
+                for (int b = 0; b < 4; ++b) {
+                    const int vb = (signed char)(v >> (8 * b));
+                    if (first || vb > best[b]) {
+                        best[b] = vb;
+                        pos[b] = i * g.k + j;
+                    }
+                }
+                first = false;
+            }
+        }
+        unsigned ob = 0, ab = 0;
+        #pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            ob |= (unsigned)(best[b] & 0xff) << (8 * b);
+            ab |= (unsigned)(pos[b] & 0xff) << (8 * b);
+        }
+        reinterpret_cast<unsigned*>(out)[o] = ob;
+        reinterpret_cast<unsigned*>(arg)[o] = ab;
+    }
+    *ret = 0;
+    return 0;
+}
+
+extern "C" __device__ int maxpool_bwd_x4(int* ret, const float* dout, const unsigned char* arg, float* dx,
+                                         const int* geom) {
+    const PoolGeom g = load_pool_geom(geom);
+    const int c4 = g.c >> 2;
+    const unsigned groups = (unsigned)g.n * g.h * g.w * c4;
+    for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < groups; e += gridDim.x * blockDim.x) {
+        const unsigned pix = e / c4, t = pix / g.w;      // (n, ih, iw), (n, ih)
+        const int q = e - pix * c4, iw = pix - t * g.w, n = t / g.h, ih = t - n * g.h;
+        // the output rows / columns whose windows cover ih / iw (pool._covering)
+        const int th = ih + g.pad - g.k + 1, tw = iw + g.pad - g.k + 1;
+        const int oh0 = th <= 0 ? 0 : (th + g.stride - 1) / g.stride, oh1 = min(g.oh, (ih + g.pad) / g.stride + 1);
+        const int ow0 = tw <= 0 ? 0 : (tw + g.stride - 1) / g.stride, ow1 = min(g.ow, (iw + g.pad) / g.stride + 1);
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int oh = oh0; oh < oh1; ++oh)
+            for (int ow = ow0; ow < ow1; ++ow) {
+                const long o = (((long)n * g.oh + oh) * g.ow + ow) * c4 + q;
+                const float4 d = reinterpret_cast<const float4*>(dout)[o];
+                const unsigned a = reinterpret_cast<const unsigned*>(arg)[o];
+                const unsigned tap = (ih - oh * g.stride + g.pad) * g.k + (iw - ow * g.stride + g.pad);
+                if ((a & 0xff) == tap) s[0] += d.x;
+                if (((a >> 8) & 0xff) == tap) s[1] += d.y;
+                if (((a >> 16) & 0xff) == tap) s[2] += d.z;
+                if ((a >> 24) == tap) s[3] += d.w;
+            }
+        reinterpret_cast<float4*>(dx)[e] = make_float4(s[0], s[1], s[2], s[3]);
+    }
+    *ret = 0;
+    return 0;
+}
