@@ -80,18 +80,23 @@ POOLS = [  # (N, H, W, C, k, stride, pad): ResNet's stem, vgg-gxnor's pools, rag
 ]
 
 
+@pytest.mark.parametrize("dtype", ["int8", "float32"])
 @pytest.mark.parametrize("shape", POOLS)
-def test_vector_max_pooling_gives_the_numba_kernels_bits(shape):
+def test_vector_max_pooling_gives_the_numba_kernels_bits(shape, dtype):
     from numba import cuda
     from ternet.kernels import pool
     n, h, w, c, k, s, p = shape
     rng = np.random.default_rng(sum(shape))
-    x = cuda.to_device(rng.integers(-1, 2, (n, h, w, c)).astype(np.int8))     # ties everywhere
+    # ties everywhere (int8: ternary values; float32: integers and signed zeros)
+    xh = rng.integers(-1, 2, (n, h, w, c)).astype(dtype)
+    if dtype == "float32":
+        xh[rng.random(xh.shape) < 0.2] = -0.0
+    x = cuda.to_device(xh)
     oshape = pool.pool_out_shape(x.shape, k, s, p)
     dout = cuda.to_device(rng.standard_normal(oshape).astype(np.float32))
     res = {}
     for tc in (False, True):
-        out, arg = cuda.device_array(oshape, np.int8), cuda.device_array(oshape, np.uint8)
+        out, arg = cuda.device_array(oshape, x.dtype), cuda.device_array(oshape, np.uint8)
         dx = cuda.device_array(x.shape, np.float32)
         _run(lambda: pool.maxpool_forward(out, arg, x, k, s, p), tc)
         _run(lambda: pool.maxpool_backward(dx, dout, arg, k, s, p), tc)

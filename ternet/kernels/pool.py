@@ -419,18 +419,21 @@ POOL_GEOM = ("n", "h", "w", "c", "oh", "ow", "k", "stride", "pad")
 def _vec_kernels():
     from numba import types
     i8p, u8p, f32p, i32p = (types.CPointer(t) for t in (types.int8, types.uint8, types.float32, types.int32))
-    fwd = cuda.declare_device("maxpool_fwd_s8x4", types.int32(i8p, i8p, u8p, i32p), link=VEC_SRC)
-    bwd = cuda.declare_device("maxpool_bwd_x4", types.int32(f32p, u8p, f32p, i32p), link=VEC_SRC)
+    def fwd(name, t):
+        fn = cuda.declare_device(name, types.int32(t, t, u8p, i32p), link=VEC_SRC)
 
-    @cuda.jit(types.void(i8p, i8p, u8p, i32p), link=[VEC_SRC])
-    def k_fwd(x, out, arg, g):
-        fwd(x, out, arg, g)
+        @cuda.jit(types.void(t, t, u8p, i32p), link=[VEC_SRC])
+        def k_fwd(x, out, arg, g):
+            fn(x, out, arg, g)
+        return k_fwd
+
+    bwd = cuda.declare_device("maxpool_bwd_x4", types.int32(f32p, u8p, f32p, i32p), link=VEC_SRC)
 
     @cuda.jit(types.void(f32p, u8p, f32p, i32p), link=[VEC_SRC])
     def k_bwd(dout, arg, dx, g):
         bwd(dout, arg, dx, g)
 
-    return k_fwd, k_bwd
+    return {"int8": fwd("maxpool_fwd_s8x4", i8p), "float32": fwd("maxpool_fwd_f32x4", f32p), "bwd": k_bwd}
 
 
 def _vec_geom(inp_shape, out_shape, k, stride, pad):
@@ -446,9 +449,9 @@ def _vec_fits(shape, groups):
 
 def _maxpool_fwd_vec(out, arg, inp, k, stride, pad):
     from .conv_tc import _ptr
-    if inp.dtype != np.int8 or not _vec_fits(inp.shape, out.size // 4):
+    if inp.dtype not in (np.int8, np.float32) or not _vec_fits(inp.shape, out.size // 4):
         return False
-    _vec_kernels()[0][grid1d(out.size // 4)](_ptr(inp), _ptr(out), _ptr(arg),
+    _vec_kernels()[str(inp.dtype)][grid1d(out.size // 4)](_ptr(inp), _ptr(out), _ptr(arg),
                                               _vec_geom(inp.shape, out.shape, k, stride, pad))
     return True
 
@@ -457,7 +460,7 @@ def _maxpool_bwd_vec(dinp, dout, arg, k, stride, pad):
     from .conv_tc import _ptr
     if not _vec_fits(dinp.shape, dinp.size // 4):
         return False
-    _vec_kernels()[1][grid1d(dinp.size // 4)](_ptr(dout), _ptr(arg), _ptr(dinp),
+    _vec_kernels()["bwd"][grid1d(dinp.size // 4)](_ptr(dout), _ptr(arg), _ptr(dinp),
                                                _vec_geom(dinp.shape, dout.shape, k, stride, pad))
     return True
 

@@ -4,7 +4,8 @@
 // NHWC, C % 4 == 0; each thread takes a group of 4 channels of one element, grid-stride.
 //
 //   maxpool_fwd_s8x4: out[n, oh, ow, c] = max over the window (first maximum wins, window order),
-//                     arg = i * k + j of that first maximum (int8 input, as ternary activations)
+//                     arg = i * k + j of that first maximum (int8 input, as ternary activations;
+//                     maxpool_fwd_f32x4 the same on float32, as a convolution's output)
 //   maxpool_bwd_x4:   dx[n, ih, iw, c] = 0 + the douts of the windows covering (ih, iw) whose
 //                     argmax it is, added in window order (oh, then ow): pool.pool_grad_at's sum
 // Element indices are 32-bit (pool.py sends only arrays of fewer than 2^31 channel groups): a
@@ -21,15 +22,35 @@ __device__ __forceinline__ PoolGeom load_pool_geom(const int* p) {
     return g;
 }
 
-extern "C" __device__ int maxpool_fwd_s8x4(int* ret, const signed char* x, signed char* out, unsigned char* arg,
-                                           const int* geom) {
-    const PoolGeom g = load_pool_geom(geom);
+// four consecutive channels as floats (int8 values are exact and keep their order)
+__device__ __forceinline__ void load4(const signed char* p, float* v) {
+    const int w = *reinterpret_cast<const int*>(p);
+    #pragma unroll
+    for (int b = 0; b < 4; ++b) v[b] = float((signed char)(w >> (8 * b)));
+}
+__device__ __forceinline__ void load4(const float* p, float* v) {
+    const float4 w = *reinterpret_cast<const float4*>(p);
+    v[0] = w.x; v[1] = w.y; v[2] = w.z; v[3] = w.w;
+}
+__device__ __forceinline__ void store4(signed char* p, const float* v) {
+    unsigned w = 0;
+    #pragma unroll
+    for (int b = 0; b < 4; ++b) w |= (unsigned)((int)v[b] & 0xff) << (8 * b);
+    *reinterpret_cast<unsigned*>(p) = w;
+}
+__device__ __forceinline__ void store4(float* p, const float* v) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+
+template <class T>
+__device__ __forceinline__ void maxpool_fwd_x4(const T* x, T* out, unsigned char* arg, const PoolGeom& g) {
     const int c4 = g.c >> 2;
     const unsigned groups = (unsigned)g.n * g.oh * g.ow * c4;
     for (unsigned o = blockIdx.x * blockDim.x + threadIdx.x; o < groups; o += gridDim.x * blockDim.x) {
         const unsigned pix = o / c4, t = pix / g.ow;     // (n, oh, ow), (n, oh)
         const int q = o - pix * c4, ow = pix - t * g.ow, n = t / g.oh, oh = t - n * g.oh;
-        int best[4] = {0, 0, 0, 0}, pos[4] = {0, 0, 0, 0};
+        float best[4] = {0.f, 0.f, 0.f, 0.f};
+        int pos[4] = {0, 0, 0, 0};
         bool first = true;
         for (int i = 0; i < g.k; ++i) {
             const int ih = oh * g.stride - g.pad + i;
@@ -37,27 +58,32 @@ extern "C" __device__ int maxpool_fwd_s8x4(int* ret, const signed char* x, signe
             for (int j = 0; j < g.k; ++j) {
                 const int iw = ow * g.stride - g.pad + j;
                 if (iw < 0 || iw >= g.w) continue;
-                const int v = *reinterpret_cast<const int*>(x + (((long)n * g.h + ih) * g.w + iw) * g.c + 4 * q);
+                float v[4];
+                load4(x + (((long)n * g.h + ih) * g.w + iw) * g.c + 4 * q, v);
                 #pragma unroll
-                for (int b = 0; b < 4; ++b) {
-                    const int vb = (signed char)(v >> (8 * b));
-                    if (first || vb > best[b]) {
-                        best[b] = vb;
+                for (int b = 0; b < 4; ++b)
+                    if (first || v[b] > best[b]) {      // the first maximum wins
+                        best[b] = v[b];
                         pos[b] = i * g.k + j;
                     }
-                }
                 first = false;
             }
         }
-        unsigned ob = 0, ab = 0;
-        #pragma unroll
-        for (int b = 0; b < 4; ++b) {
-            ob |= (unsigned)(best[b] & 0xff) << (8 * b);
-            ab |= (unsigned)(pos[b] & 0xff) << (8 * b);
-        }
-        reinterpret_cast<unsigned*>(out)[o] = ob;
-        reinterpret_cast<unsigned*>(arg)[o] = ab;
+        store4(out + 4 * (long)o, best);
+        reinterpret_cast<unsigned*>(arg)[o] = pos[0] | pos[1] << 8 | pos[2] << 16 | pos[3] << 24;
     }
+}
+
+extern "C" __device__ int maxpool_fwd_s8x4(int* ret, const signed char* x, signed char* out, unsigned char* arg,
+                                           const int* geom) {
+    maxpool_fwd_x4(x, out, arg, load_pool_geom(geom));
+    *ret = 0;
+    return 0;
+}
+
+extern "C" __device__ int maxpool_fwd_f32x4(int* ret, const float* x, float* out, unsigned char* arg,
+                                            const int* geom) {
+    maxpool_fwd_x4(x, out, arg, load_pool_geom(geom));
     *ret = 0;
     return 0;
 }
