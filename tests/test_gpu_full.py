@@ -292,10 +292,10 @@ def test_allocator_installs_into_a_context_made_before_it(tmp_path):
 
 
 def test_planned_graph_pool_trains_as_the_eager_steps(tiny_data, tmp_path, monkeypatch):
-    """TERNET_GRAPH_POOL=planned: the capture's allocations placed by a layout planned from the last
-    warm-up step (cuda_memory.plan) give the eager run's weights and metrics bit for bit, every
-    allocation of the captured step found its planned place, and the pool reserved less than
-    with free lists of exact sizes."""
+    """The planned graph pool (the default; TERNET_GRAPH_POOL=exact turns it off): the capture's
+    allocations placed by a layout planned from the last warm-up step (cuda_memory.plan) give the
+    eager run's weights and metrics bit for bit, every allocation of the captured step found its
+    planned place, and the pool reserved less than with free lists of exact sizes."""
     from ternet import cuda_graph
     from ternet.config import Config
     from ternet.run import RunDir
