@@ -52,7 +52,8 @@ KERNELS["_maxpool_bwd_cuda"] = (P._maxpool_bwd_cuda, (F4, U4, i64, i64, i64, F4)
 KERNELS["_maxpool_bwd_disjoint_cuda"] = (P._maxpool_bwd_disjoint_cuda, (F4, U4, i64, F4))
 from ternet.kernels import batchnorm as BN   # noqa: E402
 F1, F64, I16, U32 = f32[::1], types.float64[::1], types.int16[::1], types.uint32[::1]
-BN_REC = (F1, F4, U4, *([i64] * 5), I16, F1, f32, F1, F1, U32, f32, F1, F1, f32, f32, i64)   # dout, a pool's, a BNActSaved
+BN_REC = (F1, F4, U4, types.Array(types.int32, 2, "C"), *([i64] * 5), I16, F1, f32, F1, F1, U32, f32, F1, F1, f32, f32,
+          i64)   # dout, a pool's, a BNActSaved
 BN_SIGS = {
     "_bn_act_fwd_cuda": (F1, F1, F1, F1, F1, f32, f32, i64, f32, i8[::1], I16, F1, U32),
     "_bn_act_bwd_sums_cuda": (*BN_REC, types.Array(types.float64, 3, "C")),

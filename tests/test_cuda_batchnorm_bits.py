@@ -312,7 +312,8 @@ def bwd_inputs(m, c, int_scale, seed):
 
 
 # the kernels' max-pool arguments when dout is the gradient itself (pk = 0: not read)
-NO_POOL = [np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 1, 1, 1), np.uint8), np.int64(0), np.int64(0), 0, 0, 0]
+NO_POOL = [np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 1, 1, 1), np.uint8), np.zeros((1, 2), np.int32),
+           np.int64(0), np.int64(0), 0, 0, 0]
 
 
 @pytest.mark.parametrize("shape,int_scale,window", CASES)
@@ -346,7 +347,7 @@ def test_bn_act_bwd_pooled_bits(shape, pool, int_scale, window):
     (pk > 0) against the same kernels reading the gradient maxpool_backward stored, overlapping
     (3/2, padded) and disjoint (2/2) windows: the sums and dx bit for bit, and dx once more written
     over the float32 record it reads."""
-    from ternet.kernels.pool import maxpool_backward, maxpool_forward, pool_out_shape
+    from ternet.kernels.pool import covering_table, maxpool_backward, maxpool_forward, pool_out_shape
     n, h, w, c = shape
     k, st, pd = pool
     m = n * h * w
@@ -362,7 +363,8 @@ def test_bn_act_bwd_pooled_bits(shape, pool, int_scale, window):
     dy = dy.copy_to_host().reshape(-1)
     assert (dy != 0).any() and (dy == 0).any()
     ref = [dy] + NO_POOL + args[1:]
-    fused = [np.zeros(1, np.float32), pdout, parg, np.int64(h * w), np.int64(w), k, st, pd] + args[1:]
+    fused = [np.zeros(1, np.float32), pdout, parg, covering_table(h, w, k, st, pd), np.int64(h), np.int64(w), k, st,
+             pd] + args[1:]
     for grid in reduce_grids(m, c):
         part = np.full((grid[0][0], 2, c), np.nan, np.float64)
         sums = same(bn._bn_act_bwd_sums_cuda, bn._bn_act_bwd_sums_cuda, grid, ref, [part], fused)[0]
@@ -374,10 +376,10 @@ def test_bn_act_bwd_pooled_bits(shape, pool, int_scale, window):
         dx = same(bn._bn_act_bwd_dx_cuda, bn._bn_act_bwd_dx_cuda, grid, ref + tail, [np.full(m * c, np.nan, np.float32)],
                   fused + tail)[0]
     assert np.isfinite(dx).all() and (dx != 0).any()
-    if int_scale == 0:          # dx over the float32 record xf (fused[9]), as BNAct.backward writes it
+    if int_scale == 0:          # dx over the float32 record xf (fused[10]), as BNAct.backward writes it
         dev = [cuda.to_device(a) if isinstance(a, np.ndarray) else a for a in fused + tail]
-        bn._bn_act_bwd_dx_cuda[grid1d(m * c)](*dev, dev[9])
-        np.testing.assert_array_equal(dev[9].copy_to_host().view(np.uint32), dx.view(np.uint32))
+        bn._bn_act_bwd_dx_cuda[grid1d(m * c)](*dev, dev[10])
+        np.testing.assert_array_equal(dev[10].copy_to_host().view(np.uint32), dx.view(np.uint32))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from numba import cuda
 from . import SIMULATOR, THREADS, check, empty, flat, fresh, grid1d, on_device, scratch, view, zeros
 from .activation import ActSaved, num_words, pack_tile, ternary_forward
 from .elementwise import copy
-from .pool import PoolGrad, pool_grad_at
+from .pool import PoolGrad, _advance, _digits, covering_table, pool_grad_at
 from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize, ternarize,
                      window_grad)
 
@@ -167,9 +167,9 @@ def _cpu_stats(x, eps, stats):
 # read 32 consecutive channels of a row (coalesced). A thread loads ROWS rows
 # before it adds them, in the same order: that many loads in flight, not one (not in
 # the fused backward's sums: its rows take many registers, and fewer resident blocks lose more;
-# measured again on the H200 with ROWS elements loaded ahead, fifteenth session, bench/bn_variants.py:
-# the fused backward's sums 1.72 -> 1.91 ms and its dx 2.30 -> 2.76 ms on ResNet-18's 224 px stem,
-# where the fused forward gained, 1.50 -> 1.20 ms: it loads ahead).
+# measured again on the H200 with ROWS elements loaded ahead, fifteenth session: the fused
+# backward's sums 1.72 -> 1.91 ms and its dx 2.30 -> 2.76 ms on ResNet-18's 224 px stem, where the
+# fused forward gained, 1.50 -> 1.20 ms, so the forward loads ahead; bench/bn_kernels.py).
 # Elementwise kernels use flat indices with channel j = i % C (NHWC: channels last), taken once
 # per thread and then stepped along the grid stride (an int64 `%` per element is a long emulated
 # division on the GPU). Per-element indices are uint64: numba adds a negative-index fix-up to
@@ -405,7 +405,7 @@ def _bn_act_fwd_cuda(x, mean, invstd, gamma, beta, r, a, shape, s, out, xq, xf, 
     # buffers, used in turn: a buffer is refilled only after the next tile's barrier, which its
     # packing threads (pack_tile) pass only once done with it, so one barrier per tile suffices.
     # A thread loads its elements of ROWS tiles before it computes any (1.50 -> 1.20 ms on
-    # ResNet-18's 224 px stem at batch 256, bench/bn_variants.py, fifteenth session).
+    # ResNet-18's 224 px stem at batch 256, bench/bn_kernels.py, fifteenth session).
     flags = cuda.shared.array((2, THREADS), numba.uint8)
     vl = cuda.local.array(ROWS, numba.float32)
     tid, n, c = U64(cuda.threadIdx.x), U64(x.size), U64(mean.size)
@@ -456,17 +456,27 @@ def _bn_act_load(e, xq, xf, s, bits, shape):
 
 
 @cuda.jit(device=True, inline=True)
-def _dout_at(e, row, j, dout, pd, pa, hw, pw, pk, ps, pp):
-    """The gradient arriving at flat element e (pixel row `row`, channel j, uint64): dout[e], or
-    with pk > 0 the input gradient of the max pool after this layer, gathered from its output
-    gradient pd and argmax pa (pool.pool_grad_at: the bits maxpool_backward would have stored)."""
+def _dout_at(e, at, j, dout, pd, pa, cov, ph, pk, ps, pp):
+    """The gradient arriving at flat element e (channel j, uint64): dout[e], or with pk > 0 the
+    input gradient of the max pool after this layer at pixel at = (n, y, x, _), gathered from its
+    output gradient pd and argmax pa (pool.pool_grad_at: the bits maxpool_backward would have
+    stored), its covering windows looked up in cov (pool.covering_table, ph rows)."""
     if pk == 0:
         return dout[e]
-    r = np.int64(row)
-    n = r // hw
-    rem = r - n * hw
-    ih = rem // pw
-    return pool_grad_at(pd, pa, n, ih, rem - ih * pw, np.int64(j), pk, ps, pp)
+    n, y, x, _ = at
+    return pool_grad_at(pd, pa, n, y, x, np.int64(j), pk, ps, pp, cov[y, 0], cov[y, 1], cov[ph + x, 0],
+                        cov[ph + x, 1])
+
+
+@cuda.jit(device=True, inline=True)
+def _pixel_walk(o, by, ph, pw, c, pk):
+    """Digits (n, y, x, channel) of flat index o and of the step `by` (int64), for kernels that
+    step through a pooled gradient's pixels with pool._advance (no division per element); zeros
+    when there is no pool (pk == 0)."""
+    if pk == 0:
+        z = (np.int64(0), np.int64(0), np.int64(0), np.int64(0))
+        return z, z
+    return _digits(np.int64(o), ph, pw, c), _digits(np.int64(by), ph, pw, c)
 
 
 @cuda.jit(device=True)
@@ -484,13 +494,15 @@ def _bn_act_point(e, j, d, q, v, w, s, mean_j, invstd_j, height, cg, cb, r, a, s
 
 
 # The backward's incoming gradient is dout, or (pk > 0: --save-memory, the first layer's batch norm
-# before ResNet's stem pooling) the max pool's (pd, pa, hw = H * W, pw = W, window pk, ps, pp), from
-# which _dout_at gathers each element: the input-sized gradient is never stored, and dx may be
-# written over the float32 record xf (each element read before it is written).
+# before ResNet's stem pooling) the max pool's (pd, pa, cov = its covering table, ph = H, pw = W,
+# window pk, ps, pp), from which _dout_at gathers each element: the input-sized gradient is never
+# stored, and dx may be written over the float32 record xf (each element read before it is
+# written). The pixel of an element is stepped along with it (_pixel_walk, pool._advance) and its
+# covering windows looked up: no 64-bit division per element.
 
 @cuda.jit
-def _bn_act_bwd_sums_cuda(dout, pd, pa, hw, pw, pk, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a,
-                          shape, part):
+def _bn_act_bwd_sums_cuda(dout, pd, pa, cov, ph, pw, pk, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r,
+                          a, shape, part):
     sh = cuda.shared.array((LANES, TILE_C), numba.float64)
     c = mean.size
     m = xf.size // c if s == 0 else xq.size // c
@@ -501,28 +513,33 @@ def _bn_act_bwd_sums_cuda(dout, pd, pa, hw, pw, pk, ps, pp, xq, xf, s, mean, inv
         ju, cu = U64(j), U64(c)
         e, de, e_end = i * cu + ju, U64(LANES) * cu, end * cu     # flat: row i, the lane step, the end
         mean_j, invstd_j = mean[j], invstd[j]
+        at, by = _pixel_walk(i, LANES, ph, pw, 1, pk)               # row i's pixel, LANES rows on
         while e < e_end:
-            d = _dout_at(e, i, ju, dout, pd, pa, hw, pw, pk, ps, pp)
+            d = _dout_at(e, at, ju, dout, pd, pa, cov, ph, pk, ps, pp)
             q, v, w = _bn_act_load(e, xq, xf, s, bits, shape)
             g, h = _bn_act_point(e, ju, d, q, v, w, s, mean_j, invstd_j, height, cg, cb, r, a, shape)
             a0 += np.float64(g)
             a1 += np.float64(g * h)
             e += de
-            i += U64(LANES)
+            if pk > 0:
+                at = _advance(at, by, ph, pw, 1)
     _lanes_to_part(sh, a0, part, 0, c)
     _lanes_to_part(sh, a1, part, 1, c)
 
 
 @cuda.jit
-def _bn_act_bwd_dx_cuda(dout, pd, pa, hw, pw, pk, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a,
+def _bn_act_bwd_dx_cuda(dout, pd, pa, cov, ph, pw, pk, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a,
                         shape, gamma, sdy, sdyx, m, dx):
     i, step, n, j, dj, c = _walk(dx.size, mean.size)
+    at, by = _pixel_walk(i, step, ph, pw, np.int64(c), pk)
     while i < n:
-        d = _dout_at(i, i // c if pk > 0 else U64(0), j, dout, pd, pa, hw, pw, pk, ps, pp)
+        d = _dout_at(i, at, j, dout, pd, pa, cov, ph, pk, ps, pp)
         q, v, w = _bn_act_load(i, xq, xf, s, bits, shape)
         g, h = _bn_act_point(i, j, d, q, v, w, s, mean[j], invstd[j], height, cg, cb, r, a, shape)
         dx[i] = bn_dx(g, h, gamma[j], invstd[j], sdy[j], sdyx[j], m)
         i, j = i + step, _next_channel(j, dj, c)
+        if pk > 0:
+            at = _advance(at, by, ph, pw, np.int64(c))
 
 
 CHECK_INT16 = os.environ.get("TERNET_CHECK_INT16") == "1"
@@ -740,6 +757,18 @@ def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, i
                       shape=shape, height=np.float32(window_grad(r32, r32, a32, WINDOW_RECT)))
 
 
+_COVERING = {}
+
+
+def _covering_table(h, w, k, stride, pad):
+    """pool.covering_table on the device, copied once per geometry (a copy inside the step would
+    make the host wait for every queued kernel, and a captured step cannot make one)."""
+    key = (h, w, k, stride, pad)
+    if key not in _COVERING:
+        _COVERING[key] = cuda.to_device(covering_table(h, w, k, stride, pad))
+    return _COVERING[key]
+
+
 def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
     c = gamma.size
     m = dinp.size // c
@@ -747,11 +776,12 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
     args = (t.xq, t.xf, t.s, t.mean, t.invstd, t.bits, t.height, t.cg, t.cb, t.r, t.a, t.shape)
     if isinstance(dout, PoolGrad):
         _, h, w, _ = dout.shape
-        pool = (dout.dout, dout.arg, np.int64(h * w), np.int64(w), dout.k, dout.stride, dout.pad)
+        pool = (dout.dout, dout.arg, _covering_table(h, w, dout.k, dout.stride, dout.pad), np.int64(h), np.int64(w),
+                dout.k, dout.stride, dout.pad)
         d = scratch("bn_act.dout", 1, np.float32)             # (placeholders, not read)
     else:
         pool = (scratch("bn_act.pd", (1, 1, 1, 1), np.float32), scratch("bn_act.pa", (1, 1, 1, 1), np.uint8),
-                np.int64(0), np.int64(0), 0, 0, 0)
+                scratch("bn_act.cov", (1, 2), np.int32), np.int64(0), np.int64(0), 0, 0, 0)
         d = flat(dout)
     grid, block = _reduce_grid(m, c)
     part = scratch("bn.part", (grid[0], 2, c), np.float64)

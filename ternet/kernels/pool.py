@@ -223,14 +223,21 @@ def _maxpool_fwd_cuda(x, k, stride, pad, out, arg):
         arg[n, oh, ow, ch] = pos
 
 
+def covering_table(h, w, k, stride, pad):
+    """(H + W, 2) int32: (lo, hi) of _covering for each input row, then for each input column: the
+    windows covering an input element, looked up instead of divided out where a kernel gathers
+    a max pool's gradient element by element (batchnorm's --save-memory stem)."""
+    oh, ow = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
+    return np.array([_covering(i, k, stride, pad, oh) for i in range(h)] +
+                    [_covering(i, k, stride, pad, ow) for i in range(w)], np.int32).reshape(h + w, 2)
+
+
 @cuda.jit(device=True, inline=True)
-def pool_grad_at(dout, arg, n, ih, iw, ch, k, stride, pad):
-    """The max pool's input gradient at (n, ih, iw, ch) (int64 indices): the douts of the windows
-    whose argmax is that input, summed in window order from 0.0, as every backward kernel here
-    sums them (the row kernel and the disjoint one give the same bits)."""
-    _, oh_n, ow_n, _ = dout.shape
-    oh0, oh1 = _covering(ih, k, stride, pad, oh_n)
-    ow0, ow1 = _covering(iw, k, stride, pad, ow_n)
+def pool_grad_at(dout, arg, n, ih, iw, ch, k, stride, pad, oh0, oh1, ow0, ow1):
+    """The max pool's input gradient at (n, ih, iw, ch) (int64 indices), whose covering windows
+    are rows [oh0, oh1) x columns [ow0, ow1) (_covering): the douts of the windows whose argmax is
+    that input, summed in window order from 0.0, as every backward kernel here sums them (the row
+    kernel and the disjoint one give the same bits)."""
     s = np.float32(0.0)
     for oh in range(oh0, oh1):
         for ow in range(ow0, ow1):
@@ -243,9 +250,12 @@ def pool_grad_at(dout, arg, n, ih, iw, ch, k, stride, pad):
 def _maxpool_bwd_cuda(dout, arg, k, stride, pad, dx):
     _, h, w, c = dx.shape
     at, by = _digits(cuda.grid(1), h, w, c), _digits(cuda.gridsize(1), h, w, c)
+    _, oh_n, ow_n, _ = dout.shape
     for _e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
         n, ih, iw, ch = at
-        dx[n, ih, iw, ch] = pool_grad_at(dout, arg, n, ih, iw, ch, k, stride, pad)
+        oh0, oh1 = _covering(ih, k, stride, pad, oh_n)
+        ow0, ow1 = _covering(iw, k, stride, pad, ow_n)
+        dx[n, ih, iw, ch] = pool_grad_at(dout, arg, n, ih, iw, ch, k, stride, pad, oh0, oh1, ow0, ow1)
         at = _advance(at, by, h, w, c)
 
 

@@ -1,0 +1,84 @@
+"""GPU time of the fused batch norm + activation kernels (kernels/batchnorm.py) on the shapes where
+they cost most: the forward, and the backward's two kernels reading a stored gradient and, for
+ResNet's stem, gathering the max pool's gradient element by element (--save-memory), against the
+max-pool backward that would store it. CUDA events, median of 10 after 2 warm-up calls. Shapes:
+ResNet-18's 224 px stem at batch 256 (float32 record, 3x3/2 pooling after it) and vgg-gxnor's
+conv2 at batch 512 (int16 record).
+
+    python bench/bn_kernels.py [--quick]      (--quick: tiny shapes, for the simulator)
+
+Measured with it (fifteenth session): loading ROWS tiles ahead in the forward, 1.50 -> 1.20 ms on
+the stem; the same in the backward's kernels, slower (sums 1.72 -> 1.91 ms, dx 2.30 -> 2.76 ms), so
+not kept.
+"""
+import json
+import sys
+
+import numpy as np
+from numba import cuda
+
+from ternet import cuda_memory
+from ternet.kernels import batchnorm as B, launch, pool
+from ternet.kernels.scalar import WINDOW_RECT
+
+
+def timed(fn, reps=10):
+    for _ in range(2):
+        fn()
+    ms = []
+    for _ in range(reps):
+        e0, e1 = cuda.event(), cuda.event()
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        ms.append(e0.elapsed_time(e1) if hasattr(e0, "elapsed_time") else cuda.event_elapsed_time(e0, e1))
+    return round(float(np.median(ms)), 3)
+
+
+def run(name, shape, int_scale, pooling, reps):
+    rng = np.random.default_rng(0)
+    c = shape[-1]
+    xh = ((rng.integers(-40, 41, shape) / int_scale) if int_scale else rng.standard_normal(shape)).astype(np.float32)
+    x = cuda.to_device(xh)
+    out = cuda.device_array(shape, np.int8)
+    gamma, beta = cuda.to_device(np.ones(c, np.float32)), cuda.to_device(np.zeros(c, np.float32))
+    rm, rv = cuda.to_device(np.zeros(c, np.float32)), cuda.to_device(np.ones(c, np.float32))
+    stats = cuda.device_array((2, c), np.float32)
+    t = B.bn_act_forward_train(out, x, gamma, beta, rm, rv, 0.1, 1e-5, 1.0, 1.0, WINDOW_RECT, int_scale, stats)
+    n = x.size
+    res = {"shape": name, "elements": n, "record": "int16" if t.s > 0 else "float32"}
+    o, xq, bits = cuda.device_array(n, np.int8), cuda.device_array(t.xq.size, np.int16), cuda.device_array(t.bits.size, np.uint32)
+    xf = cuda.device_array(t.xf.size if t.xf is not None else 1, np.float32)
+    fargs = (B.flat(x), t.mean, t.invstd, gamma, beta, t.r, t.a, t.shape, t.s, o, xq, xf, bits)
+    res["fwd_ms"] = timed(lambda: B._bn_act_fwd_cuda[B.grid1d(n)](*fargs), reps)
+    # the backward through its launcher (sums, final, dx), from a stored gradient and gathered
+    dgamma, dbeta = cuda.device_array(c, np.float32), cuda.device_array(c, np.float32)
+    dx = cuda.device_array(shape, np.float32)
+    dout = cuda.to_device(rng.standard_normal(shape).astype(np.float32))
+    res["bwd_ms"] = timed(lambda: B.bn_act_backward(dx, dgamma, dbeta, dout, t, gamma), reps)
+    if pooling:
+        k, st, pd = pooling
+        oshape = pool.pool_out_shape(shape, k, st, pd)
+        parg = cuda.device_array(oshape, np.uint8)
+        pool.maxpool_forward(cuda.device_array(oshape, np.int8), parg, out, k, st, pd)
+        pdout = cuda.to_device(rng.standard_normal(oshape).astype(np.float32))
+        grad = pool.PoolGrad(pdout, parg, k, st, pd, shape)
+        res["pool_bwd_ms"] = timed(lambda: pool.maxpool_backward(dout, pdout, parg, k, st, pd), reps)
+        stored = (timed(lambda: B.bn_act_backward(dx, dgamma, dbeta, dout, t, gamma), reps), dx.copy_to_host())
+        res["bwd_gathered_ms"] = timed(lambda: B.bn_act_backward(dx, dgamma, dbeta, grad, t, gamma), reps)
+        res["gathered_same_bits"] = bool((dx.copy_to_host().view(np.uint32) == stored[1].view(np.uint32)).all())
+    print(json.dumps(res), flush=True)
+    return res.get("gathered_same_bits", True)
+
+
+if __name__ == "__main__":
+    quick = "--quick" in sys.argv
+    if not quick:
+        cuda_memory.install()
+        launch.install()
+    shapes = ([("tiny stem", (2, 6, 7, 8), 0, (3, 2, 1)), ("tiny int16", (3, 4, 4, 16), 4, None)] if quick else
+              [("resnet18-224 stem b256", (256, 112, 112, 64), 0, (3, 2, 1)),
+               ("vgg-gxnor conv2 b512", (512, 32, 32, 128), 4, None)])
+    ok = all([run(name, shape, s, p, 1 if quick else 10) for name, shape, s, p in shapes])
+    sys.exit(0 if ok else 1)
