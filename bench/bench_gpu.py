@@ -156,11 +156,12 @@ def bench(name, steps=20, warm=3, prof=False, fast=True, hprof=False, graph=Fals
     from numba import cuda
 
     from ternet import cuda_memory
-    from ternet.kernels import launch
+    from ternet.kernels import launch, release_scratch
     arch, shape, classes, batch = CONFIGS[name]
     cuda_memory.install()
     launch.install() if fast else launch.uninstall()
-    gc.collect()                      # the previous round's model is gone before this one's is built
+    release_scratch()                 # the previous configuration's partial-sum buffers, which can be
+    gc.collect()                      # larger than this one's; its model is gone before this one's is built
     cuda_memory.trim()                # and its cached blocks: reserved_gib counts this round's
     held_before, reserved_before = cuda_memory.in_use_bytes(), cuda_memory.reserved_bytes()
     model, step = training_step(arch, shape, classes, batch, graph, save_memory=SAVE_MEMORY)

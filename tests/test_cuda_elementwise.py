@@ -65,3 +65,19 @@ def test_updates_read_their_per_step_values_from_hp():
     dev = [cuda.to_device(a) for a in (p, g, np.zeros(40, np.float32))]
     sgd_update(*dev, f32(7.0), f32(0.9), hp=cuda.to_device(np.array([0.1], np.float32)))
     np.testing.assert_allclose(dev[0].copy_to_host(), ref[0], rtol=1e-6, atol=1e-7)
+
+
+def test_scratch_grows_shares_and_is_released():
+    """scratch: one buffer per name, grown to the largest request, its views reused per shape;
+    release_scratch lets it go, so a later (smaller) configuration gets a buffer of its own size."""
+    from ternet.kernels import _SCRATCH_BUF, release_scratch, scratch
+    buffer = lambda: _SCRATCH_BUF["test.part", np.dtype(np.float32).str]
+    release_scratch()
+    a = scratch("test.part", (4, 8), np.float32)
+    assert scratch("test.part", (4, 8), np.float32) is a and buffer().size == 32
+    assert scratch("test.part", 100, np.float32).size == 100 and buffer().size == 100
+    assert scratch("test.part", (4, 8), np.float32) is not a          # a view of the grown buffer
+    assert scratch("test.part", 10, np.float32).size == 10 and buffer().size == 100
+    release_scratch()
+    assert scratch("test.part", 10, np.float32).size == 10 and buffer().size == 10
+    release_scratch()

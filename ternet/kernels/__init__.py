@@ -231,6 +231,14 @@ def scratch(name, shape, dtype):
     return a
 
 
+def release_scratch():
+    """Let every scratch buffer go back to the allocator (the next use makes one again, sized to
+    its own requests): bench/bench_gpu.py does this between configurations in one process, whose
+    peaks would otherwise count the buffers a larger earlier one left."""
+    _SCRATCH.clear()
+    _SCRATCH_BUF.clear()
+
+
 def fresh(role, shape, dtype):
     """A new device array on every call: the allocator a launcher's `buffers` argument defaults to."""
     return cuda.device_array(shape, dtype=dtype)
