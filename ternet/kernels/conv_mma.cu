@@ -63,6 +63,34 @@ __device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, const unsi
 // an ldmatrix reads at one logical chunk hit 8 different bank groups.
 __device__ __forceinline__ int swz64(int row, int chunk) { return row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4); }
 
+// a warp's accumulators: 2 m16 tiles x NT n8 tiles x 4 values
+template <class T, int NT>
+__device__ __forceinline__ void zero_acc(T (&acc)[2][NT][4]) {
+    #pragma unroll
+    for (int a = 0; a < 2; ++a)
+        #pragma unroll
+        for (int b = 0; b < NT; ++b)
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) acc[a][b][q] = 0;
+}
+
+// a weight gradient's accumulators to dst (K, R): rows k0 + (m16 tiles), columns r0 + (n8 tiles)
+template <int NT>
+__device__ __forceinline__ void store_dw(float* dst, const float (&acc)[2][NT][4], int k0, int r0, const Geom& g) {
+    const int lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+    #pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+            #pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                int k = k0 + mt * 16 + gq + hh * 8, r = r0 + nt * 8 + tq * 2;
+                if (k >= g.k) continue;
+                if (r < g.r) dst[(long)k * g.r + r] = acc[mt][nt][2 * hh];
+                if (r + 1 < g.r) dst[(long)k * g.r + r + 1] = acc[mt][nt][2 * hh + 1];
+            }
+}
+
 // ------------------------------------------------------------------------------------------------
 // forward-style implicit GEMM: out (M, K) = scale * patches(x) (M, R) . w (K, R)^T
 //
@@ -169,12 +197,7 @@ __device__ __forceinline__ void conv_fwd(const char* x, const char* w, float* ou
 
     typedef typename pick<BF16, float, int>::type acc_t;
     acc_t acc[2][NT][4];
-    #pragma unroll
-    for (int a = 0; a < 2; ++a)
-        #pragma unroll
-        for (int b = 0; b < NT; ++b)
-            #pragma unroll
-            for (int q = 0; q < 4; ++q) acc[a][b][q] = 0;
+    zero_acc(acc);
 
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < kt_n) load(s);
@@ -296,12 +319,7 @@ __device__ __forceinline__ void conv_dw(const bf16_t* dy, const signed char* x, 
     };
 
     float acc[2][NT][4];
-    #pragma unroll
-    for (int a = 0; a < 2; ++a)
-        #pragma unroll
-        for (int b = 0; b < NT; ++b)
-            #pragma unroll
-            for (int q = 0; q < 4; ++q) acc[a][b][q] = 0.f;
+    zero_acc(acc);
 
     int4 nextb;
     load_a(0, mbeg);
@@ -345,20 +363,7 @@ __device__ __forceinline__ void conv_dw(const bf16_t* dy, const signed char* x, 
     }
     cp_wait<0>();
 
-    const int gq = lane >> 2, tq = lane & 3;
-    float* dst = part + (long)z * g.k * g.r;
-    #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-        #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-            #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                int k = k0 + wk0 + mt * 16 + gq + hh * 8;
-                int r = r0 + wr0 + nt * 8 + tq * 2;
-                if (k >= g.k) continue;
-                if (r < g.r) dst[(long)k * g.r + r] = acc[mt][nt][2 * hh];
-                if (r + 1 < g.r) dst[(long)k * g.r + r + 1] = acc[mt][nt][2 * hh + 1];
-            }
+    store_dw(part + (long)z * g.k * g.r, acc, k0 + wk0, r0 + wr0, g);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -443,12 +448,7 @@ __device__ __forceinline__ void conv_fwd_first(const float* x, const signed char
         fl_load_patch(x, xs, g, tl.n, tl.oh0 * g.stride - g.pad, tl.ow0 * g.stride - g.pad, ph, run);
         __syncthreads();
         float acc[2][4][4];
-        #pragma unroll
-        for (int a = 0; a < 2; ++a)
-            #pragma unroll
-            for (int b = 0; b < 4; ++b)
-                #pragma unroll
-                for (int q = 0; q < 4; ++q) acc[a][b][q] = 0.f;
+        zero_acc(acc);
         #pragma unroll 2
         for (int ks = 0; ks < rs; ++ks) {
             const int c0 = ks * 16 + tq * 2;
@@ -513,12 +513,7 @@ __device__ __forceinline__ void conv_dw_first(const float* dy, const float* x, f
     const int t_end = min(g.n * tiles_h * tiles_w, (z + 1) * g.chunk);
     fl_roff(roff, g, run, NT * 32);
     float acc[2][NT][4];
-    #pragma unroll
-    for (int a = 0; a < 2; ++a)
-        #pragma unroll
-        for (int b = 0; b < NT; ++b)
-            #pragma unroll
-            for (int q = 0; q < 4; ++q) acc[a][b][q] = 0.f;
+    zero_acc(acc);
     const int q4 = tid & 15, kq = k0 + q4 * 4;  // this thread's 4 channels of the dy rows it loads
     for (int t = z * g.chunk; t < t_end; ++t) {
         const FlTile tl = fl_tile(t, tiles_h, tiles_w);
@@ -560,18 +555,7 @@ __device__ __forceinline__ void conv_dw_first(const float* dy, const float* x, f
                 for (int nt = 0; nt < NT; ++nt) mma_bf16(acc[mt][nt], af[mt], bfr[nt]);
         }
     }
-    float* dst = part + (long)z * g.k * g.r;
-    #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-        #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-            #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                int k = k0 + wk * 32 + mt * 16 + gq + hh * 8, r = wr * NT * 8 + nt * 8 + tq * 2;
-                if (k >= g.k) continue;
-                if (r < g.r) dst[(long)k * g.r + r] = acc[mt][nt][2 * hh];
-                if (r + 1 < g.r) dst[(long)k * g.r + r + 1] = acc[mt][nt][2 * hh + 1];
-            }
+    store_dw(part + (long)z * g.k * g.r, acc, k0 + wk * 32, wr * NT * 8, g);
 }
 
 // ------------------------------------------------------------------------------------------------
