@@ -1,5 +1,7 @@
 """The tensor-core path of the convolution family: the implicit-GEMM kernels of conv_mma.cu
-(int8 mma for ternary x ternary forwards, bf16 mma with fp32 accumulation for the gradients),
+(int8 mma for ternary x ternary forwards, bf16 mma with fp32 accumulation for the gradients, and
+for first layers on float32 images direct kernels whose forward splits each value into three
+exact bf16 parts),
 linked into numba kernels with cuda.declare_device. Real GPUs of compute capability >= 8.0 only:
 the simulator cannot run linked code, so conv.py's pure-numba kernels stay the reference (and the
 fallback for shapes these kernels do not take). Exercise: bench/mma_check.py, pytest -m gpu.

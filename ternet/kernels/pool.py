@@ -1,6 +1,7 @@
 """Pooling on NHWC: max pooling (argmax kept as the window position, uint8), average pooling
 (padding counted as zeros, divisor k*k) and global average pooling.
-Exercise: pytest tests/test_ops.py -k pool, tests/test_cuda_pool.py.
+Exercise: pytest tests/test_ops.py -k pool, tests/test_cuda_pool.py; on a GPU, pytest -m gpu
+tests/test_gpu_full.py -k pool (pool_vec.cu's kernels against the numba ones).
 """
 import functools
 import os
@@ -429,6 +430,7 @@ POOL_GEOM = ("n", "h", "w", "c", "oh", "ow", "k", "stride", "pad")
 def _vec_kernels():
     from numba import types
     i8p, u8p, f32p, i32p = (types.CPointer(t) for t in (types.int8, types.uint8, types.float32, types.int32))
+
     def fwd(name, t):
         fn = cuda.declare_device(name, types.int32(t, t, u8p, i32p), link=VEC_SRC)
 
@@ -449,7 +451,8 @@ def _vec_kernels():
 def _vec_geom(inp_shape, out_shape, k, stride, pad):
     from .conv_tc import _ptr, device_ints
     n, h, w, c = inp_shape
-    return _ptr(device_ints((n, h, w, c, out_shape[1], out_shape[2], k, stride, pad)))
+    values = dict(n=n, h=h, w=w, c=c, oh=out_shape[1], ow=out_shape[2], k=k, stride=stride, pad=pad)
+    return _ptr(device_ints(tuple(values[f] for f in POOL_GEOM)))
 
 
 def _vec_fits(shape, groups):
@@ -461,8 +464,8 @@ def _maxpool_fwd_vec(out, arg, inp, k, stride, pad):
     from .conv_tc import _ptr
     if inp.dtype not in (np.int8, np.float32) or not _vec_fits(inp.shape, out.size // 4):
         return False
-    _vec_kernels()[str(inp.dtype)][grid1d(out.size // 4)](_ptr(inp), _ptr(out), _ptr(arg),
-                                              _vec_geom(inp.shape, out.shape, k, stride, pad))
+    geom = _vec_geom(inp.shape, out.shape, k, stride, pad)
+    _vec_kernels()[str(inp.dtype)][grid1d(out.size // 4)](_ptr(inp), _ptr(out), _ptr(arg), geom)
     return True
 
 
@@ -470,8 +473,8 @@ def _maxpool_bwd_vec(dinp, dout, arg, k, stride, pad):
     from .conv_tc import _ptr
     if not _vec_fits(dinp.shape, dinp.size // 4):
         return False
-    _vec_kernels()["bwd"][grid1d(dinp.size // 4)](_ptr(dout), _ptr(arg), _ptr(dinp),
-                                               _vec_geom(dinp.shape, dout.shape, k, stride, pad))
+    geom = _vec_geom(dinp.shape, dout.shape, k, stride, pad)
+    _vec_kernels()["bwd"][grid1d(dinp.size // 4)](_ptr(dout), _ptr(arg), _ptr(dinp), geom)
     return True
 
 
