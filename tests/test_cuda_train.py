@@ -19,21 +19,31 @@ from ternet.train import Trainer
 pytestmark = needs_cuda
 
 
-@pytest.fixture(scope="module")
-def micro_data(tmp_path_factory):
+def _micro(tmp_path_factory, train):
     from data_prep.pack import pack_arrays
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 8, 8, 1)).astype(np.uint8)
     labels = (images.mean(axis=(1, 2, 3)) > 127).astype(np.int32)      # a learnable rule
     out = tmp_path_factory.mktemp("micro") / "micro"
-    pack_arrays(out, {"train": (images[:32], labels[:32]), "test": (images[32:], labels[32:])}, ["dark", "light"])
+    pack_arrays(out, {"train": (images[:train], labels[:train]), "test": (images[32:], labels[32:])}, ["dark", "light"])
     return out
 
 
-def test_device_training_runs_and_repeats(micro_data, tmp_path):
+@pytest.fixture(scope="module")
+def micro_data(tmp_path_factory):
+    return _micro(tmp_path_factory, 32)
+
+
+@pytest.fixture(scope="module")
+def nano_data(tmp_path_factory):
+    # one batch of 16 an epoch: under the simulator a step of this network takes tens of seconds
+    return _micro(tmp_path_factory, 16)
+
+
+def test_device_training_runs_and_repeats(nano_data, tmp_path):
     states = []
     for i in range(2):
-        cfg = Config(data=str(micro_data), arch="4C3-MP2-8FC", sampler="dst", epochs=2, batch_size=16, log_every=1,
+        cfg = Config(data=str(nano_data), arch="4C3-MP2-8FC", sampler="dst", epochs=2, batch_size=16, log_every=1,
                      device="cuda", eval_batch_size=8).resolve()
         run = RunDir(tmp_path / f"r{i}")
         run.create(cfg)
