@@ -61,11 +61,11 @@ def test_device_training_runs_and_repeats(nano_data, tmp_path):
     assert states[0][1] == states[1][1]
 
 
-def test_device_epochs_report_flip_evaluation(micro_data, tmp_path):
+def test_device_epochs_report_flip_evaluation(nano_data, tmp_path):
     """--eval-tta flip on the device path: the record's flip figures are those of evaluate(..., "flip")
     over the device loader (batches mirrored by the device kernel), beside the plain figures."""
     from ternet.evaluate import evaluate
-    cfg = Config(data=str(micro_data), arch="4C3-MP2-8FC", sampler="dst", epochs=1, batch_size=16, log_every=1,
+    cfg = Config(data=str(nano_data), arch="4C3-MP2-8FC", sampler="dst", epochs=1, batch_size=16, log_every=1,
                  device="cuda", eval_batch_size=8, eval_tta="flip").resolve()
     run = RunDir(tmp_path / "r")
     run.create(cfg)
