@@ -65,9 +65,11 @@ def run(name, shape, int_scale, pooling, reps):
         pdout = cuda.to_device(rng.standard_normal(oshape).astype(np.float32))
         grad = pool.PoolGrad(pdout, parg, k, st, pd, shape)
         res["pool_bwd_ms"] = timed(lambda: pool.maxpool_backward(dout, pdout, parg, k, st, pd), reps)
-        stored = (timed(lambda: B.bn_act_backward(dx, dgamma, dbeta, dout, t, gamma), reps), dx.copy_to_host())
+        pool.maxpool_backward(dout, pdout, parg, k, st, pd)      # the gradient the gather stands for
+        B.bn_act_backward(dx, dgamma, dbeta, dout, t, gamma)
+        stored = dx.copy_to_host()
         res["bwd_gathered_ms"] = timed(lambda: B.bn_act_backward(dx, dgamma, dbeta, grad, t, gamma), reps)
-        res["gathered_same_bits"] = bool((dx.copy_to_host().view(np.uint32) == stored[1].view(np.uint32)).all())
+        res["gathered_same_bits"] = bool((dx.copy_to_host().view(np.uint32) == stored.view(np.uint32)).all())
     print(json.dumps(res), flush=True)
     return res.get("gathered_same_bits", True)
 

@@ -231,6 +231,18 @@ def scratch(name, shape, dtype):
     return a
 
 
+_CONSTANTS = {}      # key -> small device array of values fixed by the key (geometries, tables)
+
+
+def device_constant(key, make):
+    """A small device array made once per key from make()'s host array: a host-to-device copy
+    inside the step would make the host wait for every queued kernel, and a captured step cannot
+    make one. key names what the values depend on (it must say which table it is)."""
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = cuda.to_device(make())
+    return _CONSTANTS[key]
+
+
 def release_scratch():
     """Let every scratch buffer go back to the allocator (the next use makes one again, sized to
     its own requests): bench/bench_gpu.py does this between configurations in one process, whose

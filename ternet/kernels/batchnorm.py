@@ -17,7 +17,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import SIMULATOR, THREADS, check, empty, flat, fresh, grid1d, on_device, scratch, view, zeros
+from . import (SIMULATOR, THREADS, check, device_constant, empty, flat, fresh, grid1d, on_device, scratch, view,
+               zeros)
 from .activation import ActSaved, num_words, pack_tile, ternary_forward
 from .elementwise import copy
 from .pool import PoolGrad, _advance, _digits, covering_table, pool_grad_at
@@ -757,18 +758,6 @@ def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, i
                       shape=shape, height=np.float32(window_grad(r32, r32, a32, WINDOW_RECT)))
 
 
-_COVERING = {}
-
-
-def _covering_table(h, w, k, stride, pad):
-    """pool.covering_table on the device, copied once per geometry (a copy inside the step would
-    make the host wait for every queued kernel, and a captured step cannot make one)."""
-    key = (h, w, k, stride, pad)
-    if key not in _COVERING:
-        _COVERING[key] = cuda.to_device(covering_table(h, w, k, stride, pad))
-    return _COVERING[key]
-
-
 def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
     c = gamma.size
     m = dinp.size // c
@@ -776,8 +765,9 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
     args = (t.xq, t.xf, t.s, t.mean, t.invstd, t.bits, t.height, t.cg, t.cb, t.r, t.a, t.shape)
     if isinstance(dout, PoolGrad):
         _, h, w, _ = dout.shape
-        pool = (dout.dout, dout.arg, _covering_table(h, w, dout.k, dout.stride, dout.pad), np.int64(h), np.int64(w),
-                dout.k, dout.stride, dout.pad)
+        cov = device_constant(("pool covering", h, w, dout.k, dout.stride, dout.pad),
+                              lambda: covering_table(h, w, dout.k, dout.stride, dout.pad))
+        pool = (dout.dout, dout.arg, cov, np.int64(h), np.int64(w), dout.k, dout.stride, dout.pad)
         d = scratch("bn_act.dout", 1, np.float32)             # (placeholders, not read)
     else:
         pool = (scratch("bn_act.pd", (1, 1, 1, 1), np.float32), scratch("bn_act.pa", (1, 1, 1, 1), np.uint8),

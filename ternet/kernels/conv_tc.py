@@ -12,7 +12,7 @@ import os
 import numpy as np
 from numba import cuda, types
 
-from . import MAX_BLOCKS, launch, scratch, view
+from . import MAX_BLOCKS, device_constant, launch, scratch, view
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conv_mma.cu")
 GEOM = ("n", "h", "w", "c", "k", "kh", "kw", "oh", "ow", "stride", "pad", "m", "r", "chunk", "dil")
@@ -84,15 +84,9 @@ def _ptr(a):
     return a.__cuda_array_interface__["data"][0]
 
 
-_GEOMS = {}
-
-
 def device_ints(key):
-    """A small int32 device array holding the tuple key (a layer's geometry), made once per key: a
-    host-to-device copy inside the step would make the host wait for every queued kernel."""
-    if key not in _GEOMS:
-        _GEOMS[key] = cuda.to_device(np.array(key, np.int32))
-    return _GEOMS[key]
+    """A small int32 device array holding the tuple key (a layer's geometry), made once per key."""
+    return device_constant(("ints",) + tuple(key), lambda: np.array(key, np.int32))
 
 
 def _geom(**kw):
@@ -117,15 +111,10 @@ def bf16(a):
     return out
 
 
-_TABLES = {}
-
-
 def _bf16_table(scale):
     """bf16 bits of q * scale for q = -4..4 (the weight values of Z_1..Z_3), on the device."""
-    if scale not in _TABLES:
-        bits = [int(np.float32(q * scale).view(np.uint32) >> 16) for q in range(-4, 5)]
-        _TABLES[scale] = cuda.to_device(np.array(bits, np.uint16))
-    return _TABLES[scale]
+    return device_constant(("bf16 weights", scale), lambda: np.array(
+        [int(np.float32(q * scale).view(np.uint32) >> 16) for q in range(-4, 5)], np.uint16))
 
 
 @cuda.jit
