@@ -5,7 +5,12 @@ max-pool backward that would store it. CUDA events, median of 10 after 2 warm-up
 ResNet-18's 224 px stem at batch 256 (float32 record, 3x3/2 pooling after it) and vgg-gxnor's
 conv2 at batch 512 (int16 record).
 
-    python bench/bn_kernels.py [--quick]      (--quick: tiny shapes, for the simulator)
+    python bench/bn_kernels.py [--quick] [--chunks 256 512 ...]   (--quick: tiny shapes, for the simulator)
+
+--chunks: the backward's time with each count of row chunks (MAX_CHUNKS, the reduction grid's
+first dimension; it fixes the order of the sums). Also printed: each kernel's registers a thread
+(what bounds the threads an SM holds), and the plain batch norm's backward (ResNet's last batch
+norm of a block) on the same shape.
 
 Measured with it (fifteenth session): loading ROWS tiles ahead in the forward, 1.50 -> 1.20 ms on
 the stem; the same in the backward's kernels, slower (sums 1.72 -> 1.91 ms, dx 2.30 -> 2.76 ms), so
@@ -36,7 +41,16 @@ def timed(fn, reps=10):
     return round(float(np.median(ms)), 3)
 
 
-def run(name, shape, int_scale, pooling, reps):
+def regs(kernel):
+    """Registers a thread of a compiled numba kernel (all its signatures: one here)."""
+    try:
+        r = kernel.get_regs_per_thread()
+        return sorted(set(r.values())) if isinstance(r, dict) else r
+    except Exception as e:  # noqa: BLE001 - the simulator has no such figure
+        return type(e).__name__
+
+
+def run(name, shape, int_scale, pooling, reps, chunk_counts):
     rng = np.random.default_rng(0)
     c = shape[-1]
     xh = ((rng.integers(-40, 41, shape) / int_scale) if int_scale else rng.standard_normal(shape)).astype(np.float32)
@@ -51,12 +65,29 @@ def run(name, shape, int_scale, pooling, reps):
     o, xq, bits = cuda.device_array(n, np.int8), cuda.device_array(t.xq.size, np.int16), cuda.device_array(t.bits.size, np.uint32)
     xf = cuda.device_array(t.xf.size if t.xf is not None else 1, np.float32)
     fargs = (B.flat(x), t.mean, t.invstd, gamma, beta, t.r, t.a, t.shape, t.s, o, xq, xf, bits)
-    res["fwd_ms"] = timed(lambda: B._bn_act_fwd_cuda[B.grid1d(n)](*fargs), reps)
+    fwd, sums, dxk = B.bn_act_kernels(True, bool(t.s > 0))
+    res["fwd_ms"] = timed(lambda: fwd[B.grid1d(n)](*fargs), reps)
     # the backward through its launcher (sums, final, dx), from a stored gradient and gathered
     dgamma, dbeta = cuda.device_array(c, np.float32), cuda.device_array(c, np.float32)
     dx = cuda.device_array(shape, np.float32)
     dout = cuda.to_device(rng.standard_normal(shape).astype(np.float32))
     res["bwd_ms"] = timed(lambda: B.bn_act_backward(dx, dgamma, dbeta, dout, t, gamma), reps)
+    kept = B.MAX_CHUNKS
+    for k in chunk_counts:
+        B.MAX_CHUNKS = k
+        res[f"bwd_ms_chunks{k}"] = timed(lambda: B.bn_act_backward(dx, dgamma, dbeta, dout, t, gamma), reps)
+    B.MAX_CHUNKS = kept
+    res["regs"] = {"fwd": regs(fwd), "bwd_sums": regs(sums), "bwd_dx": regs(dxk)}
+    # the plain batch norm (no activation) on the same input: forward keeping its record, backward
+    y = cuda.device_array(shape, np.float32)
+    if int_scale:
+        rec = B.batchnorm_forward_train_int16(y, x, gamma, beta, None, None, 0.1, 1e-5, int_scale, stats)
+        res["plain_bwd_ms"] = timed(lambda: B.batchnorm_backward_int16(dx, dgamma, dbeta, dout, rec, gamma), reps)
+    else:
+        xhat = cuda.device_array(shape, np.float32)
+        inv = B.batchnorm_forward_train(y, xhat, x, gamma, beta, None, None, 0.1, 1e-5, stats)
+        res["plain_bwd_ms"] = timed(lambda: B.batchnorm_backward(dx, dgamma, dbeta, dout, xhat, gamma, inv), reps)
+    res["regs"].update(plain_sums=regs(B._bwd_sums_cuda), plain_dx=regs(B._bwd_dx_cuda))
     if pooling:
         k, st, pd = pooling
         oshape = pool.pool_out_shape(shape, k, st, pd)
@@ -70,17 +101,21 @@ def run(name, shape, int_scale, pooling, reps):
         stored = dx.copy_to_host()
         res["bwd_gathered_ms"] = timed(lambda: B.bn_act_backward(dx, dgamma, dbeta, grad, t, gamma), reps)
         res["gathered_same_bits"] = bool((dx.copy_to_host().view(np.uint32) == stored.view(np.uint32)).all())
+        g = B.bn_act_kernels(True, bool(t.s > 0), True)
+        res["regs"].update(gather_sums=regs(g[1]), gather_dx=regs(g[2]))
     print(json.dumps(res), flush=True)
     return res.get("gathered_same_bits", True)
 
 
 if __name__ == "__main__":
     quick = "--quick" in sys.argv
+    chunks = [int(a) for a in sys.argv[sys.argv.index("--chunks") + 1:]] if "--chunks" in sys.argv else []
     if not quick:
         cuda_memory.install()
         launch.install()
     shapes = ([("tiny stem", (2, 6, 7, 8), 0, (3, 2, 1)), ("tiny int16", (3, 4, 4, 16), 4, None)] if quick else
               [("resnet18-224 stem b256", (256, 112, 112, 64), 0, (3, 2, 1)),
+               ("resnet18-224 layer1 b256", (256, 56, 56, 64), 4, None),
                ("vgg-gxnor conv2 b512", (512, 32, 32, 128), 4, None)])
-    ok = all([run(name, shape, s, p, 1 if quick else 10) for name, shape, s, p in shapes])
+    ok = all([run(name, shape, s, p, 1 if quick else 10, chunks) for name, shape, s, p in shapes])
     sys.exit(0 if ok else 1)

@@ -55,9 +55,6 @@ F1, F64, I16, U32 = f32[::1], types.float64[::1], types.int16[::1], types.uint32
 BN_REC = (F1, F4, U4, types.Array(types.int32, 2, "C"), *([i64] * 5), I16, F1, f32, F1, F1, U32, f32, F1, F1, f32, f32,
           i64)   # dout, a pool's, a BNActSaved
 BN_SIGS = {
-    "_bn_act_fwd_cuda": (F1, F1, F1, F1, F1, f32, f32, i64, f32, i8[::1], I16, F1, U32),
-    "_bn_act_bwd_sums_cuda": (*BN_REC, types.Array(types.float64, 3, "C")),
-    "_bn_act_bwd_dx_cuda": (*BN_REC, F1, F1, F1, types.float64, F1),
     "_colsum_cuda": (types.Array(f32, 2, "C"), F64, i64, f32, types.int32[::1], types.Array(types.float64, 3, "C")),
     "_stats_cuda": (types.Array(types.float64, 3, "C"), types.float64, F64, types.float64, F1, F1,
                     types.Array(f32, 2, "C")),
@@ -68,6 +65,12 @@ BN_SIGS = {
     "_bwd_dx_cuda": (F1, F1, f32, I16, F1, F1, F1, F1, F1, types.float64, F1),
 }
 KERNELS.update({name: (getattr(BN, name), sig) for name, sig in BN_SIGS.items()})
+for rect, int16, gather in ((True, True, False), (True, False, True), (False, True, False), (False, False, True)):
+    fwd, sums, dx = BN.bn_act_kernels(rect, int16, gather)
+    kind = f"[rect={rect}, int16={int16}, gather={gather}]"
+    KERNELS["bn_act fwd" + kind] = (fwd, (F1, F1, F1, F1, F1, f32, f32, i64, f32, i8[::1], I16, F1, U32))
+    KERNELS["bn_act bwd_sums" + kind] = (sums, (*BN_REC, types.Array(types.float64, 3, "C")))
+    KERNELS["bn_act bwd_dx" + kind] = (dx, (*BN_REC, F1, F1, F1, types.float64, F1))
 from ternet.kernels import loss as L   # noqa: E402
 KERNELS["_xent_rows_cuda"] = (L._xent_rows_cuda, (types.Array(f32, 2, "C"), types.int32[::1], f32, types.float64,
                                                   types.Array(f32, 2, "C"), F64, types.int32[::1]))

@@ -287,8 +287,9 @@ def test_bn_act_fwd_bits(shape, int_scale, window):
     outs = [np.full(n, 7, np.int8), np.full(n, 7, np.int16), np.full(n, 7, np.float32),
             np.full(num_words(n), 0xA5A5A5A5, np.uint32)]
     args = [x.reshape(-1), mean, invstd, gamma, beta, np.float32(1.0), np.float32(0.5), window, s]
+    fwd = bn.bn_act_kernels(window == WINDOW_RECT, int_scale > 0)[0]
     for grid in grids1d(n):
-        out, xq, xf, bits = same(bn._bn_act_fwd_cuda, _old_bn_act_fwd_cuda, grid, args, outs)
+        out, xq, xf, bits = same(fwd, _old_bn_act_fwd_cuda, grid, args, outs)
     assert {-1, 0, 1} <= set(out.tolist())                      # a test that bites
     if window == WINDOW_RECT:
         flags = np.unpackbits(bits.view(np.uint8), bitorder="little")[:n]
@@ -322,16 +323,17 @@ def test_bn_act_bwd_bits(shape, int_scale, window):
     args = bwd_inputs(m, c, int_scale, 3 * m + c) + [window]
     new = args[:1] + NO_POOL + args[1:]
     n = m * c
+    _, bwd_sums, bwd_dx = bn.bn_act_kernels(window == WINDOW_RECT, int_scale > 0)
     for grid in reduce_grids(m, c):
         part = np.full((grid[0][0], 2, c), np.nan, np.float64)
-        sums = same(bn._bn_act_bwd_sums_cuda, _old_bn_act_bwd_sums_cuda, grid, args, [part], new)[0]
+        sums = same(bwd_sums, _old_bn_act_bwd_sums_cuda, grid, args, [part], new)[0]
     assert (sums != 0).any()
     rng = np.random.default_rng(c)
     gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
     sdy, sdyx = sums.sum(0).astype(np.float32)
     tail = [gamma, sdy, sdyx, np.float64(m)]
     for grid in grids1d(n):
-        dx = same(bn._bn_act_bwd_dx_cuda, _old_bn_act_bwd_dx_cuda, grid, args + tail,
+        dx = same(bwd_dx, _old_bn_act_bwd_dx_cuda, grid, args + tail,
                   [np.full(n, np.nan, np.float32)], new + tail)[0]
     assert np.isfinite(dx).all() and (dx != 0).any()
 
@@ -344,7 +346,7 @@ POOLED = [((2, 7, 6, 5), (3, 2, 1), 0, WINDOW_RECT), ((2, 6, 8, 70), (3, 2, 1), 
 @pytest.mark.parametrize("shape,pool,int_scale,window", POOLED)
 def test_bn_act_bwd_pooled_bits(shape, pool, int_scale, window):
     """--save-memory's fused stem: the max pool's gradient gathered inside the backward kernels
-    (pk > 0) against the same kernels reading the gradient maxpool_backward stored, overlapping
+    (bn_act_kernels(..., gather=True)) against those reading the gradient maxpool_backward stored, overlapping
     (3/2, padded) and disjoint (2/2) windows: the sums and dx bit for bit, and dx once more written
     over the float32 record it reads."""
     from ternet.kernels.pool import covering_table, maxpool_backward, maxpool_forward, pool_out_shape
@@ -365,20 +367,22 @@ def test_bn_act_bwd_pooled_bits(shape, pool, int_scale, window):
     ref = [dy] + NO_POOL + args[1:]
     fused = [np.zeros(1, np.float32), pdout, parg, covering_table(h, w, k, st, pd), np.int64(h), np.int64(w), k, st,
              pd] + args[1:]
+    _, sums_read, dx_read = bn.bn_act_kernels(window == WINDOW_RECT, int_scale > 0)
+    _, sums_gather, dx_gather = bn.bn_act_kernels(window == WINDOW_RECT, int_scale > 0, gather=True)
     for grid in reduce_grids(m, c):
         part = np.full((grid[0][0], 2, c), np.nan, np.float64)
-        sums = same(bn._bn_act_bwd_sums_cuda, bn._bn_act_bwd_sums_cuda, grid, ref, [part], fused)[0]
+        sums = same(sums_gather, sums_read, grid, ref, [part], fused)[0]
     assert (sums != 0).any()
     gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
     sdy, sdyx = sums.sum(0).astype(np.float32)
     tail = [gamma, sdy, sdyx, np.float64(m)]
     for grid in grids1d(m * c):
-        dx = same(bn._bn_act_bwd_dx_cuda, bn._bn_act_bwd_dx_cuda, grid, ref + tail, [np.full(m * c, np.nan, np.float32)],
+        dx = same(dx_gather, dx_read, grid, ref + tail, [np.full(m * c, np.nan, np.float32)],
                   fused + tail)[0]
     assert np.isfinite(dx).all() and (dx != 0).any()
     if int_scale == 0:          # dx over the float32 record xf (fused[10]), as BNAct.backward writes it
         dev = [cuda.to_device(a) if isinstance(a, np.ndarray) else a for a in fused + tail]
-        bn._bn_act_bwd_dx_cuda[grid1d(m * c)](*dev, dev[10])
+        dx_gather[grid1d(m * c)](*dev, dev[10])
         np.testing.assert_array_equal(dev[10].copy_to_host().view(np.uint32), dx.view(np.uint32))
 
 

@@ -9,6 +9,7 @@ once per step from the shards' mean statistics). Reductions sum a fixed partitio
 in a fixed order on both paths, so results depend neither on the thread count nor on the run.
 Exercise: pytest tests/test_ops.py -k batchnorm, tests/test_cuda_batchnorm.py, tests/test_cuda_batchnorm_bits.py.
 """
+import functools
 import math
 import os
 import warnings
@@ -400,47 +401,6 @@ def _bwd_dx_cuda(dy, xhat, s, xq, mean, gamma, invstd, sdy, sdyx, m, dx):
 # fused batch norm + ternary activation: one pass writes out (int8), the window bits and the
 # compact copy of the input; the backward recomputes xhat (and y, for the triangular window)
 
-@cuda.jit
-def _bn_act_fwd_cuda(x, mean, invstd, gamma, beta, r, a, shape, s, out, xq, xf, bits):
-    # a tile of THREADS elements per block and step; its window bits go through one of two flag
-    # buffers, used in turn: a buffer is refilled only after the next tile's barrier, which its
-    # packing threads (pack_tile) pass only once done with it, so one barrier per tile suffices.
-    # A thread loads its elements of ROWS tiles before it computes any (1.50 -> 1.20 ms on
-    # ResNet-18's 224 px stem at batch 256, bench/bn_kernels.py, fifteenth session).
-    flags = cuda.shared.array((2, THREADS), numba.uint8)
-    vl = cuda.local.array(ROWS, numba.float32)
-    tid, n, c = U64(cuda.threadIdx.x), U64(x.size), U64(mean.size)
-    base, stride = U64(cuda.blockIdx.x * THREADS), U64(cuda.gridDim.x * THREADS)
-    j, dj = (base + tid) % c, stride % c
-    t = U64(0)
-    while base < n:
-        b = base
-        for u in range(ROWS):
-            if b + tid < n:
-                vl[u] = x[b + tid]
-            b += stride
-        for u in range(ROWS):
-            if base < n:                        # the same for the whole block (the barrier below)
-                i = base + tid
-                f = np.uint8(0)
-                if i < n:
-                    v = vl[u]
-                    y = affine(normalize(v, mean[j], invstd[j]), gamma[j], beta[j])
-                    out[i] = ternarize(y, r)
-                    if window_grad(y, r, a, shape) != 0:
-                        f = np.uint8(1)
-                    if s > 0:
-                        xq[i] = np.int16(_to_int16(v, s))     # exact: checked by _colsum_cuda
-                    else:
-                        xf[i] = v
-                if shape == WINDOW_RECT:
-                    flags[t, tid] = f
-                    cuda.syncthreads()
-                    pack_tile(flags[t], bits, np.int64(base), x.size)
-                    t ^= U64(1)
-            base, j = base + stride, _next_channel(j, dj, c)
-
-
 @cuda.jit(device=True)
 def _bn_act_load(e, xq, xf, s, bits, shape):
     """The record's loads of flat element e (uint64) for the backward: (int16 record, float32
@@ -501,46 +461,108 @@ def _bn_act_point(e, j, d, q, v, w, s, mean_j, invstd_j, height, cg, cb, r, a, s
 # written). The pixel of an element is stepped along with it (_pixel_walk, pool._advance) and its
 # covering windows looked up: no 64-bit division per element.
 
-@cuda.jit
-def _bn_act_bwd_sums_cuda(dout, pd, pa, cov, ph, pw, pk, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r,
-                          a, shape, part):
-    sh = cuda.shared.array((LANES, TILE_C), numba.float64)
-    c = mean.size
-    m = xf.size // c if s == 0 else xq.size // c
-    j = cuda.blockIdx.y * TILE_C + cuda.threadIdx.x
-    a0, a1 = np.float64(0.0), np.float64(0.0)
-    if j < c:
-        i, end = _lane_rows(m)
-        ju, cu = U64(j), U64(c)
-        e, de, e_end = i * cu + ju, U64(LANES) * cu, end * cu     # flat: row i, the lane step, the end
-        mean_j, invstd_j = mean[j], invstd[j]
-        at, by = _pixel_walk(i, LANES, ph, pw, 1, pk)               # row i's pixel, LANES rows on
-        while e < e_end:
-            d = _dout_at(e, at, ju, dout, pd, pa, cov, ph, pk, ps, pp)
-            q, v, w = _bn_act_load(e, xq, xf, s, bits, shape)
-            g, h = _bn_act_point(e, ju, d, q, v, w, s, mean_j, invstd_j, height, cg, cb, r, a, shape)
-            a0 += np.float64(g)
-            a1 += np.float64(g * h)
-            e += de
+@cuda.jit(device=True, inline=True)
+def _fixed(shape, s, rect, int16):
+    """(shape, s) with what a specialised kernel was compiled for folded in: the rectangular
+    window, or no int16 record (s = 0)."""
+    return (WINDOW_RECT if rect else shape), (s if int16 else np.float32(0.0))
+
+
+@functools.cache
+def bn_act_kernels(rect, int16, gather=False):
+    """The fused kernels (forward, backward sums, backward dx) for one kind of record: rectangular
+    window or not, int16 record or float32, the max pool's gradient gathered or read (the backward's);
+    the same code and arguments for every kind, each compiled with these as constants, so the
+    others' branches are dropped. ptxas on the unspecialised backward kernels: 96 registers (the
+    gather's 4-D indexing), a quarter of the threads an SM holds; specialised without the gather
+    36-39 (bench/bn_kernels.py prints each kernel's count on the GPU)."""
+
+    @cuda.jit
+    def fwd(x, mean, invstd, gamma, beta, r, a, shape, s, out, xq, xf, bits):
+        # a tile of THREADS elements per block and step; its window bits go through one of two flag
+        # buffers, used in turn: a buffer is refilled only after the next tile's barrier, which its
+        # packing threads (pack_tile) pass only once done with it, so one barrier per tile suffices.
+        # A thread loads its elements of ROWS tiles before it computes any (1.50 -> 1.20 ms on
+        # ResNet-18's 224 px stem at batch 256, bench/bn_kernels.py, fifteenth session).
+        shape, s = _fixed(shape, s, rect, int16)
+        flags = cuda.shared.array((2, THREADS), numba.uint8)
+        vl = cuda.local.array(ROWS, numba.float32)
+        tid, n, c = U64(cuda.threadIdx.x), U64(x.size), U64(mean.size)
+        base, stride = U64(cuda.blockIdx.x * THREADS), U64(cuda.gridDim.x * THREADS)
+        j, dj = (base + tid) % c, stride % c
+        t = U64(0)
+        while base < n:
+            b = base
+            for u in range(ROWS):
+                if b + tid < n:
+                    vl[u] = x[b + tid]
+                b += stride
+            for u in range(ROWS):
+                if base < n:                        # the same for the whole block (the barrier below)
+                    i = base + tid
+                    f = np.uint8(0)
+                    if i < n:
+                        v = vl[u]
+                        y = affine(normalize(v, mean[j], invstd[j]), gamma[j], beta[j])
+                        out[i] = ternarize(y, r)
+                        if window_grad(y, r, a, shape) != 0:
+                            f = np.uint8(1)
+                        if s > 0:
+                            xq[i] = np.int16(_to_int16(v, s))     # exact: checked by _colsum_cuda
+                        else:
+                            xf[i] = v
+                    if shape == WINDOW_RECT:
+                        flags[t, tid] = f
+                        cuda.syncthreads()
+                        pack_tile(flags[t], bits, np.int64(base), x.size)
+                        t ^= U64(1)
+                base, j = base + stride, _next_channel(j, dj, c)
+
+    @cuda.jit
+    def bwd_sums(dout, pd, pa, cov, ph, pw, pk, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r,
+                 a, shape, part):
+        shape, s = _fixed(shape, s, rect, int16)
+        pk = pk if gather else 0
+        sh = cuda.shared.array((LANES, TILE_C), numba.float64)
+        c = mean.size
+        m = xf.size // c if s == 0 else xq.size // c
+        j = cuda.blockIdx.y * TILE_C + cuda.threadIdx.x
+        a0, a1 = np.float64(0.0), np.float64(0.0)
+        if j < c:
+            i, end = _lane_rows(m)
+            ju, cu = U64(j), U64(c)
+            e, de, e_end = i * cu + ju, U64(LANES) * cu, end * cu     # flat: row i, the lane step, the end
+            mean_j, invstd_j = mean[j], invstd[j]
+            at, by = _pixel_walk(i, LANES, ph, pw, 1, pk)               # row i's pixel, LANES rows on
+            while e < e_end:
+                d = _dout_at(e, at, ju, dout, pd, pa, cov, ph, pk, ps, pp)
+                q, v, w = _bn_act_load(e, xq, xf, s, bits, shape)
+                g, h = _bn_act_point(e, ju, d, q, v, w, s, mean_j, invstd_j, height, cg, cb, r, a, shape)
+                a0 += np.float64(g)
+                a1 += np.float64(g * h)
+                e += de
+                if pk > 0:
+                    at = _advance(at, by, ph, pw, 1)
+        _lanes_to_part(sh, a0, part, 0, c)
+        _lanes_to_part(sh, a1, part, 1, c)
+
+    @cuda.jit
+    def bwd_dx(dout, pd, pa, cov, ph, pw, pk, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a,
+               shape, gamma, sdy, sdyx, m, dx):
+        shape, s = _fixed(shape, s, rect, int16)
+        pk = pk if gather else 0
+        i, step, n, j, dj, c = _walk(dx.size, mean.size)
+        at, by = _pixel_walk(i, step, ph, pw, np.int64(c), pk)
+        while i < n:
+            d = _dout_at(i, at, j, dout, pd, pa, cov, ph, pk, ps, pp)
+            q, v, w = _bn_act_load(i, xq, xf, s, bits, shape)
+            g, h = _bn_act_point(i, j, d, q, v, w, s, mean[j], invstd[j], height, cg, cb, r, a, shape)
+            dx[i] = bn_dx(g, h, gamma[j], invstd[j], sdy[j], sdyx[j], m)
+            i, j = i + step, _next_channel(j, dj, c)
             if pk > 0:
-                at = _advance(at, by, ph, pw, 1)
-    _lanes_to_part(sh, a0, part, 0, c)
-    _lanes_to_part(sh, a1, part, 1, c)
+                at = _advance(at, by, ph, pw, np.int64(c))
 
-
-@cuda.jit
-def _bn_act_bwd_dx_cuda(dout, pd, pa, cov, ph, pw, pk, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a,
-                        shape, gamma, sdy, sdyx, m, dx):
-    i, step, n, j, dj, c = _walk(dx.size, mean.size)
-    at, by = _pixel_walk(i, step, ph, pw, np.int64(c), pk)
-    while i < n:
-        d = _dout_at(i, at, j, dout, pd, pa, cov, ph, pk, ps, pp)
-        q, v, w = _bn_act_load(i, xq, xf, s, bits, shape)
-        g, h = _bn_act_point(i, j, d, q, v, w, s, mean[j], invstd[j], height, cg, cb, r, a, shape)
-        dx[i] = bn_dx(g, h, gamma[j], invstd[j], sdy[j], sdyx[j], m)
-        i, j = i + step, _next_channel(j, dj, c)
-        if pk > 0:
-            at = _advance(at, by, ph, pw, np.int64(c))
+    return fwd, bwd_sums, bwd_dx
 
 
 CHECK_INT16 = os.environ.get("TERNET_CHECK_INT16") == "1"
@@ -751,7 +773,8 @@ def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, i
         copy(cg, gamma)
         copy(cb, beta)
     r32, a32 = np.float32(r), np.float32(a)
-    _bn_act_fwd_cuda[grid1d(n)](flat(inp), mean, invstd, gamma, beta, r32, a32, shape, s, flat(out), xq, xf, bits)
+    fwd = bn_act_kernels(bool(rect), bool(s > 0))[0]
+    fwd[grid1d(n)](flat(inp), mean, invstd, gamma, beta, r32, a32, shape, s, flat(out), xq, xf, bits)
     # not keeping the input: the kernel's record of it went to inp itself (the same values), not kept
     xf = xf if s > 0 or keep_input else None
     return BNActSaved(xq=xq, xf=xf, s=s, mean=mean, invstd=invstd, bits=bits, cg=cg, cb=cb, r=r32, a=a32,
@@ -763,7 +786,9 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
     m = dinp.size // c
     t = saved
     args = (t.xq, t.xf, t.s, t.mean, t.invstd, t.bits, t.height, t.cg, t.cb, t.r, t.a, t.shape)
-    if isinstance(dout, PoolGrad):
+    gather = isinstance(dout, PoolGrad)
+    _, sums, dx = bn_act_kernels(bool(t.shape == WINDOW_RECT), bool(t.s > 0), gather)
+    if gather:
         _, h, w, _ = dout.shape
         cov = device_constant(("pool covering", h, w, dout.k, dout.stride, dout.pad),
                               lambda: covering_table(h, w, dout.k, dout.stride, dout.pad))
@@ -775,9 +800,9 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
         d = flat(dout)
     grid, block = _reduce_grid(m, c)
     part = scratch("bn.part", (grid[0], 2, c), np.float64)
-    _bn_act_bwd_sums_cuda[grid, block](d, *pool, *args, part)
+    sums[grid, block](d, *pool, *args, part)
     _bwd_final_cuda[grid1d(c)](part, dgamma, dbeta)
-    _bn_act_bwd_dx_cuda[grid1d(dinp.size)](d, *pool, *args, gamma, dbeta, dgamma, np.float64(m), flat(dinp))
+    dx[grid1d(dinp.size)](d, *pool, *args, gamma, dbeta, dgamma, np.float64(m), flat(dinp))
 
 
 def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momentum, eps, r, a, shape,
