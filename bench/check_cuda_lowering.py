@@ -55,8 +55,8 @@ F1, F64, I16, U32 = f32[::1], types.float64[::1], types.int16[::1], types.uint32
 BN_REC = (F1, F4, U4, types.Array(types.int32, 2, "C"), *([i64] * 5), I16, F1, f32, F1, F1, U32, f32, F1, F1, f32, f32,
           i64)   # dout, a pool's, a BNActSaved
 BN_SIGS = {
-    "_colsum_cuda": (types.Array(f32, 2, "C"), F64, i64, f32, types.int32[::1], types.Array(types.float64, 3, "C")),
-    "_stats_cuda": (types.Array(types.float64, 3, "C"), types.float64, F64, types.float64, F1, F1,
+    "_moments_cuda": (types.Array(f32, 2, "C"), f32, types.int32[::1], types.Array(types.float64, 3, "C")),
+    "_stats_cuda": (types.Array(types.float64, 3, "C"), types.float64, types.Array(f32, 2, "C"), types.float64, F1, F1,
                     types.Array(f32, 2, "C")),
     "_bwd_final_cuda": (types.Array(types.float64, 3, "C"), F1, F1),
     "_normalize_cuda": (F1, F1, F1, F1, F1, F1, F1, f32, I16),

@@ -9,6 +9,7 @@ Shapes: C below, above and off the simulator's 64-thread block and 32-channel ti
 counts, grids forced small so the grid-stride loops wrap and the lanes run past ROWS rows.
 """
 import math
+from fractions import Fraction
 
 import numba
 import numpy as np
@@ -16,11 +17,11 @@ import pytest
 from numba import cuda
 
 from cudacheck import first_mismatches, needs_cuda
-from ternet.kernels import THREADS, grid1d
+from ternet.kernels import SIMULATOR, THREADS, grid1d
 from ternet.kernels import batchnorm as bn
 from ternet.kernels.activation import bit_of, num_words, pack_tile
-from ternet.kernels.scalar import (WINDOW_RECT, WINDOW_TRI, affine, bn_dx, bn_stats, normalize, ternarize,
-                                   window_grad)
+from ternet.kernels.scalar import (WINDOW_RECT, WINDOW_TRI, affine, bn_dx, bn_stats, normalize, shifted_moments,
+                                   ternarize, window_grad)
 
 pytestmark = needs_cuda
 TILE_C, LANES = bn.TILE_C, bn.LANES
@@ -61,44 +62,6 @@ def _old_int16_exact(v, s):
 
 
 @cuda.jit
-def _old_colsum_cuda(x, shift, sq, s, flag, part):
-    sh = cuda.shared.array((LANES, TILE_C), numba.float64)
-    m, c = x.shape
-    j = cuda.blockIdx.y * TILE_C + cuda.threadIdx.x
-    step = (m + cuda.gridDim.x - 1) // cuda.gridDim.x
-    acc = np.float64(0.0)
-    if j < c:
-        for i in range(cuda.blockIdx.x * step + cuda.threadIdx.y, min(m, (cuda.blockIdx.x + 1) * step), LANES):
-            v = x[i, j]
-            d = np.float64(v) - shift[j] if sq else np.float64(v)
-            acc += d * d if sq else d
-            if s > 0 and not _old_int16_exact(v, s):
-                flag[0] = 1
-    _old_lanes_to_part(sh, acc, part, 0, c)
-
-
-@cuda.jit
-def _old_mean_cuda(part, m, mean):
-    j = cuda.grid(1)
-    if j < mean.size:
-        t = np.float64(0.0)
-        for k in range(part.shape[0]):
-            t += part[k, 0, j]
-        mean[j] = t / m
-
-
-@cuda.jit
-def _old_stats_cuda(part, m, mean, eps, mean32, invstd, stats):
-    j = cuda.grid(1)
-    if j < mean.size:
-        t = np.float64(0.0)
-        for k in range(part.shape[0]):
-            t += part[k, 0, j]
-        mu, inv, unbiased = bn_stats(mean[j], t, m, eps)
-        mean32[j], invstd[j], stats[0, j], stats[1, j] = mu, inv, mu, unbiased
-
-
-@cuda.jit
 def _old_normalize_cuda(x, mean, invstd, gamma, beta, y, xhat):
     c = mean.size
     for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
@@ -136,17 +99,6 @@ def _old_bwd_sums_cuda(dy, xhat, part):
             a1 += np.float64(g * xhat[i, j])
     _old_lanes_to_part(sh, a0, part, 0, c)
     _old_lanes_to_part(sh, a1, part, 1, c)
-
-
-@cuda.jit
-def _old_bwd_final_cuda(part, dgamma, dbeta):
-    j = cuda.grid(1)
-    if j < dgamma.size:
-        s0, s1 = np.float64(0.0), np.float64(0.0)
-        for k in range(part.shape[0]):
-            s0 += part[k, 0, j]
-            s1 += part[k, 1, j]
-        dbeta[j], dgamma[j] = np.float32(s0), np.float32(s1)
 
 
 @cuda.jit
@@ -389,32 +341,94 @@ def test_bn_act_bwd_pooled_bits(shape, pool, int_scale, window):
 # ----------------------------------------------------------------------------------------------
 # batch statistics and plain batch norm
 
+def fma(a, b, c):
+    """a * b + c rounded once (float64), as cuda.fma on a GPU (numba's simulator rounds twice)."""
+    if SIMULATOR:
+        return a * b + c
+    return float(Fraction(a) * Fraction(b) + Fraction(c))
+
+
+def moments_order(x, chunks):
+    """_moments_cuda's part (chunks, 2, C) written out: chunk z takes rows [z step, (z+1) step),
+    lane l of LANES its rows l, l + LANES, ... in order (sums of d and, fused, d^2 from 0.0,
+    d = x - x[0]), the lane sums added in lane order."""
+    m, c = x.shape
+    step = -(-m // chunks)
+    part = np.zeros((chunks, 2, c))
+    for z in range(chunks):
+        for j in range(c):
+            k = float(x[0, j])
+            lanes = []
+            for lane in range(LANES):
+                a0 = a1 = 0.0
+                for i in range(z * step + lane, min(m, (z + 1) * step), LANES):
+                    d = float(x[i, j]) - k
+                    a0, a1 = a0 + d, fma(d, d, a1)
+                lanes.append((a0, a1))
+            t0, t1 = lanes[0]
+            for a0, a1 in lanes[1:]:
+                t0, t1 = t0 + a0, t1 + a1
+            part[z, :, j] = t0, t1
+    return part
+
+
 @pytest.mark.parametrize("m,c", SHAPES[::2])
-def test_colsum_bits(m, c):
-    x, mean, _, _, _ = channel_data(m, c, m * c, int_scale=2)
+def test_moments_bits(m, c):
+    """The one-pass statistics' partial sums against their order written out in Python, and the
+    int16 check's flag."""
+    x, _, _, _, _ = channel_data(m, c, m * c, int_scale=2)
     x[m // 2, c // 2] = 0.3                # not a multiple of 1/2: the int16 check must flag it
-    shift = mean.astype(np.float64)
     for grid in reduce_grids(m, c):
-        for sq, s in [(0, np.float32(2)), (0, np.float32(0)), (1, np.float32(0))]:
-            part = np.full((grid[0][0], 2, c), np.nan, np.float64)
-            flag, _ = same(bn._colsum_cuda, _old_colsum_cuda, grid, [x, shift, sq, s],
-                           [np.zeros(1, np.int32), part])
-            assert flag[0] == (s > 0)
+        want = moments_order(x, grid[0][0])
+        for s in [np.float32(2), np.float32(0)]:
+            part, flag = cuda.to_device(np.full((grid[0][0], 2, c), np.nan)), cuda.to_device(np.zeros(1, np.int32))
+            bn._moments_cuda[grid](cuda.to_device(x), s, flag, part)
+            np.testing.assert_array_equal(part.copy_to_host(), want)
+            assert flag.copy_to_host()[0] == (s > 0)
+
+
+def chunk_order_sum(col, lanes):
+    """Sum of col (float64, one entry per chunk) in _chunk_sum's order: lane l adds entries l,
+    l + lanes, ... from 0.0, then the lane sums are added in lane order."""
+    lane_sums = []
+    for lane in range(lanes):
+        t = np.float64(0.0)
+        for v in col[lane::lanes]:
+            t += v
+        lane_sums.append(t)
+    t = lane_sums[0]
+    for v in lane_sums[1:]:
+        t += v
+    return t
 
 
 @pytest.mark.parametrize("chunks", [3, 16, 35])
 def test_chunk_sums_bits(chunks):
     """The per-channel sums over the chunks' partial sums, for several chunk counts (the
-    simulator's reduction grids have at most 2)."""
+    simulator's reduction grids have at most 2), against their order written out in Python: the
+    backward's dgamma, dbeta bit for bit, and the statistics from them as the scalar functions
+    make them."""
     rng = np.random.default_rng(chunks)
     c, m = 70, np.float64(50 * chunks)
     part = rng.standard_normal((chunks, 2, c)) * 10.0 ** rng.integers(-8, 9, (chunks, 2, c))
-    part[:, 1] = np.abs(part[:, 1])              # squared deviations
-    grid = grid1d(c)
-    mean = same(bn._mean_cuda, _old_mean_cuda, grid, [part, m], [np.zeros(c, np.float64)])[0]
-    same(bn._stats_cuda, _old_stats_cuda, grid, [part[:, ::-1].copy(), m, mean, np.float64(1e-4)],
-         [np.zeros(c, np.float32), np.zeros(c, np.float32), np.zeros((2, c), np.float32)])
-    same(bn._bwd_final_cuda, _old_bwd_final_cuda, grid, [part], [np.zeros(c, np.float32), np.zeros(c, np.float32)])
+    part[:, 1] = np.abs(part[:, 1]) + part[:, 0] ** 2        # sums of squares about a shift
+    sums = np.array([[chunk_order_sum(part[:, k, j], bn.FINAL_LANES) for j in range(c)] for k in range(2)])
+    assert (sums != part.sum(0)).any() or chunks < 4      # (an order of its own: a test that bites)
+    grid = bn._final_grid(c)
+    dev = lambda *a: [cuda.to_device(v) for v in a]
+    x = rng.standard_normal((3, c)).astype(np.float32) * 10          # the shift: x[0]
+    mean32, invstd, stats = dev(np.zeros(c, np.float32), np.zeros(c, np.float32), np.zeros((2, c), np.float32))
+    bn._stats_cuda[grid](cuda.to_device(part), m, cuda.to_device(x), np.float64(1e-4), mean32, invstd, stats)
+    want = [bn_stats(*shifted_moments(np.float64(x[0, j]), sums[0, j], sums[1, j], m), m, np.float64(1e-4))
+            for j in range(c)]
+    want = np.array(want, np.float32)             # (mean, invstd, unbiased variance) per channel
+    np.testing.assert_allclose(mean32.copy_to_host(), want[:, 0], rtol=1e-6)   # s2 - s1 d: contracted or not
+    np.testing.assert_allclose(invstd.copy_to_host(), want[:, 1], rtol=1e-6)
+    np.testing.assert_allclose(stats.copy_to_host(), np.stack([want[:, 0], want[:, 2]]), rtol=1e-6)
+    dgamma, dbeta = dev(np.zeros(c, np.float32), np.zeros(c, np.float32))
+    bn._bwd_final_cuda[grid](cuda.to_device(part), dgamma, dbeta)
+    np.testing.assert_array_equal(dbeta.copy_to_host(), sums[0].astype(np.float32))
+    np.testing.assert_array_equal(dgamma.copy_to_host(), sums[1].astype(np.float32))
 
 
 class Reordered:

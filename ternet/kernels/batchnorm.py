@@ -2,7 +2,8 @@
 batch norm fused with the ternary activation (the block every conv / FC layer ends in).
 
 Train: y = gamma * xhat + beta with xhat = (x - mean) / sqrt(var + eps), batch statistics
-(biased variance, two passes: mean, then squared deviations), written to `stats` (batch mean and
+(biased variance; one pass: sums of x - k and (x - k)^2 about k = the channel's first value,
+scalar.shifted_moments), written to `stats` (batch mean and
 unbiased variance, (2, C)); the running statistics follow with momentum (batchnorm_update_running,
 called by the train forward unless it is told to leave them: the data-parallel step updates them
 once per step from the shards' mean statistics). Reductions sum a fixed partition of the rows in float64
@@ -23,38 +24,41 @@ from . import (SIMULATOR, THREADS, check, device_constant, empty, flat, fresh, g
 from .activation import ActSaved, num_words, pack_tile, ternary_forward
 from .elementwise import copy
 from .pool import PoolGrad, _advance, _digits, covering_table, pool_grad_at
-from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize, ternarize,
-                     window_grad)
+from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize, shifted_moments,
+                     ternarize, window_grad)
 
 CHUNKS = 64                      # CPU: row chunks of a reduction
 TILE_C, LANES = 32, (2 if SIMULATOR else 8)          # CUDA: a reduction block: 32 channels x row lanes
 MIN_ROWS, MAX_CHUNKS = 64, (2 if SIMULATOR else 256)  # CUDA: rows per chunk at least / chunks at most
+FINAL_LANES = 4 if SIMULATOR else 32                  # CUDA: threads a channel adding up the chunks
 
 
 # ----------------------------------------------------------------------------------------------
 # CPU implementation
 
 @numba.njit(parallel=True, cache=True)
-def _colsum(x, shift, sq):
-    # per-column sum of (x - shift) (sq=False) or (x - shift)^2 (sq=True), float64 accumulators
+def _moments(x):
+    # per column: sums of (x - k) and (x - k)^2 about k = the column's first value (float64)
     m, c = x.shape
-    part = np.zeros((CHUNKS, c), np.float64)
+    part = np.zeros((CHUNKS, 2, c), np.float64)
     step = (m + CHUNKS - 1) // CHUNKS
     for ch in numba.prange(CHUNKS):
         for i in range(ch * step, min(m, (ch + 1) * step)):
             for j in range(c):
-                d = np.float64(x[i, j]) - shift[j]
-                part[ch, j] += d * d if sq else d
-    out = np.zeros(c, np.float64)
+                d = np.float64(x[i, j]) - np.float64(x[0, j])
+                part[ch, 0, j] += d
+                part[ch, 1, j] += d * d
+    out = np.zeros((2, c), np.float64)
     for ch in range(CHUNKS):
         out += part[ch]
     return out
 
 
 @numba.njit(cache=True)
-def _finish_stats(mean, sqdev, m, eps, mean32, invstd, stats):
-    for j in range(mean.size):
-        mean32[j], invstd[j], stats[1, j] = bn_stats(mean[j], sqdev[j], m, eps)
+def _finish_stats(x0, sums, m, eps, mean32, invstd, stats):
+    for j in range(x0.size):
+        mean, sqdev = shifted_moments(np.float64(x0[j]), sums[0, j], sums[1, j], m)
+        mean32[j], invstd[j], stats[1, j] = bn_stats(mean, sqdev, m, eps)
         stats[0, j] = mean32[j]
 
 
@@ -153,10 +157,8 @@ def _bn_act_bwd_dx(dout, deriv, xhat, gamma, invstd, sdy, sdyx, m, dx):
 
 def _cpu_stats(x, eps, stats):
     c, m = x.shape[1], x.shape[0]
-    mean = _colsum(x, np.zeros(c, np.float64), False) / m
-    sqdev = _colsum(x, mean, True)
     mean32, invstd = np.empty(c, np.float32), np.empty(c, np.float32)
-    _finish_stats(mean, sqdev, np.float64(m), np.float64(eps), mean32, invstd, stats)
+    _finish_stats(x[0], _moments(x), np.float64(m), np.float64(eps), mean32, invstd, stats)
     return mean32, invstd
 
 
@@ -178,7 +180,7 @@ def _cpu_stats(x, eps, stats):
 # every signed index, three integer operations per array access.
 
 U64 = np.uint64
-ROWS = 4      # ptxas -v: _colsum_cuda 34 registers (32 before), with 8 rows 46
+ROWS = 4      # ptxas -v: _colsum_cuda (now _moments_cuda) 34 registers (32 before), with 8 rows 46
 
 
 @cuda.jit(device=True)
@@ -218,14 +220,31 @@ def _lanes_to_part(sh, acc, part, k, c):
 
 
 @cuda.jit(device=True)
-def _chunk_sum(part, k, j):
-    """part[0, k, j] + part[1, k, j] + ... in chunk order, from 0.0 (float64). One load at a time:
-    loading 16 partial sums before adding them measured slower on the H200 (the one-thread-per-
-    channel kernels went from 0.13 to 0.23 ms a step at batch 128, ninth session)."""
+def _chunk_sum(part, k, sh):
+    """The sum over chunks of part[:, k, j], j = blockIdx.x * TILE_C + threadIdx.x (float64), in a
+    fixed order: lane ty (of FINAL_LANES) adds chunks ty, ty + FINAL_LANES, ... from 0.0, then the
+    lane sums are added in lane order. Every thread of the (TILE_C, FINAL_LANES) block calls it
+    (barriers) and gets the channel's sum. (One thread per channel adding the chunks in turn took
+    ~30 us a launch on the H200, a load at a time: 1.8 ms of a ResNet-18 224 px step in 63
+    launches, sixteenth session.)"""
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    j = cuda.blockIdx.x * TILE_C + tx
     t = np.float64(0.0)
-    for z in range(part.shape[0]):
-        t += part[z, k, j]
+    if j < part.shape[2]:
+        for z in range(ty, part.shape[0], FINAL_LANES):
+            t += part[z, k, j]
+    sh[ty, tx] = t
+    cuda.syncthreads()
+    t = sh[0, tx]
+    for lane in range(1, FINAL_LANES):
+        t += sh[lane, tx]
+    cuda.syncthreads()
     return t
+
+
+def _final_grid(c):
+    """The launch of the one-block-per-TILE_C-channels kernels that call _chunk_sum."""
+    return ((c + TILE_C - 1) // TILE_C,), (TILE_C, FINAL_LANES)
 
 
 @cuda.jit(device=True)
@@ -249,48 +268,47 @@ def _int16_exact(v, s):
 
 
 @cuda.jit
-def _colsum_cuda(x, shift, sq, s, flag, part):
-    # part[chunk, 0, j] = chunk sum of x (sq=0) or of (x - shift)^2 (sq=1); with s > 0 also
-    # flag[0] = 1 where x * s is not an exact int16 (every writer stores 1: no race on the result)
+def _moments_cuda(x, s, flag, part):
+    # part[chunk, 0, j], part[chunk, 1, j] = chunk sums of d and d^2, d = x - x[0, j] (float64);
+    # with s > 0 also flag[0] = 1 where x * s is not an exact int16 (every writer stores 1: no race
+    # on the result)
     sh = cuda.shared.array((LANES, TILE_C), numba.float64)
     buf = cuda.local.array(ROWS, numba.float32)
     m, c = x.shape
     j = cuda.blockIdx.y * TILE_C + cuda.threadIdx.x
-    acc = np.float64(0.0)
+    a0, a1 = np.float64(0.0), np.float64(0.0)
     if j < c:
         i, end = _lane_rows(m)
-        ju, sj = U64(j), shift[j] if sq else np.float64(0.0)
+        ju = U64(j)
+        k = np.float64(x[0, ju])
         while i < end:
             for u in range(ROWS):
                 if i + U64(u * LANES) < end:
                     buf[u] = x[i + U64(u * LANES), ju]
             for u in range(ROWS):
                 if i + U64(u * LANES) < end:
-                    if sq:
-                        d = np.float64(buf[u]) - sj
-                        acc = cuda.fma(d, d, acc)    # acc + d * d, as NVVM contracts it (fma=1)
-                    else:
-                        acc += np.float64(buf[u])
+                    d = np.float64(buf[u]) - k
+                    a0 += d
+                    a1 = cuda.fma(d, d, a1)    # a1 + d * d, as NVVM contracts it (fma=1)
             if s > 0:
                 for u in range(ROWS):
                     if i + U64(u * LANES) < end and not _int16_exact(buf[u], s):
                         flag[0] = 1
             i += U64(ROWS * LANES)
-    _lanes_to_part(sh, acc, part, 0, c)
+    _lanes_to_part(sh, a0, part, 0, c)
+    _lanes_to_part(sh, a1, part, 1, c)
 
 
 @cuda.jit
-def _mean_cuda(part, m, mean):
-    j = cuda.grid(1)
-    if j < mean.size:
-        mean[j] = _chunk_sum(part, 0, j) / m
-
-
-@cuda.jit
-def _stats_cuda(part, m, mean, eps, mean32, invstd, stats):
-    j = cuda.grid(1)
-    if j < mean.size:
-        mu, inv, unbiased = bn_stats(mean[j], _chunk_sum(part, 0, j), m, eps)
+def _stats_cuda(part, m, x, eps, mean32, invstd, stats):
+    # from _moments_cuda's sums about x[0, j]
+    sh = cuda.shared.array((FINAL_LANES, TILE_C), numba.float64)
+    s1 = _chunk_sum(part, 0, sh)
+    s2 = _chunk_sum(part, 1, sh)
+    j = cuda.blockIdx.x * TILE_C + cuda.threadIdx.x
+    if cuda.threadIdx.y == 0 and j < mean32.size:
+        mean, sqdev = shifted_moments(np.float64(x[0, j]), s1, s2, m)
+        mu, inv, unbiased = bn_stats(mean, sqdev, m, eps)
         mean32[j], invstd[j], stats[0, j], stats[1, j] = mu, inv, mu, unbiased
 
 
@@ -381,12 +399,11 @@ def _bwd_sums_cuda(dy, xhat, s, xq, mean, invstd, part):
 
 @cuda.jit
 def _bwd_final_cuda(part, dgamma, dbeta):
-    j = cuda.grid(1)
-    if j < dgamma.size:
-        s0, s1 = np.float64(0.0), np.float64(0.0)
-        for z in range(part.shape[0]):     # both sums in one pass, chunk order (as _chunk_sum)
-            s0 += part[z, 0, j]
-            s1 += part[z, 1, j]
+    sh = cuda.shared.array((FINAL_LANES, TILE_C), numba.float64)
+    s0 = _chunk_sum(part, 0, sh)
+    s1 = _chunk_sum(part, 1, sh)
+    j = cuda.blockIdx.x * TILE_C + cuda.threadIdx.x
+    if cuda.threadIdx.y == 0 and j < dgamma.size:
         dbeta[j], dgamma[j] = np.float32(s0), np.float32(s1)
 
 
@@ -508,7 +525,7 @@ def bn_act_kernels(rect, int16, gather=False):
                         if window_grad(y, r, a, shape) != 0:
                             f = np.uint8(1)
                         if s > 0:
-                            xq[i] = np.int16(_to_int16(v, s))     # exact: checked by _colsum_cuda
+                            xq[i] = np.int16(_to_int16(v, s))     # exact: checked by _moments_cuda
                         else:
                             xf[i] = v
                     if shape == WINDOW_RECT:
@@ -580,14 +597,11 @@ def _cuda_stats(x, eps, stats, s=np.float32(0), buffers=fresh):
     m, c = x.shape
     grid, block = _reduce_grid(m, c)
     part = scratch("bn.part", (grid[0], 2, c), np.float64)
-    mean = scratch("bn.mean", c, np.float64)
     mean32, invstd = buffers("bn.mean", c, np.float32), buffers("bn.invstd", c, np.float32)
     flag = zeros((1,), np.int32, True) if s > 0 and CHECK_INT16 else scratch("bn.flag", 1, np.int32)
     # (the check costs a division per element: skipped where its flag would not be read)
-    _colsum_cuda[grid, block](x, mean, 0, s if CHECK_INT16 else np.float32(0), flag, part)
-    _mean_cuda[grid1d(c)](part, np.float64(m), mean)
-    _colsum_cuda[grid, block](x, mean, 1, np.float32(0), flag, part)
-    _stats_cuda[grid1d(c)](part, np.float64(m), mean, np.float64(eps), mean32, invstd, stats)
+    _moments_cuda[grid, block](x, s if CHECK_INT16 else np.float32(0), flag, part)
+    _stats_cuda[_final_grid(c)](part, np.float64(m), x, np.float64(eps), mean32, invstd, stats)
     # reading the flag back would make the host wait for every queued kernel, once per layer and
     # step: the model builder guarantees int_scale (see BNAct), so only TERNET_CHECK_INT16=1 reads it
     exact = s > 0 and (not CHECK_INT16 or int(flag.copy_to_host()[0]) == 0)
@@ -693,7 +707,7 @@ def _bn_backward_cuda(dinp, dgamma, dbeta, dout, xhat, s, xq, mean, gamma, invst
     part = scratch("bn.part", (grid[0], 2, c), np.float64)
     xh2, xq2 = (view(xhat, 1, 1), view(xq, m, c)) if s > 0 else (_rows(xhat), view(xq, 1, 1))
     _bwd_sums_cuda[grid, block](dy, xh2, s, xq2, mean, invstd, part)
-    _bwd_final_cuda[grid1d(c)](part, dgamma, dbeta)
+    _bwd_final_cuda[_final_grid(c)](part, dgamma, dbeta)
     _bwd_dx_cuda[grid1d(dout.size)](flat(dout), flat(xhat), s, xq, mean, gamma, invstd, dbeta, dgamma,
                                     np.float64(m), flat(dinp))
 
@@ -801,7 +815,7 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
     grid, block = _reduce_grid(m, c)
     part = scratch("bn.part", (grid[0], 2, c), np.float64)
     sums[grid, block](d, *pool, *args, part)
-    _bwd_final_cuda[grid1d(c)](part, dgamma, dbeta)
+    _bwd_final_cuda[_final_grid(c)](part, dgamma, dbeta)
     dx[grid1d(dinp.size)](d, *pool, *args, gamma, dbeta, dgamma, np.float64(m), flat(dinp))
 
 
