@@ -9,8 +9,9 @@ conv2 at batch 512 (int16 record).
 
 --chunks: the backward's time with each count of row chunks (MAX_CHUNKS, the reduction grid's
 first dimension; it fixes the order of the sums). Also printed: each kernel's registers a thread
-(what bounds the threads an SM holds), and the plain batch norm's backward (ResNet's last batch
-norm of a block) on the same shape.
+(what bounds the threads an SM holds), the plain batch norm's backward (ResNet's last batch norm
+of a block) on the same shape, and the fused backward also writing dx's bf16 copy against the
+conversion kernel (conv_tc's to_bf16) that copy saves.
 
 Measured with it (fifteenth session): loading ROWS tiles ahead in the forward, 1.50 -> 1.20 ms on
 the stem; the same in the backward's kernels, slower (sums 1.72 -> 1.91 ms, dx 2.30 -> 2.76 ms), so
@@ -72,6 +73,14 @@ def run(name, shape, int_scale, pooling, reps, chunk_counts):
     dx = cuda.device_array(shape, np.float32)
     dout = cuda.to_device(rng.standard_normal(shape).astype(np.float32))
     res["bwd_ms"] = timed(lambda: B.bn_act_backward(dx, dgamma, dbeta, dout, t, gamma), reps)
+    # the backward writing dx's bf16 copy as well, against the conversion kernel it saves
+    dx16 = cuda.device_array(shape, np.uint16)
+    res["bwd_bf16_ms"] = timed(lambda: B.bn_act_backward(dx, dgamma, dbeta, dout, t, gamma, dx16), reps)
+    from ternet.kernels import conv_tc
+    if conv_tc.available():
+        cvt = conv_tc._kernels()["to_bf16"]
+        res["to_bf16_ms"] = timed(lambda: cvt[min(4096, (n + 255) // 256), 256](conv_tc._ptr(dx), conv_tc._ptr(dx16), n),
+                                  reps)
     kept = B.MAX_CHUNKS
     for k in chunk_counts:
         B.MAX_CHUNKS = k

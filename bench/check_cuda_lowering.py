@@ -62,15 +62,16 @@ BN_SIGS = {
     "_normalize_cuda": (F1, F1, F1, F1, F1, F1, F1, f32, I16),
     "_bwd_sums_cuda": (types.Array(f32, 2, "C"), types.Array(f32, 2, "C"), f32, types.Array(types.int16, 2, "C"),
                        F1, F1, types.Array(types.float64, 3, "C")),
-    "_bwd_dx_cuda": (F1, F1, f32, I16, F1, F1, F1, F1, F1, types.float64, F1),
+    "_bwd_dx_cuda": (F1, F1, f32, I16, F1, F1, F1, F1, F1, types.float64, types.uint16[::1], F1),
 }
 KERNELS.update({name: (getattr(BN, name), sig) for name, sig in BN_SIGS.items()})
-for rect, int16, gather in ((True, True, False), (True, False, True), (False, True, False), (False, False, True)):
-    fwd, sums, dx = BN.bn_act_kernels(rect, int16, gather)
-    kind = f"[rect={rect}, int16={int16}, gather={gather}]"
+for rect, int16, gather, to16 in ((True, True, False, True), (True, False, True, False), (False, True, False, False),
+                                  (False, False, True, True)):
+    fwd, sums, dx = BN.bn_act_kernels(rect, int16, gather, to16)
+    kind = f"[rect={rect}, int16={int16}, gather={gather}, to16={to16}]"
     KERNELS["bn_act fwd" + kind] = (fwd, (F1, F1, F1, F1, F1, f32, f32, i64, f32, i8[::1], I16, F1, U32))
     KERNELS["bn_act bwd_sums" + kind] = (sums, (*BN_REC, types.Array(types.float64, 3, "C")))
-    KERNELS["bn_act bwd_dx" + kind] = (dx, (*BN_REC, F1, F1, F1, types.float64, F1))
+    KERNELS["bn_act bwd_dx" + kind] = (dx, (*BN_REC, F1, F1, F1, types.float64, types.uint16[::1], F1))
 from ternet.kernels import loss as L   # noqa: E402
 KERNELS["_xent_rows_cuda"] = (L._xent_rows_cuda, (types.Array(f32, 2, "C"), types.int32[::1], f32, types.float64,
                                                   types.Array(f32, 2, "C"), F64, types.int32[::1]))

@@ -1,7 +1,7 @@
 """GPU time of every kernel of one training step, by layer (bench_gpu's step, eager).
 
     python bench/profile_kernels.py [--arch vgg-gxnor] [--side 32] [--classes 10]
-                                    [--sampler bop|dst] [--batch 64 128 512] [--top 25]
+                                    [--sampler bop|dst] [--batch 64 128 512] [--top 25] [--dw-chunk M]
 
 The step's launches are queued behind a kernel that sleeps ~0.3 s, so the host is always ahead of
 the GPU and the CUDA events recorded around each planned launch measure the kernel alone (plus the
@@ -112,7 +112,12 @@ if __name__ == "__main__":
     ap.add_argument("--sampler", default="bop", choices=["bop", "dst"])
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 128, 512])
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--dw-chunk", type=int, default=0,
+                    help="rows m per split of the tensor-core weight gradient (conv_tc.DW_CHUNK; 0: as set)")
     a = ap.parse_args()
+    if a.dw_chunk:
+        from ternet.kernels import conv_tc
+        conv_tc.DW_CHUNK = a.dw_chunk
     res = [profile(a.arch, (a.side, a.side, a.channels), a.classes, b, a.sampler, a.top) for b in a.batch]
     if len(res) > 1:            # per kernel: the time at the smallest and the largest batch
         lo, hi = res[0], res[-1]

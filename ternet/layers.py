@@ -9,7 +9,7 @@ model's flat buffers (model.RealBuffers). Exercise: pytest tests/test_layers.py.
 """
 import numpy as np
 
-from .kernels import StepBuffers, empty, flat, on_device, view, workspace
+from .kernels import StepBuffers, conv_tc, empty, flat, on_device, view, workspace
 from .kernels.activation import ternary_backward, ternary_forward
 from .kernels.batchnorm import (batchnorm_backward, batchnorm_backward_int16, batchnorm_forward_eval,
                                 batchnorm_forward_train, batchnorm_forward_train_int16, batchnorm_update_running,
@@ -196,6 +196,20 @@ class BatchNorm(Layer):
         # int_scale > 0: inputs are integers once multiplied by it (as BNAct's); with lean set
         # (Model.save_memory) the GPU then keeps them as int16 for the backward instead of xhat
         self.int_scale, self.lean = int_scale, False
+        # set by the Model where a convolution that needs its input gradient comes right before:
+        # on a GPU with tensor cores the backward also writes dx in bf16, the form that layer
+        # reads it in (one conversion kernel less; the same bits)
+        self.grad_bf16 = False
+
+    def _dx16(self, dx):
+        """The bf16 buffer for the backward's dx (grad_bf16 on a tensor-core GPU), else None."""
+        if not (self.grad_bf16 and on_device(dx) and conv_tc.available()):
+            return None
+        return empty(dx.shape, np.uint16, True)
+
+    def _adopt(self, dx, dx16):
+        if dx16 is not None:
+            conv_tc.adopt_bf16(dx, dx16)
 
     def _train_args(self, dev):
         """(running_mean, running_var, stats) for a train forward: None, None when not tracking."""
@@ -234,10 +248,12 @@ class BatchNorm(Layer):
             if p.grad is None:
                 p.grad = empty((self.c,), np.float32, dev)
         dx = empty(dy.shape, np.float32, dev)
+        dx16 = self._dx16(dx)
         if isinstance(ctx[0], str):
-            batchnorm_backward_int16(dx, self.gamma.grad, self.beta.grad, dy, ctx[1], self.gamma.value)
+            batchnorm_backward_int16(dx, self.gamma.grad, self.beta.grad, dy, ctx[1], self.gamma.value, dx16)
         else:
-            batchnorm_backward(dx, self.gamma.grad, self.beta.grad, dy, ctx[0], self.gamma.value, ctx[1])
+            batchnorm_backward(dx, self.gamma.grad, self.beta.grad, dy, ctx[0], self.gamma.value, ctx[1], dx16)
+        self._adopt(dx, dx16)
         return dx
 
     def rparams(self):
@@ -297,7 +313,9 @@ class BNAct(BatchNorm):
             dx = view(saved.xf, dy.shape) if over else empty(dy.shape, np.float32, dev)
         else:
             dx = dy if dev and self.in_place else empty(dy.shape, np.float32, dev)
-        bn_act_backward(dx, self.gamma.grad, self.beta.grad, dy, saved, self.gamma.value)
+        dx16 = self._dx16(dx)
+        bn_act_backward(dx, self.gamma.grad, self.beta.grad, dy, saved, self.gamma.value, dx16)
+        self._adopt(dx, dx16)
         return dx
 
 

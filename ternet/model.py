@@ -189,6 +189,11 @@ class Model:
         self.device = False
         params = self.rparams()
         self.reals = RealBuffers(params, [p.value for p in params], False)
+        for seq in walk(self.net):        # batch norms whose gradient a convolution reads in bf16
+            kids = getattr(seq, "layers", [])
+            for conv, bn in zip(kids, kids[1:]):
+                if isinstance(conv, Conv2d) and conv.needs_dinput and isinstance(bn, BatchNorm):
+                    bn.grad_bf16 = True
 
     def save_memory(self, on=True):
         """ternet train --save-memory: on the GPU, (1) the batch norm right after the first layer

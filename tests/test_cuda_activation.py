@@ -27,7 +27,7 @@ def fwd_bwd(r, a, shape):
 
 
 @pytest.mark.parametrize("shape", [WINDOW_RECT, WINDOW_TRI])
-@pytest.mark.parametrize("n", SIZES + [300])
+@pytest.mark.parametrize("n", SIZES + [300, 2053])   # 2053: several rounds of tiles under the simulator
 def test_ternary_forward_backward(n, shape):
     x, dy = inputs(n, n)
     cpu, gpu = both(fwd_bwd(R, A, shape), [np.empty(n, np.int8), np.empty(n, np.float32)], [x, dy])

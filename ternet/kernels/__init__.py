@@ -92,6 +92,19 @@ except ImportError:  # pragma: no cover
 THREADS = 64 if SIMULATOR else 256
 MAX_BLOCKS = 2 if SIMULATOR else 132 * 32
 
+if cuda is not None and not SIMULATOR:
+    from numba.cuda import libdevice as _libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def f32_bits(v):
+        """The bits of float32 v as uint32 (a device function)."""
+        return np.uint32(_libdevice.float_as_int(v))
+elif cuda is not None:
+    @cuda.jit(device=True)
+    def f32_bits(v):
+        """The bits of float32 v as uint32 (the simulator's: numpy, as libdevice has none there)."""
+        return np.uint32(np.float32(v).view(np.uint32))
+
 
 def grid1d(n, threads=THREADS, max_blocks=MAX_BLOCKS):
     """(blocks, threads) for a grid-stride loop over n elements."""

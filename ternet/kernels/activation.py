@@ -62,6 +62,8 @@ def _mul(a, b, out):
 
 # ----------------------------------------------------------------------------------------------
 # CUDA kernels
+
+AHEAD = 4        # tiles of elements a thread loads before computing any (_ternary_fwd_bits_cuda)
 #
 # Bit masks are written a block tile at a time: each thread leaves its element's bit in shared
 # memory and the first THREADS // 32 threads pack 32 of them into a word, so global reads and
@@ -96,20 +98,36 @@ def _ternary_fwd_cuda(x, r, a, shape, out, deriv):
 
 @cuda.jit
 def _ternary_fwd_bits_cuda(x, r, a, out, bits):
-    flags = cuda.shared.array(THREADS, numba.uint8)
+    # a tile of THREADS elements per block and step, its window bits through one of two flag
+    # buffers used in turn (one barrier a tile: a buffer is refilled only after the next tile's
+    # barrier, which its packing threads pass once done with it), a thread's elements of AHEAD
+    # tiles loaded before any is computed: batchnorm's fused forward does the same. (One tile at a
+    # time with two barriers ran at ~0.8 TB/s on the H200: 1.22 ms in a ResNet-18 224 px step.)
+    flags = cuda.shared.array((2, THREADS), numba.uint8)
+    vl = cuda.local.array(AHEAD, numba.float32)
     tid, n = cuda.threadIdx.x, x.size
-    for base in range(cuda.blockIdx.x * THREADS, n, cuda.gridDim.x * THREADS):
-        i = base + tid
-        f = np.uint8(0)
-        if i < n:
-            v = x[i]
-            out[i] = ternarize(v, r)
-            if window_grad(v, r, a, WINDOW_RECT) != 0:
-                f = np.uint8(1)
-        flags[tid] = f
-        cuda.syncthreads()
-        pack_tile(flags, bits, base, n)
-        cuda.syncthreads()
+    base, stride = cuda.blockIdx.x * THREADS, cuda.gridDim.x * THREADS
+    t = 0
+    while base < n:
+        b = base
+        for u in range(AHEAD):
+            if b + tid < n:
+                vl[u] = x[b + tid]
+            b += stride
+        for u in range(AHEAD):
+            if base < n:                        # the same for the whole block (the barrier below)
+                i = base + tid
+                f = np.uint8(0)
+                if i < n:
+                    v = vl[u]
+                    out[i] = ternarize(v, r)
+                    if window_grad(v, r, a, WINDOW_RECT) != 0:
+                        f = np.uint8(1)
+                flags[t, tid] = f
+                cuda.syncthreads()
+                pack_tile(flags[t], bits, base, n)
+                t ^= 1
+            base += stride
 
 
 @cuda.jit(device=True)

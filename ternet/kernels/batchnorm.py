@@ -19,13 +19,13 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import (SIMULATOR, THREADS, check, device_constant, empty, flat, fresh, grid1d, on_device, scratch, view,
-               zeros)
+from . import (SIMULATOR, THREADS, check, device_constant, empty, f32_bits, flat, fresh, grid1d, on_device, scratch,
+               view, zeros)
 from .activation import ActSaved, num_words, pack_tile, ternary_forward
 from .elementwise import copy
 from .pool import PoolGrad, _advance, _digits, covering_table, pool_grad_at
-from .scalar import (WINDOW_RECT, affine, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize, shifted_moments,
-                     ternarize, window_grad)
+from .scalar import (WINDOW_RECT, affine, bf16_bits, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize,
+                     shifted_moments, ternarize, window_grad)
 
 CHUNKS = 64                      # CPU: row chunks of a reduction
 TILE_C, LANES = 32, (2 if SIMULATOR else 8)          # CUDA: a reduction block: 32 channels x row lanes
@@ -408,10 +408,15 @@ def _bwd_final_cuda(part, dgamma, dbeta):
 
 
 @cuda.jit
-def _bwd_dx_cuda(dy, xhat, s, xq, mean, gamma, invstd, sdy, sdyx, m, dx):
+def _bwd_dx_cuda(dy, xhat, s, xq, mean, gamma, invstd, sdy, sdyx, m, d16, dx):
+    # d16 of dx's size: also its bf16 copy there (else a placeholder)
     i, step, n, j, dj, c = _walk(dx.size, gamma.size)
+    to16 = d16.size == dx.size
     while i < n:
-        dx[i] = bn_dx(dy[i], _xhat_at(xhat, xq, s, mean[j], invstd[j], i), gamma[j], invstd[j], sdy[j], sdyx[j], m)
+        v = bn_dx(dy[i], _xhat_at(xhat, xq, s, mean[j], invstd[j], i), gamma[j], invstd[j], sdy[j], sdyx[j], m)
+        dx[i] = v
+        if to16:
+            d16[i] = bf16_bits(f32_bits(v))
         i, j = i + step, _next_channel(j, dj, c)
 
 
@@ -486,9 +491,10 @@ def _fixed(shape, s, rect, int16):
 
 
 @functools.cache
-def bn_act_kernels(rect, int16, gather=False):
+def bn_act_kernels(rect, int16, gather=False, to16=False):
     """The fused kernels (forward, backward sums, backward dx) for one kind of record: rectangular
-    window or not, int16 record or float32, the max pool's gradient gathered or read (the backward's);
+    window or not, int16 record or float32, the max pool's gradient gathered or read (the backward's),
+    a bf16 copy of dx written or not (the backward dx's);
     the same code and arguments for every kind, each compiled with these as constants, so the
     others' branches are dropped. ptxas on the unspecialised backward kernels: 96 registers (the
     gather's 4-D indexing), a quarter of the threads an SM holds; specialised without the gather
@@ -565,7 +571,8 @@ def bn_act_kernels(rect, int16, gather=False):
 
     @cuda.jit
     def bwd_dx(dout, pd, pa, cov, ph, pw, pk, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a,
-               shape, gamma, sdy, sdyx, m, dx):
+               shape, gamma, sdy, sdyx, m, d16, dx):
+        # with to16 also dx's bf16 copy in d16 (else a placeholder)
         shape, s = _fixed(shape, s, rect, int16)
         pk = pk if gather else 0
         i, step, n, j, dj, c = _walk(dx.size, mean.size)
@@ -574,7 +581,10 @@ def bn_act_kernels(rect, int16, gather=False):
             d = _dout_at(i, at, j, dout, pd, pa, cov, ph, pk, ps, pp)
             q, v, w = _bn_act_load(i, xq, xf, s, bits, shape)
             g, h = _bn_act_point(i, j, d, q, v, w, s, mean[j], invstd[j], height, cg, cb, r, a, shape)
-            dx[i] = bn_dx(g, h, gamma[j], invstd[j], sdy[j], sdyx[j], m)
+            v = bn_dx(g, h, gamma[j], invstd[j], sdy[j], sdyx[j], m)
+            dx[i] = v
+            if to16:
+                d16[i] = bf16_bits(f32_bits(v))
             i, j = i + step, _next_channel(j, dj, c)
             if pk > 0:
                 at = _advance(at, by, ph, pw, np.int64(c))
@@ -681,17 +691,18 @@ def batchnorm_forward_eval(out, inp, gamma, beta, running_mean, running_var, eps
     _affine(_rows(inp), scale, shift, _rows(out))
 
 
-def batchnorm_backward(dinp, dgamma, dbeta, dout, xhat, gamma, invstd):
+def batchnorm_backward(dinp, dgamma, dbeta, dout, xhat, gamma, invstd, dinp16=None):
     """Backward of the train-mode forward; overwrites dinp, dgamma and dbeta.
 
     dgamma = sum(dout * xhat), dbeta = sum(dout),
     dinp = gamma * invstd * (dout - (dbeta + xhat * dgamma) / M), M = elements per channel.
+    dinp16 (GPU, uint16 of dinp's size, or None): also dinp's bf16 bits there (_bf16_out).
     """
     dy, xh = _rows(dout), _rows(xhat)
     m = np.float64(dy.shape[0])
     if on_device(dinp, dout, xhat):
         q = scratch("bn.xq", 1, np.int16)         # (no int16 record: its placeholder)
-        _bn_backward_cuda(dinp, dgamma, dbeta, dout, xhat, np.float32(0), q, invstd, gamma, invstd)
+        _bn_backward_cuda(dinp, dgamma, dbeta, dout, xhat, np.float32(0), q, invstd, gamma, invstd, dinp16)
         return
     sums = _bn_bwd_sums(dy, xh)
     dbeta[:] = sums[0]
@@ -699,7 +710,12 @@ def batchnorm_backward(dinp, dgamma, dbeta, dout, xhat, gamma, invstd):
     _bn_bwd_dx(dy, xh, gamma, invstd, dbeta, dgamma, m, _rows(dinp))
 
 
-def _bn_backward_cuda(dinp, dgamma, dbeta, dout, xhat, s, xq, mean, gamma, invstd):
+def _bf16_out(d16):
+    """A dx kernel's bf16 output: d16 (flat), or a placeholder (not written)."""
+    return flat(d16) if d16 is not None else scratch("bn.d16", 1, np.uint16)
+
+
+def _bn_backward_cuda(dinp, dgamma, dbeta, dout, xhat, s, xq, mean, gamma, invstd, dinp16=None):
     # s > 0: xhat is a placeholder and xq the int16 record, else the other way round
     dy = _rows(dout)
     m, c = dy.shape
@@ -709,7 +725,7 @@ def _bn_backward_cuda(dinp, dgamma, dbeta, dout, xhat, s, xq, mean, gamma, invst
     _bwd_sums_cuda[grid, block](dy, xh2, s, xq2, mean, invstd, part)
     _bwd_final_cuda[_final_grid(c)](part, dgamma, dbeta)
     _bwd_dx_cuda[grid1d(dout.size)](flat(dout), flat(xhat), s, xq, mean, gamma, invstd, dbeta, dgamma,
-                                    np.float64(m), flat(dinp))
+                                    np.float64(m), _bf16_out(dinp16), flat(dinp))
 
 
 def batchnorm_forward_train_int16(out, inp, gamma, beta, running_mean, running_var, momentum, eps, int_scale,
@@ -735,11 +751,12 @@ def batchnorm_forward_train_int16(out, inp, gamma, beta, running_mean, running_v
     return xhat, s, xq, mean, invstd
 
 
-def batchnorm_backward_int16(dinp, dgamma, dbeta, dout, record, gamma):
-    """Backward of batchnorm_forward_train_int16 (its record); overwrites dinp, dgamma, dbeta. The
-    same values as batchnorm_backward: xhat is recomputed from the int16 input bit for bit."""
+def batchnorm_backward_int16(dinp, dgamma, dbeta, dout, record, gamma, dinp16=None):
+    """Backward of batchnorm_forward_train_int16 (its record); overwrites dinp, dgamma, dbeta (and
+    dinp16, as batchnorm_backward). The same values as batchnorm_backward: xhat is recomputed from
+    the int16 input bit for bit."""
     xhat, s, xq, mean, invstd = record
-    _bn_backward_cuda(dinp, dgamma, dbeta, dout, xhat, s, xq, mean, gamma, invstd)
+    _bn_backward_cuda(dinp, dgamma, dbeta, dout, xhat, s, xq, mean, gamma, invstd, dinp16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -795,13 +812,13 @@ def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, i
                       shape=shape, height=np.float32(window_grad(r32, r32, a32, WINDOW_RECT)))
 
 
-def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
+def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma, dinp16=None):
     c = gamma.size
     m = dinp.size // c
     t = saved
     args = (t.xq, t.xf, t.s, t.mean, t.invstd, t.bits, t.height, t.cg, t.cb, t.r, t.a, t.shape)
     gather = isinstance(dout, PoolGrad)
-    _, sums, dx = bn_act_kernels(bool(t.shape == WINDOW_RECT), bool(t.s > 0), gather)
+    _, sums, dx = bn_act_kernels(bool(t.shape == WINDOW_RECT), bool(t.s > 0), gather, dinp16 is not None)
     if gather:
         _, h, w, _ = dout.shape
         cov = device_constant(("pool covering", h, w, dout.k, dout.stride, dout.pad),
@@ -816,7 +833,7 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma):
     part = scratch("bn.part", (grid[0], 2, c), np.float64)
     sums[grid, block](d, *pool, *args, part)
     _bwd_final_cuda[_final_grid(c)](part, dgamma, dbeta)
-    dx[grid1d(dinp.size)](d, *pool, *args, gamma, dbeta, dgamma, np.float64(m), flat(dinp))
+    dx[grid1d(dinp.size)](d, *pool, *args, gamma, dbeta, dgamma, np.float64(m), _bf16_out(dinp16), flat(dinp))
 
 
 def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momentum, eps, r, a, shape,
@@ -863,16 +880,17 @@ def bn_act_forward_eval(out, inp, gamma, beta, running_mean, running_var, eps, r
     ternary_forward(out, y, r, 0.5, WINDOW_RECT, train=False)
 
 
-def bn_act_backward(dinp, dgamma, dbeta, dout, saved, gamma):
+def bn_act_backward(dinp, dgamma, dbeta, dout, saved, gamma, dinp16=None):
     """Backward of bn_act_forward_train: the window derivative, then batch norm's backward.
     Overwrites dinp (float32, inp's shape), dgamma and dbeta. dout may be a pool.PoolGrad (the
     gradient of a max pool after this layer, not computed yet): on the device its elements are
     gathered where the kernels read them, and dinp may then be the float32 input record itself
-    (the record's xf, as a view of inp's shape); on the host it is computed first."""
+    (the record's xf, as a view of inp's shape); on the host it is computed first. dinp16 (GPU,
+    uint16 of dinp's size, or None): also dinp's bf16 bits there, as batchnorm_backward."""
     if isinstance(dout, PoolGrad) and not on_device(dout.dout):
         dout = dout.materialize()
     if on_device(dinp, gamma):
-        return _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma)
+        return _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma, dinp16)
     xhat, invstd, act = saved
     dy, deriv = _rows(dout), view(act.deriv, tuple(xhat.shape))
     sums = _bn_act_bwd_sums(dy, deriv, xhat)

@@ -165,6 +165,16 @@ def ema(run, new, momentum):
 
 
 @numba.njit(inline="always")
+def bf16_bits(u):
+    """The bf16 bits (uint16) of the float32 whose bits are u (uint32): round to nearest even,
+    NaN kept quiet; what conv_mma.cu's to_bf16 stores, so a kernel that writes a gradient can
+    also write the bf16 copy the tensor-core convolutions read (kernels.conv_tc.adopt_bf16)."""
+    u = np.int64(u)
+    r = u | 0x00400000 if (u & 0x7FFFFFFF) > 0x7F800000 else u + 0x7FFF + ((u >> 16) & 1)
+    return np.uint16((r >> 16) & 0xFFFF)
+
+
+@numba.njit(inline="always")
 def shifted_moments(k, s1, s2, m):
     """(mean, sum of squared deviations) of m values x from their sums about a shift k (float64):
     s1 = sum(x - k), s2 = sum((x - k)^2); one pass over the data instead of two. With k one of the
