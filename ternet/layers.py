@@ -10,16 +10,16 @@ model's flat buffers (model.RealBuffers). Exercise: pytest tests/test_layers.py.
 import numpy as np
 
 from .kernels import StepBuffers, conv_tc, empty, flat, on_device, view, workspace
-from .kernels.activation import ternary_backward, ternary_forward
+from .kernels.activation import ActSaved, ternary_backward, ternary_forward
 from .kernels.batchnorm import (batchnorm_backward, batchnorm_backward_int16, batchnorm_forward_eval,
                                 batchnorm_forward_train, batchnorm_forward_train_int16, batchnorm_update_running,
-                                bn_act_backward, bn_act_forward_eval, bn_act_forward_train)
+                                bn_act_backward, bn_act_forward_eval, bn_act_forward_train, bn_add_act_forward_train)
 from .kernels.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward, out_size
 from .kernels.elementwise import add_forward
 from .kernels.linear import linear_backward_input, linear_backward_weight, linear_forward
 from .kernels.pool import (PoolGrad, avgpool_backward, avgpool_forward, global_avgpool_backward,
                            global_avgpool_forward, maxpool_backward, maxpool_forward, pool_out_shape)
-from .kernels.scalar import WINDOW_RECT, WINDOW_TRI
+from .kernels.scalar import WINDOW_RECT, WINDOW_TRI, window_grad
 
 
 class TernaryParam:
@@ -201,6 +201,22 @@ class BatchNorm(Layer):
         # reads it in (one conversion kernel less; the same bits)
         self.grad_bf16 = False
 
+    def forward_add_act(self, x, res, act):
+        """GPU, train: act(this layer's forward of x + res) (int8), in one pass over the elements
+        (kernels.batchnorm.bn_add_act_forward_train; act a TernaryAct with the rectangular window).
+        This layer's and act's records are left as their own forwards leave them: their backwards
+        run as ever. The same bits as forward, the add and act.forward."""
+        rm, rv, stats = self._train_args(True)
+        lean = self.lean and self.int_scale > 0
+        out = empty(x.shape, np.int8, True)
+        record, bits = bn_add_act_forward_train(out, x, res, self.gamma.value, self.beta.value, rm, rv, self.momentum,
+                                                self.eps, act.r, act.a, self.int_scale if lean else 0, stats,
+                                                self.kept)
+        self.ctx = ("int16", record) if lean else record
+        r32, a32 = np.float32(act.r), np.float32(act.a)
+        act.ctx = ActSaved(x.size, bits=bits, height=window_grad(r32, r32, a32, WINDOW_RECT))
+        return out
+
     def _dx16(self, dx):
         """The bf16 buffer for the backward's dx (grad_bf16 on a tensor-core GPU), else None."""
         if not (self.grad_bf16 and on_device(dx) and conv_tc.available()):
@@ -346,6 +362,8 @@ class MaxPool(Layer):
         # Model.save_memory, on the GPU, when a fused batch norm comes right before: the backward
         # returns its gradient uncomputed (PoolGrad), for that layer's kernels to gather
         self.lazy = False
+        # as BatchNorm.grad_bf16: a convolution before this layer reads its dx in bf16
+        self.grad_bf16 = False
 
     def out_shape(self, shape):
         return pool_out_shape((1,) + tuple(shape), self.k, self.stride, self.pad)[1:]
@@ -363,8 +381,11 @@ class MaxPool(Layer):
         (shape, arg), self.ctx = self.ctx, None
         if self.lazy and on_device(dy):
             return PoolGrad(dy, arg, self.k, self.stride, self.pad, tuple(shape))
-        dx = empty(shape, np.float32, on_device(dy))
-        maxpool_backward(dx, dy, arg, self.k, self.stride, self.pad)
+        dev = on_device(dy)
+        dx = empty(shape, np.float32, dev)
+        dx16 = empty(shape, np.uint16, True) if self.grad_bf16 and dev and conv_tc.available() else None
+        if maxpool_backward(dx, dy, arg, self.k, self.stride, self.pad, dx16):
+            conv_tc.adopt_bf16(dx, dx16)
         return dx
 
 
@@ -443,15 +464,35 @@ class Sequential(Layer):
 
 
 class Residual(Layer):
-    """y = act(main(x) + shortcut(x)); shortcut is identity when None (ResNet basic block)."""
+    """y = act(main(x) + shortcut(x)); shortcut is identity when None (ResNet basic block).
+
+    On the GPU in training, when main ends in a plain BatchNorm and act is a TernaryAct with the
+    rectangular window (ResNet's blocks), that batch norm, the add and act run as one kernel
+    (BatchNorm.forward_add_act: the same bits; fuse = False turns it off)."""
 
     def __init__(self, name, main, shortcut, act):
         self.name, self.main, self.shortcut, self.act = name, main, shortcut, act
+        self.fuse = True
 
     def out_shape(self, shape):
         return self.main.out_shape(shape)
 
+    def _fused_bn(self, x, train):
+        """main's last layer when the fused forward applies, else None."""
+        last = self.main.layers[-1] if isinstance(self.main, Sequential) else None
+        if (self.fuse and train and type(last) is BatchNorm and type(self.act) is TernaryAct
+                and self.act.shape == WINDOW_RECT and on_device(x)):
+            return last
+        return None
+
     def forward(self, x, train):
+        bn = self._fused_bn(x, train)
+        if bn is not None:
+            z = x
+            for layer in self.main.layers[:-1]:
+                z = layer.forward(z, train)
+            b = x if self.shortcut is None else self.shortcut.forward(x, train)
+            return bn.forward_add_act(z, b, self.act)
         a = self.main.forward(x, train)
         b = x if self.shortcut is None else self.shortcut.forward(x, train)
         s = empty(a.shape, np.float32, on_device(a))

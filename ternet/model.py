@@ -189,11 +189,11 @@ class Model:
         self.device = False
         params = self.rparams()
         self.reals = RealBuffers(params, [p.value for p in params], False)
-        for seq in walk(self.net):        # batch norms whose gradient a convolution reads in bf16
+        for seq in walk(self.net):        # layers whose input gradient a convolution reads in bf16
             kids = getattr(seq, "layers", [])
-            for conv, bn in zip(kids, kids[1:]):
-                if isinstance(conv, Conv2d) and conv.needs_dinput and isinstance(bn, BatchNorm):
-                    bn.grad_bf16 = True
+            for conv, nxt in zip(kids, kids[1:]):
+                if isinstance(conv, Conv2d) and conv.needs_dinput and type(nxt) in (BatchNorm, BNAct, MaxPool):
+                    nxt.grad_bf16 = True
 
     def save_memory(self, on=True):
         """ternet train --save-memory: on the GPU, (1) the batch norm right after the first layer

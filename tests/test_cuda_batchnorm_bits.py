@@ -515,3 +515,43 @@ def test_plain_batchnorm_int16_record(m, c):
     from ternet.kernels import conv_tc
     if conv_tc.available():                 # a GPU: the same bits as the conversion kernel's
         np.testing.assert_array_equal(conv_tc.bf16(dx).copy_to_host(), dx16.copy_to_host())
+
+
+@pytest.mark.parametrize("m,c,int_scale,res_type", [(37, 33, 0, np.int8), (37, 33, 4, np.float32), (9, 64, 2, np.int8),
+                                                    (5, 7, 0, np.float32)])
+def test_bn_add_act_forward_bits(m, c, int_scale, res_type):
+    """ResNet's block end as one kernel (bn_add_act_forward_train) against the plain batch norm's
+    forward, elementwise.add_forward and activation.ternary_forward one after the other: the
+    output, the window bits, the batch norm's record and statistics bit for bit (37 x 33: several
+    rounds of tiles under the simulator)."""
+    from ternet.kernels.activation import ternary_forward
+    from ternet.kernels.elementwise import add_forward
+    x, _, _, gamma, beta = channel_data(m, c, 11 * m + c, int_scale=int_scale or 4)
+    rng = np.random.default_rng(c)
+    res = rng.integers(-1, 2, (m, c)).astype(res_type) if res_type == np.int8 else \
+        (rng.standard_normal((m, c)) * 0.7).astype(np.float32)
+    xd, rd, g_, b_ = (cuda.to_device(a) for a in (x, res, gamma, beta))
+    runs = {}
+    for fused in (False, True):
+        out, stats = cuda.device_array((m, c), np.int8), cuda.device_array((2, c), np.float32)
+        rm, rv = cuda.to_device(np.zeros(c, np.float32)), cuda.to_device(np.ones(c, np.float32))
+        if fused:
+            record, bits = bn.bn_add_act_forward_train(out, xd, rd, g_, b_, rm, rv, 0.1, 1e-4, 1.0, 0.5, int_scale, stats)
+        else:
+            y = cuda.device_array((m, c), np.float32)
+            if int_scale:
+                record = bn.batchnorm_forward_train_int16(y, xd, g_, b_, rm, rv, 0.1, 1e-4, int_scale, stats)
+            else:
+                xhat = cuda.device_array((m, c), np.float32)
+                record = (xhat, bn.batchnorm_forward_train(y, xhat, xd, g_, b_, rm, rv, 0.1, 1e-4, stats))
+            summed = cuda.device_array((m, c), np.float32)
+            add_forward(summed, y, rd)
+            bits = ternary_forward(out, summed, 1.0, 0.5, WINDOW_RECT).bits
+        kept = [record[2] if int_scale else record[0], record[-1]]      # the int16 record or xhat, invstd
+        runs[fused] = [a.copy_to_host() for a in [out, bits, stats, rm, rv] + kept]
+    for name, got, want in zip(["out", "bits", "stats", "running_mean", "running_var", "record", "invstd"],
+                               runs[True], runs[False]):
+        np.testing.assert_array_equal(got.view(f"u{got.dtype.itemsize}"), want.view(f"u{want.dtype.itemsize}"),
+                                      err_msg=name)
+    out = runs[True][0]
+    assert {-1, 0, 1} <= set(out.ravel().tolist()) and 0 < np.unpackbits(runs[True][1].view(np.uint8)).sum()

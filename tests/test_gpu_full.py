@@ -103,6 +103,12 @@ def test_vector_max_pooling_gives_the_numba_kernels_bits(shape, dtype):
         res[tc] = [a.copy_to_host() for a in (out, arg, dx)]
     for a, b in zip(res[True], res[False]):
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))   # bits: -0.0 is not 0.0
+    # the bf16 copy the four-channel backward can write: the conversion kernel's bits
+    from ternet.kernels import conv_tc
+    dx, dx16 = cuda.device_array(x.shape, np.float32), cuda.device_array(x.shape, np.uint16)
+    assert pool.maxpool_backward(dx, dout, cuda.to_device(res[True][1]), k, s, p, dx16)
+    np.testing.assert_array_equal(dx.copy_to_host().view(np.uint32), res[True][2].view(np.uint32))
+    np.testing.assert_array_equal(dx16.copy_to_host(), conv_tc.bf16(dx).copy_to_host())
 
 
 @pytest.mark.parametrize("arch,shape,classes", [("vgg-gxnor", (32, 32, 3), 10), ("resnet18", (64, 64, 3), 1000)])

@@ -21,7 +21,7 @@ from numba import cuda
 
 from . import (SIMULATOR, THREADS, check, device_constant, empty, f32_bits, flat, fresh, grid1d, on_device, scratch,
                view, zeros)
-from .activation import ActSaved, num_words, pack_tile, ternary_forward
+from .activation import ActSaved, num_words, pack_flags, ternary_forward
 from .elementwise import copy
 from .pool import PoolGrad, _advance, _digits, covering_table, pool_grad_at
 from .scalar import (WINDOW_RECT, affine, bf16_bits, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize,
@@ -335,6 +335,43 @@ def _normalize_cuda(x, mean, invstd, gamma, beta, y, xhat, s, xq):
         i, j = i + step, _next_channel(j, dj, c)
 
 
+@cuda.jit
+def _bn_add_act_cuda(x, mean, invstd, gamma, beta, res, r, a, s, xhat, xq, out, bits):
+    # _normalize_cuda, elementwise.add_forward of res and activation.ternary_forward (rectangular
+    # window) in one pass: out = phi_r(y + res) and its window bits, y never stored; the record for
+    # the backward as _normalize_cuda keeps it. The same float32 operations: the same bits. Tiles
+    # and loads ahead as bn_act_kernels' forward.
+    flags = cuda.shared.array(THREADS, numba.uint8)
+    vl = cuda.local.array(ROWS, numba.float32)
+    rl = cuda.local.array(ROWS, numba.float32)
+    tid, n, c = U64(cuda.threadIdx.x), U64(x.size), U64(mean.size)
+    base, stride = U64(cuda.blockIdx.x * THREADS), U64(cuda.gridDim.x * THREADS)
+    j, dj = (base + tid) % c, stride % c
+    while base < n:
+        b = base
+        for u in range(ROWS):
+            if b + tid < n:
+                vl[u], rl[u] = x[b + tid], np.float32(res[b + tid])
+            b += stride
+        for u in range(ROWS):
+            if base < n:                        # the same for the whole block (pack_flags)
+                i = base + tid
+                f = np.uint8(0)
+                if i < n:
+                    v = vl[u]
+                    h = normalize(v, mean[j], invstd[j])
+                    if s > 0:
+                        xq[i] = np.int16(_to_int16(v, s))     # exact: checked by _moments_cuda
+                    else:
+                        xhat[i] = h
+                    y = affine(h, gamma[j], beta[j]) + rl[u]
+                    out[i] = ternarize(y, r)
+                    if window_grad(y, r, a, WINDOW_RECT) != 0:
+                        f = np.uint8(1)
+                pack_flags(flags, f, bits, base, n)
+            base, j = base + stride, _next_channel(j, dj, c)
+
+
 @cuda.jit(device=True, inline=True)
 def _xhat_at(xhat, xq, s, mean_j, invstd_j, at):
     # xhat at index `at` (flat, or (row, channel)) from the record _normalize_cuda kept: the same
@@ -502,18 +539,16 @@ def bn_act_kernels(rect, int16, gather=False, to16=False):
 
     @cuda.jit
     def fwd(x, mean, invstd, gamma, beta, r, a, shape, s, out, xq, xf, bits):
-        # a tile of THREADS elements per block and step; its window bits go through one of two flag
-        # buffers, used in turn: a buffer is refilled only after the next tile's barrier, which its
-        # packing threads (pack_tile) pass only once done with it, so one barrier per tile suffices.
-        # A thread loads its elements of ROWS tiles before it computes any (1.50 -> 1.20 ms on
-        # ResNet-18's 224 px stem at batch 256, bench/bn_kernels.py, fifteenth session).
+        # a tile of THREADS elements per block and step, its window bits packed by
+        # activation.pack_flags; a thread loads its elements of ROWS tiles before it computes any
+        # (1.50 -> 1.20 ms on ResNet-18's 224 px stem at batch 256, bench/bn_kernels.py, fifteenth
+        # session)
         shape, s = _fixed(shape, s, rect, int16)
-        flags = cuda.shared.array((2, THREADS), numba.uint8)
+        flags = cuda.shared.array(THREADS, numba.uint8)
         vl = cuda.local.array(ROWS, numba.float32)
         tid, n, c = U64(cuda.threadIdx.x), U64(x.size), U64(mean.size)
         base, stride = U64(cuda.blockIdx.x * THREADS), U64(cuda.gridDim.x * THREADS)
         j, dj = (base + tid) % c, stride % c
-        t = U64(0)
         while base < n:
             b = base
             for u in range(ROWS):
@@ -521,7 +556,7 @@ def bn_act_kernels(rect, int16, gather=False, to16=False):
                     vl[u] = x[b + tid]
                 b += stride
             for u in range(ROWS):
-                if base < n:                        # the same for the whole block (the barrier below)
+                if base < n:                        # the same for the whole block (pack_flags)
                     i = base + tid
                     f = np.uint8(0)
                     if i < n:
@@ -535,10 +570,7 @@ def bn_act_kernels(rect, int16, gather=False, to16=False):
                         else:
                             xf[i] = v
                     if shape == WINDOW_RECT:
-                        flags[t, tid] = f
-                        cuda.syncthreads()
-                        pack_tile(flags[t], bits, np.int64(base), x.size)
-                        t ^= U64(1)
+                        pack_flags(flags, f, bits, base, n)
                 base, j = base + stride, _next_channel(j, dj, c)
 
     @cuda.jit
@@ -749,6 +781,36 @@ def batchnorm_forward_train_int16(out, inp, gamma, beta, running_mean, running_v
     if running_mean is not None:
         batchnorm_update_running(running_mean, running_var, stats, momentum)
     return xhat, s, xq, mean, invstd
+
+
+def bn_add_act_forward_train(out, inp, res, gamma, beta, running_mean, running_var, momentum, eps, r, a,
+                             int_scale=0, stats=None, buffers=fresh):
+    """GPU only: out (int8) = phi_r(BN(inp) + res) with the rectangular window and batch statistics:
+    batchnorm_forward_train (or, int_scale > 0, batchnorm_forward_train_int16), the residual add
+    (res int8 or float32, inp's shape) and activation.ternary_forward in one pass over the elements
+    (ResNet's block ends: layers.Residual). Returns (record, bits): the batch norm's record, as
+    the forward it stands for returns it ((xhat, invstd), or the int16 one), and the activation's
+    window bits. The same bits as the three forwards one after the other; running statistics as
+    batchnorm_forward_train."""
+    c = _channels(inp)
+    check(gamma.shape == (c,) and out.shape == inp.shape == res.shape and on_device(out, inp, res, gamma),
+          "bn_add_act: device arrays of one shape expected")
+    stats = _stats_out(stats, c, True)
+    s = np.float32(max(int_scale, 0))
+    mean, invstd, exact = _cuda_stats(_rows(inp), eps, stats, s, buffers)
+    if s > 0 and not exact:
+        warnings.warn("batchnorm: inp * int_scale is not an exact int16 everywhere; keeping xhat (float32)")
+        s = np.float32(0)
+    n = inp.size
+    xq = empty(n, np.int16, True) if s > 0 else buffers("bn.xq", 1, np.int16)
+    xhat = buffers("bn.xhat", 1, np.float32) if s > 0 else empty(inp.shape, np.float32, True)
+    bits = empty(num_words(n), np.uint32, True)
+    _bn_add_act_cuda[grid1d(n)](flat(inp), mean, invstd, gamma, beta, flat(res), np.float32(r), np.float32(a), s,
+                                flat(xhat), xq, flat(out), bits)
+    if running_mean is not None:
+        batchnorm_update_running(running_mean, running_var, stats, momentum)
+    record = (xhat, s, xq, mean, invstd) if int_scale > 0 else (xhat, invstd)
+    return record, bits
 
 
 def batchnorm_backward_int16(dinp, dgamma, dbeta, dout, record, gamma, dinp16=None):

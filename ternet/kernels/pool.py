@@ -445,7 +445,15 @@ def _vec_kernels():
     def k_bwd(dout, arg, dx, g):
         bwd(dout, arg, dx, g)
 
-    return {"int8": fwd("maxpool_fwd_s8x4", i8p), "float32": fwd("maxpool_fwd_f32x4", f32p), "bwd": k_bwd}
+    u16p = types.CPointer(types.uint16)
+    bwd16 = cuda.declare_device("maxpool_bwd_x4_bf16", types.int32(f32p, u8p, f32p, u16p, i32p), link=VEC_SRC)
+
+    @cuda.jit(types.void(f32p, u8p, f32p, u16p, i32p), link=[VEC_SRC])
+    def k_bwd16(dout, arg, dx, dx16, g):
+        bwd16(dout, arg, dx, dx16, g)
+
+    return {"int8": fwd("maxpool_fwd_s8x4", i8p), "float32": fwd("maxpool_fwd_f32x4", f32p), "bwd": k_bwd,
+            "bwd_bf16": k_bwd16}
 
 
 def _vec_geom(inp_shape, out_shape, k, stride, pad):
@@ -469,12 +477,16 @@ def _maxpool_fwd_vec(out, arg, inp, k, stride, pad):
     return True
 
 
-def _maxpool_bwd_vec(dinp, dout, arg, k, stride, pad):
+def _maxpool_bwd_vec(dinp, dout, arg, k, stride, pad, dinp16=None):
     from .conv_tc import _ptr
     if not _vec_fits(dinp.shape, dinp.size // 4):
         return False
     geom = _vec_geom(dinp.shape, dout.shape, k, stride, pad)
-    _vec_kernels()["bwd"][grid1d(dinp.size // 4)](_ptr(dout), _ptr(arg), _ptr(dinp), geom)
+    grid = grid1d(dinp.size // 4)
+    if dinp16 is None:
+        _vec_kernels()["bwd"][grid](_ptr(dout), _ptr(arg), _ptr(dinp), geom)
+    else:
+        _vec_kernels()["bwd_bf16"][grid](_ptr(dout), _ptr(arg), _ptr(dinp), _ptr(dinp16), geom)
     return True
 
 
@@ -513,22 +525,24 @@ class PoolGrad(NamedTuple):
         return dx
 
 
-def maxpool_backward(dinp, dout, arg, k, stride, pad):
+def maxpool_backward(dinp, dout, arg, k, stride, pad, dinp16=None):
     """dinp = each window's dout routed to its argmax (summed where windows overlap); overwrites
-    dinp (float32)."""
+    dinp (float32). dinp16 (GPU, uint16 of dinp's size): also dinp's bf16 bits there, where the
+    four-channel kernel runs; returns whether it wrote them."""
     check(dout.shape == pool_out_shape(dinp.shape, k, stride, pad) and arg.shape == dout.shape,
           "maxpool_backward: bad dout or arg shape")
     if on_device(dinp, dout, arg):
-        if _maxpool_bwd_vec(dinp, dout, arg, k, stride, pad):
-            return
+        if _maxpool_bwd_vec(dinp, dout, arg, k, stride, pad, dinp16):
+            return dinp16 is not None
         if k == stride and pad == 0 and dout.size:
             _maxpool_bwd_disjoint_cuda[grid1d(dout.size)](dout, arg, k, dinp)
         elif dinp.size and dinp.shape[2] <= ROW_MAX:
             _maxpool_bwd_rows(dinp, dout, arg, k, stride, pad)
         elif dinp.size:
             _maxpool_bwd_cuda[grid1d(dinp.size)](dout, arg, k, stride, pad, dinp)
-        return
+        return False
     stream_threads(_maxpool_bwd, dout, arg, k, stride, pad, dinp)
+    return False
 
 
 def avgpool_forward(out, inp, k, stride, pad):

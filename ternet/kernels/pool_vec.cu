@@ -7,7 +7,8 @@
 //                     arg = i * k + j of that first maximum (int8 input, as ternary activations;
 //                     maxpool_fwd_f32x4 the same on float32, as a convolution's output)
 //   maxpool_bwd_x4:   dx[n, ih, iw, c] = 0 + the douts of the windows covering (ih, iw) whose
-//                     argmax it is, added in window order (oh, then ow): pool.pool_grad_at's sum
+//                     argmax it is, added in window order (oh, then ow): pool.pool_grad_at's sum;
+//                     maxpool_bwd_x4_bf16 also writes dx's bf16 bits (for conv_tc.adopt_bf16)
 // Element indices are 32-bit (pool.py sends only arrays of fewer than 2^31 channel groups): a
 // 64-bit division per element is a long emulated one.
 
@@ -88,8 +89,18 @@ extern "C" __device__ int maxpool_fwd_f32x4(int* ret, const float* x, float* out
     return 0;
 }
 
-extern "C" __device__ int maxpool_bwd_x4(int* ret, const float* dout, const unsigned char* arg, float* dx,
-                                         const int* geom) {
+// float32 -> bf16 bits, round to nearest even, NaN kept quiet: conv_mma.cu's to_bf16 (the -m gpu
+// test of the bf16 output compares the two)
+__device__ __forceinline__ unsigned short bf16_bits(float v) {
+    unsigned u = __float_as_uint(v);
+    unsigned r = ((u & 0x7fffffffu) > 0x7f800000u) ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(r >> 16);
+}
+
+// with BF16 also dx's bf16 copy in dx16 (the convolution before the pool reads it so)
+template <bool BF16>
+__device__ __forceinline__ void maxpool_bwd(const float* dout, const unsigned char* arg, float* dx,
+                                            unsigned short* dx16, const int* geom) {
     const PoolGeom g = load_pool_geom(geom);
     const int c4 = g.c >> 2;
     const unsigned groups = (unsigned)g.n * g.h * g.w * c4;
@@ -113,7 +124,24 @@ extern "C" __device__ int maxpool_bwd_x4(int* ret, const float* dout, const unsi
                 if ((a >> 24) == tap) s[3] += d.w;
             }
         reinterpret_cast<float4*>(dx)[e] = make_float4(s[0], s[1], s[2], s[3]);
+        if (BF16) {
+            const unsigned lo = bf16_bits(s[0]) | ((unsigned)bf16_bits(s[1]) << 16);
+            const unsigned hi = bf16_bits(s[2]) | ((unsigned)bf16_bits(s[3]) << 16);
+            reinterpret_cast<uint2*>(dx16)[e] = make_uint2(lo, hi);
+        }
     }
+}
+
+extern "C" __device__ int maxpool_bwd_x4(int* ret, const float* dout, const unsigned char* arg, float* dx,
+                                         const int* geom) {
+    maxpool_bwd<false>(dout, arg, dx, nullptr, geom);
+    *ret = 0;
+    return 0;
+}
+
+extern "C" __device__ int maxpool_bwd_x4_bf16(int* ret, const float* dout, const unsigned char* arg, float* dx,
+                                              unsigned short* dx16, const int* geom) {
+    maxpool_bwd<true>(dout, arg, dx, dx16, geom);
     *ret = 0;
     return 0;
 }
