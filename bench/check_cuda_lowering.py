@@ -35,7 +35,7 @@ KERNELS["_conv_fwd_cuda"] = (C._conv_fwd_cuda, (A4, types.Array(i8, 2, "C"), A2,
 for name, x in (("_conv_fwd_direct_cuda", A2), ("_conv_fwd_direct_cuda[int8]", types.Array(i8, 2, "C"))):
     KERNELS[name] = (C._conv_fwd_direct_cuda, (x, types.Array(i8, 2, "C"), A2, f32, *([i64] * 10)))
 KERNELS["_conv_dw_direct_cuda"] = (C._conv_dw_direct_cuda, (A2, A2, types.Array(f32, 3, "C"), *([i64] * 11)))
-KERNELS["_conv_dx_cuda"] = (C._conv_dx_cuda, (A4, types.Array(i8, 4, "C"), A2, f32, i64, i64, i64, i64, i64))
+KERNELS["_conv_dx_cuda"] = (C._conv_dx_cuda, (A4, types.Array(i8, 4, "C"), types.Array(f32, 3, "C"), f32, *([i64] * 6)))
 KERNELS["_conv_dw_cuda"] = (C._conv_dw_cuda, (A2, A4, types.Array(f32, 3, "C"), i64, i64, i64, i64, i64, i64))
 from ternet.kernels import conv_tc as TC   # noqa: E402
 KERNELS["_flip_weight_bf16"] = (TC._flip_weight_bf16, (types.Array(i8, 3, "C"), types.Array(types.uint16, 1, "C"),
@@ -76,6 +76,8 @@ from ternet.kernels import activation as ACT   # noqa: E402
 KERNELS["_ternary_fwd_bits_cuda"] = (ACT._ternary_fwd_bits_cuda, (F1, f32, f32, i8[::1], U32))
 from ternet.kernels import loss as L   # noqa: E402
 KERNELS["_xent_rows_cuda"] = (L._xent_rows_cuda, (types.Array(f32, 2, "C"), types.int32[::1], f32, types.float64,
+                                                  types.Array(f32, 2, "C"), F64, types.int32[::1]))
+KERNELS["_xent_warp_cuda"] = (L._xent_warp_cuda, (types.Array(f32, 2, "C"), types.int32[::1], f32, types.float64,
                                                   types.Array(f32, 2, "C"), F64, types.int32[::1]))
 if not cuda.is_available():   # cuda.jit device functions (batchnorm's) are typed for the current device's cc
     import numba.cuda.dispatcher as _dispatcher

@@ -182,29 +182,25 @@ def test_save_memory_gathers_the_stem_pools_gradient(monkeypatch):
 
 def test_fused_residual_end_gives_the_same_bits(monkeypatch):
     """ResNet's block end on the device: the plain batch norm, the residual add and the activation
-    as one kernel (Residual's fused forward: BatchNorm.forward_add_act), with an identity and a
-    projection shortcut, with and without --save-memory's int16 record: the step's logits, every
-    gradient and the running statistics are the same bits as with the three layers one after the
-    other (Residual.fuse = False)."""
+    as one kernel (Residual's fused forward: BatchNorm.forward_add_act), here with a projection
+    shortcut: the step's logits, every gradient and the running statistics are the same bits as
+    with the three layers one after the other (Residual.fuse = False). (--save-memory's int16
+    record and an identity shortcut: test_save_memory_keeps_less above, fused on both sides, and
+    tests/test_cuda_batchnorm_bits.py::test_bn_add_act_forward_bits.)"""
     monkeypatch.setenv("TERNET_NO_TC", "1")
     rng = np.random.default_rng(7)
     x = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
     y = rng.integers(0, 5, 2).astype(np.int32)
-    for lean in (False, True):
-        fused, plain = (Model("6C3-RB6-RB8s2-GAP-5", (8, 8, 3), 5, seed=6).to(True) for _ in range(2))
-        blocks = [l for l in plain.layers() if isinstance(l, layers.Residual)]
-        assert len(blocks) == 2 and blocks[1].shortcut is not None
-        for b in blocks:
-            b.fuse = False
-        if lean:
-            fused.save_memory()
-            plain.save_memory()
-        calls = []
-        for b in (l for l in fused.layers() if isinstance(l, layers.Residual)):
-            bn_end, f = b.main.layers[-1], b.main.layers[-1].forward_add_act
-            bn_end.forward_add_act = lambda x, r, a, f=f, bn_end=bn_end: calls.append(bn_end.name) or f(x, r, a)
-        want, got = step(plain, x, y, True), step(fused, x, y, True)
-        assert calls == ["block1.bn2", "block2.bn2"]         # the train forward fused; eval is not
-        assert want.keys() == got.keys()
-        for name in want:
-            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} (save-memory {lean})")
+    fused, plain = (Model("6C3-RB8s2-GAP-5", (8, 8, 3), 5, seed=6).to(True) for _ in range(2))
+    block, = [l for l in plain.layers() if isinstance(l, layers.Residual)]
+    assert block.shortcut is not None
+    block.fuse = False
+    calls = []
+    block, = [l for l in fused.layers() if isinstance(l, layers.Residual)]
+    bn_end, f = block.main.layers[-1], block.main.layers[-1].forward_add_act
+    bn_end.forward_add_act = lambda x, r, a: calls.append(bn_end.name) or f(x, r, a)
+    want, got = step(plain, x, y, True), step(fused, x, y, True)
+    assert calls == ["block1.bn2"]         # the train forward fused; eval is not
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import THREADS, check, grid1d, on_device, scratch
+from . import MAX_BLOCKS, SIMULATOR, THREADS, check, grid1d, on_device, scratch
 from .scalar import sqhinge, xent_dlogit, xent_row_loss, xent_target
 
 
@@ -62,27 +62,64 @@ def _sq_hinge(logits, labels, dlogits):
 # ----------------------------------------------------------------------------------------------
 # CUDA kernels
 #
-# One thread per sample writes its row of dlogits and its loss and correctness (same per-logit
-# math as the CPU, from kernels.scalar); then one block adds the per-sample values in a fixed
+# One thread per sample (for cross-entropy: a block of 32 threads per sample, its sums by one of
+# them) writes its row of dlogits and its loss and correctness (same per-logit math as the CPU,
+# from kernels.scalar); then one block adds the per-sample values in a fixed
 # tree order into acc, so the device accumulator needs no host round trip and no float atomics.
+
+@cuda.jit(device=True)
+def _xent_row(row, k, y, eps):
+    """Row max, argmax (first), sum of exp(z - max) and of (z - max) (float64, in class order)
+    and the row's loss, from the row's logits row[0 .. k-1]."""
+    mx, am = row[0], 0
+    for j in range(1, k):
+        if row[j] > mx:
+            mx, am = row[j], j
+    s, sz = np.float64(0.0), np.float64(0.0)
+    for j in range(k):
+        s += np.float64(math.exp(row[j] - mx))
+        sz += np.float64(row[j] - mx)
+    return mx, am, s, xent_row_loss(math.log(s), np.float64(row[y] - mx), sz, eps, k)
+
 
 @cuda.jit
 def _xent_rows_cuda(logits, labels, inv_n, eps, dlogits, loss, hit):
     n, k = logits.shape
     for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-        mx, am = logits[i, 0], 0
-        for j in range(1, k):
-            if logits[i, j] > mx:
-                mx, am = logits[i, j], j
-        s, sz = np.float64(0.0), np.float64(0.0)
-        for j in range(k):
-            s += np.float64(math.exp(logits[i, j] - mx))
-            sz += np.float64(logits[i, j] - mx)
         y = labels[i]
-        loss[i] = xent_row_loss(math.log(s), np.float64(logits[i, y] - mx), sz, eps, k)
+        mx, am, s, loss[i] = _xent_row(logits[i], k, y, eps)
         hit[i] = am == y
         for j in range(k):
             dlogits[i, j] = xent_dlogit(logits[i, j], mx, s, xent_target(j == y, eps, k), inv_n)
+
+
+XENT_K = 1024      # classes _xent_warp_cuda takes (its row in shared memory)
+
+
+@cuda.jit
+def _xent_warp_cuda(logits, labels, inv_n, eps, dlogits, loss, hit):
+    # _xent_rows_cuda with a block of 32 threads a row: the row copied to shared memory by all of
+    # them (coalesced), its sums by one thread in the same order (the same bits), dlogits by all.
+    # One thread a row reading its row from global memory took 0.45 ms for ResNet-18's 256 x 1000
+    # on the H200 (sixteenth session): a dependent load a class, rows far apart.
+    row = cuda.shared.array(XENT_K, numba.float32)
+    st = cuda.shared.array(2, numba.float64)
+    n, k = logits.shape
+    t = cuda.threadIdx.x
+    for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+        for j in range(t, k, cuda.blockDim.x):
+            row[j] = logits[i, j]
+        cuda.syncthreads()
+        y = labels[i]
+        if t == 0:
+            mx, am, s, loss[i] = _xent_row(row, k, y, eps)
+            hit[i] = am == y
+            st[0], st[1] = np.float64(mx), s
+        cuda.syncthreads()
+        mx, s = np.float32(st[0]), st[1]
+        for j in range(t, k, cuda.blockDim.x):
+            dlogits[i, j] = xent_dlogit(row[j], mx, s, xent_target(j == y, eps, k), inv_n)
+        cuda.syncthreads()
 
 
 @cuda.jit
@@ -146,7 +183,11 @@ def loss_forward_backward(dlogits, logits, labels, kind, acc=None, smoothing=0.0
         n, k = logits.shape
         loss, hit = scratch("loss.rows", n, np.float64), scratch("loss.hit", n, np.int32)
         if kind == "xent":
-            _xent_rows_cuda[grid1d(n)](logits, labels, np.float32(1.0 / n), eps, dlogits, loss, hit)
+            # a block a row on a GPU; in the simulator, whose barriers cost ~60 ms a row, one thread
+            # a row (tests/test_cuda_loss.py compares the two kernels there on a few rows)
+            block = k <= XENT_K and not SIMULATOR
+            rows = _xent_warp_cuda[max(1, min(n, MAX_BLOCKS)), 32] if block else _xent_rows_cuda[grid1d(n)]
+            rows(logits, labels, np.float32(1.0 / n), eps, dlogits, loss, hit)
         else:
             _sqhinge_rows_cuda[grid1d(n)](logits, labels, np.float32(2.0 / (n * k)), dlogits, loss, hit)
         if acc is not None:
