@@ -116,8 +116,32 @@ def _bop(q, g, mom, vel, gamma, gamma2, thr, norm, reset, qmax):
 
 # ----------------------------------------------------------------------------------------------
 # CUDA kernels: grid-stride loops, one thread per weight; each thread sums its counters
-# locally and adds them with one integer atomic per counter (integer sums are exact, so the
-# totals do not depend on the order)
+# locally, the block adds them in shared memory and one thread of the block adds the block's
+# into the device counters (integer atomics: exact, so the totals do not depend on the order).
+# (An atomic a thread on one address serialises on the H200: Bop's update took 0.43-0.52 ms a
+# vgg-gxnor or ResNet-18 step against ~0.08 ms of memory traffic, sixteenth session.)
+
+NCOUNT = 5      # counters a kernel may add to (counts[0 .. NCOUNT-1])
+
+
+@cuda.jit(device=True)
+def _zero_counts(sh):
+    """Zero the block's shared counters sh (NCOUNT int64; every thread of the block calls it: a
+    barrier)."""
+    if cuda.threadIdx.x < NCOUNT:
+        sh[cuda.threadIdx.x] = 0
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _flush_counts(sh, counts, n):
+    """After every thread added its counts into sh (shared atomics): counts[k] += sh[k] for k < n,
+    one thread of the block (every thread calls it: a barrier)."""
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        for k in range(n):
+            if sh[k]:
+                cuda.atomic.add(counts, k, sh[k])
 
 @numba.njit(cache=True)
 def _step_keys(keys, base, t):
@@ -146,6 +170,8 @@ def _dst_sgd_cuda(q, g, hp, ss, norm, qmax, keys, ki, counts):
     lr, m, decay, key = hp[0], hp[1], hp[2], keys[ki]
     if norm:
         lr = rms_lr(lr, ss[0], q.size)
+    sh = cuda.shared.array(NCOUNT, numba.int64)
+    _zero_counts(sh)
     flips = 0
     for i in range(cuda.grid(1), q.size, cuda.gridsize(1)):
         old = q[i]
@@ -154,12 +180,15 @@ def _dst_sgd_cuda(q, g, hp, ss, norm, qmax, keys, ki, counts):
             q[i] = new
             flips += 1
     if flips:
-        cuda.atomic.add(counts, 0, flips)
+        cuda.atomic.add(sh, 0, flips)
+    _flush_counts(sh, counts, 1)
 
 
 @cuda.jit
 def _dst_adam_cuda(q, g, mom, vel, hp, b1, b2, eps, qmax, keys, ki, counts):
     lr, m, c1, c2, key = hp[0], hp[1], hp[2], hp[3], keys[ki]
+    sh = cuda.shared.array(NCOUNT, numba.int64)
+    _zero_counts(sh)
     flips = 0
     for i in range(cuda.grid(1), q.size, cuda.gridsize(1)):
         mo, ve = adam_moments(g[i], mom[i], vel[i], b1, b2)
@@ -171,12 +200,15 @@ def _dst_adam_cuda(q, g, mom, vel, hp, b1, b2, eps, qmax, keys, ki, counts):
             q[i] = new
             flips += 1
     if flips:
-        cuda.atomic.add(counts, 0, flips)
+        cuda.atomic.add(sh, 0, flips)
+    _flush_counts(sh, counts, 1)
 
 
 @cuda.jit
 def _metropolis_cuda(q, g, mom, vel, adam, lr, b1, b2, c1, c2, aeps, qmax, m, eps, dst_on, h, temp,
                      k_mix, k_prop, k_acc, counts):
+    sh = cuda.shared.array(NCOUNT, numba.int64)
+    _zero_counts(sh)
     props, accs, up_props, up_accs = 0, 0, 0, 0
     for i in range(cuda.grid(1), q.size, cuda.gridsize(1)):
         mo, ve = (mom[i], vel[i]) if adam else (np.float32(0.0), np.float32(0.0))
@@ -193,16 +225,19 @@ def _metropolis_cuda(q, g, mom, vel, adam, lr, b1, b2, c1, c2, aeps, qmax, m, ep
                 accs += 1
                 up_accs += de > 0
     if props:
-        cuda.atomic.add(counts, 1, props)
-        cuda.atomic.add(counts, 2, accs)
-        cuda.atomic.add(counts, 3, up_props)
-        cuda.atomic.add(counts, 4, up_accs)
-        cuda.atomic.add(counts, 0, accs)
+        cuda.atomic.add(sh, 1, props)
+        cuda.atomic.add(sh, 2, accs)
+        cuda.atomic.add(sh, 3, up_props)
+        cuda.atomic.add(sh, 4, up_accs)
+        cuda.atomic.add(sh, 0, accs)
+    _flush_counts(sh, counts, NCOUNT)
 
 
 @cuda.jit
 def _bop_cuda(q, g, mom, vel, hp, gamma2, norm, reset, qmax, counts):
     gamma, thr = hp[0], hp[1]      # this step's values (put_scalars), read on the device
+    sh = cuda.shared.array(NCOUNT, numba.int64)
+    _zero_counts(sh)
     flips = 0
     for i in range(cuda.grid(1), q.size, cuda.gridsize(1)):
         old = q[i]
@@ -215,7 +250,8 @@ def _bop_cuda(q, g, mom, vel, hp, gamma2, norm, reset, qmax, counts):
             q[i] = new
             flips += 1
     if flips:
-        cuda.atomic.add(counts, 0, flips)
+        cuda.atomic.add(sh, 0, flips)
+    _flush_counts(sh, counts, 1)
 
 
 def _flat(*arrays):
