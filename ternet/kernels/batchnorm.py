@@ -530,12 +530,12 @@ def _fixed(shape, s, rect, int16):
 @functools.cache
 def bn_act_kernels(rect, int16, gather=False, to16=False):
     """The fused kernels (forward, backward sums, backward dx) for one kind of record: rectangular
-    window or not, int16 record or float32, the max pool's gradient gathered or read (the backward's),
-    a bf16 copy of dx written or not (the backward dx's);
-    the same code and arguments for every kind, each compiled with these as constants, so the
-    others' branches are dropped. ptxas on the unspecialised backward kernels: 96 registers (the
-    gather's 4-D indexing), a quarter of the threads an SM holds; specialised without the gather
-    36-39 (bench/bn_kernels.py prints each kernel's count on the GPU)."""
+    window or not, int16 record or float32, the max pool's gradient gathered or read (the
+    backward's), a bf16 copy of dx written or not (the backward dx's). The same code and arguments
+    for every kind, each compiled with these as constants, so the others' branches are dropped.
+    Registers a thread (ptxas -v for sm_90 on numba's PTX, sixteenth session): the backward kernels
+    unspecialised 96 (the gather's 4-D indexing; a quarter of the threads an SM holds), without the
+    gather 32-39."""
 
     @cuda.jit
     def fwd(x, mean, invstd, gamma, beta, r, a, shape, s, out, xq, xf, bits):

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 from numba import cuda, float32, int64
 
-from . import MAX_BLOCKS, SIMULATOR, check, on_device, scratch, stream_threads, view
+from . import MAX_BLOCKS, SIMULATOR, check, grid1d, on_device, scratch, stream_threads, view
 
 
 def out_size(h, k, stride, pad):
@@ -536,7 +536,7 @@ def _conv2d_backward_input_cuda(dinp, dout, weight, scale, stride, pad):
         return
     part = scratch("conv.dx_part", (splits, n * h * w, c), np.float32)
     _conv_dx_cuda[(gx, gy, splits), 256](dout, weight, part, np.float32(scale), h, w, kw, stride, pad, chunk)
-    _sum_splits_cuda[max(1, min(4096, (n * h * w * c + 255) // 256)), 256](part, view(dinp, n * h * w, c))
+    _sum_splits_cuda[grid1d(n * h * w * c)](part, view(dinp, n * h * w, c))
 
 
 DX_BLOCKS = 2 if SIMULATOR else 264   # the tiled input gradient splits its reduction below this many tiles
@@ -576,7 +576,7 @@ def _conv2d_backward_weight_cuda(dweight, dout, inp, stride, pad):
         gx, gy = _grid2(k, r)
         _conv_dw_cuda[(gx, gy, splits), 256](view(dout, m, k), inp, part, oh, ow, kw, stride, pad, chunk)
     dw2 = view(dweight, k, r)
-    _sum_splits_cuda[max(1, min(4096, (k * r + 255) // 256)), 256](part, dw2)
+    _sum_splits_cuda[grid1d(k * r)](part, dw2)
 
 
 def _as_float_weight(weight, scale):
