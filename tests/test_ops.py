@@ -148,6 +148,27 @@ def test_batchnorm_eval_uses_running_stats():
     ref.assert_close(y, g * (x - rm) / np.sqrt(rv.astype(np.float64) + 1e-4) + b, 1e-5, 1e-5, "bn eval")
 
 
+def test_batchnorm_statistics_one_pass_far_from_zero():
+    """The one-pass statistics (sums about each channel's first value) on data whose mean is 10^4
+    standard deviations from zero, and whose first row is an outlier: the mean and variance of
+    the two-pass float64 computation, to float32's precision."""
+    x = (1e4 + RNG.standard_normal((257, 3))).astype(np.float32)
+    x[0] += np.float32(40.0)
+    stats = np.empty((2, 3), np.float32)
+    y, xhat = np.empty_like(x), np.empty_like(x)
+    batchnorm_forward_train(y, xhat, x, np.ones(3, np.float32), np.zeros(3, np.float32), None, None, 0.1, 1e-4, stats)
+    xd = x.astype(np.float64)
+    ref.assert_close(stats[0], xd.mean(0), 0, 1e-7, "mean")
+    ref.assert_close(stats[1], xd.var(0, ddof=1), 0, 1e-6, "unbiased variance")
+
+
+def test_batchnorm_refuses_an_empty_batch():
+    x = np.zeros((0, 4), np.float32)
+    with pytest.raises(ValueError, match="no elements"):
+        batchnorm_forward_train(x.copy(), x.copy(), x, np.ones(4, np.float32), np.zeros(4, np.float32), None, None,
+                                0.1, 1e-4)
+
+
 @pytest.mark.parametrize("window", [0, 1])
 def test_ternary_activation(window):
     x = np.concatenate([RNG.uniform(-2.5, 2.5, 500), [1.0, -1.0, 0.5, 1.5, -0.5, -1.5, 0.0]]).astype(np.float32)

@@ -155,8 +155,13 @@ def _bn_act_bwd_dx(dout, deriv, xhat, gamma, invstd, sdy, sdyx, m, dx):
             dx[i, j] = bn_dx(dout[i, j] * deriv[i, j], xhat[i, j], gamma[j], invstd[j], sdy[j], sdyx[j], m)
 
 
+def _no_rows(m):
+    check(m > 0, "batchnorm: the batch has no elements (statistics of nothing); give it one sample or more")
+
+
 def _cpu_stats(x, eps, stats):
     c, m = x.shape[1], x.shape[0]
+    _no_rows(m)
     mean32, invstd = np.empty(c, np.float32), np.empty(c, np.float32)
     _finish_stats(x[0], _moments(x), np.float64(m), np.float64(eps), mean32, invstd, stats)
     return mean32, invstd
@@ -637,6 +642,7 @@ def _cuda_stats(x, eps, stats, s=np.float32(0), buffers=fresh):
     stats (2, C) = mean and unbiased variance overwritten; with s > 0 also whether x * s is an
     exact int16 everywhere (checked on the device and read back only with TERNET_CHECK_INT16=1)."""
     m, c = x.shape
+    _no_rows(m)
     grid, block = _reduce_grid(m, c)
     part = scratch("bn.part", (grid[0], 2, c), np.float64)
     mean32, invstd = buffers("bn.mean", c, np.float32), buffers("bn.invstd", c, np.float32)
