@@ -30,7 +30,7 @@ from .scalar import (WINDOW_RECT, affine, bf16_bits, bn_dx, bn_eval_coeffs, bn_s
 CHUNKS = 64                      # CPU: row chunks of a reduction
 TILE_C, LANES = 32, (2 if SIMULATOR else 8)          # CUDA: a reduction block: 32 channels x row lanes
 MIN_ROWS, MAX_CHUNKS = 64, (2 if SIMULATOR else 256)  # CUDA: rows per chunk at least / chunks at most
-FINAL_LANES = 4 if SIMULATOR else 32                  # CUDA: threads a channel adding up the chunks
+FINAL_LANES = 2 if SIMULATOR else 32                  # CUDA: threads a channel adding up the chunks
 
 
 # ----------------------------------------------------------------------------------------------
