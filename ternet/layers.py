@@ -22,6 +22,19 @@ from .kernels.pool import (PoolGrad, avgpool_backward, avgpool_forward, global_a
 from .kernels.scalar import WINDOW_RECT, WINDOW_TRI, window_grad
 
 
+def _bf16_buffer(layer, shape, dev):
+    """A buffer for the bf16 copy of a layer's input gradient, where the convolution before it
+    reads that gradient in bf16 (layer.grad_bf16, set by the Model) on a tensor-core GPU; else
+    None."""
+    return empty(shape, np.uint16, True) if layer.grad_bf16 and dev and conv_tc.available() else None
+
+
+def _adopt(dx, dx16):
+    """dx16, the bf16 copy of dx a backward kernel wrote (or None), handed to the convolution."""
+    if dx16 is not None:
+        conv_tc.adopt_bf16(dx, dx16)
+
+
 class TernaryParam:
     """A discrete weight tensor: int8 states q in [-qmax, qmax], value q / qmax (Z_N, qmax = 2^(N-1)).
 
@@ -217,15 +230,6 @@ class BatchNorm(Layer):
         act.ctx = ActSaved(x.size, bits=bits, height=window_grad(r32, r32, a32, WINDOW_RECT))
         return out
 
-    def _dx16(self, dx):
-        """The bf16 buffer for the backward's dx (grad_bf16 on a tensor-core GPU), else None."""
-        if not (self.grad_bf16 and on_device(dx) and conv_tc.available()):
-            return None
-        return empty(dx.shape, np.uint16, True)
-
-    def _adopt(self, dx, dx16):
-        if dx16 is not None:
-            conv_tc.adopt_bf16(dx, dx16)
 
     def _train_args(self, dev):
         """(running_mean, running_var, stats) for a train forward: None, None when not tracking."""
@@ -264,12 +268,12 @@ class BatchNorm(Layer):
             if p.grad is None:
                 p.grad = empty((self.c,), np.float32, dev)
         dx = empty(dy.shape, np.float32, dev)
-        dx16 = self._dx16(dx)
+        dx16 = _bf16_buffer(self, dx.shape, dev)
         if isinstance(ctx[0], str):
             batchnorm_backward_int16(dx, self.gamma.grad, self.beta.grad, dy, ctx[1], self.gamma.value, dx16)
         else:
             batchnorm_backward(dx, self.gamma.grad, self.beta.grad, dy, ctx[0], self.gamma.value, ctx[1], dx16)
-        self._adopt(dx, dx16)
+        _adopt(dx, dx16)
         return dx
 
     def rparams(self):
@@ -329,9 +333,9 @@ class BNAct(BatchNorm):
             dx = view(saved.xf, dy.shape) if over else empty(dy.shape, np.float32, dev)
         else:
             dx = dy if dev and self.in_place else empty(dy.shape, np.float32, dev)
-        dx16 = self._dx16(dx)
+        dx16 = _bf16_buffer(self, dx.shape, dev)
         bn_act_backward(dx, self.gamma.grad, self.beta.grad, dy, saved, self.gamma.value, dx16)
-        self._adopt(dx, dx16)
+        _adopt(dx, dx16)
         return dx
 
 
@@ -383,9 +387,8 @@ class MaxPool(Layer):
             return PoolGrad(dy, arg, self.k, self.stride, self.pad, tuple(shape))
         dev = on_device(dy)
         dx = empty(shape, np.float32, dev)
-        dx16 = empty(shape, np.uint16, True) if self.grad_bf16 and dev and conv_tc.available() else None
-        if maxpool_backward(dx, dy, arg, self.k, self.stride, self.pad, dx16):
-            conv_tc.adopt_bf16(dx, dx16)
+        dx16 = _bf16_buffer(self, shape, dev)
+        _adopt(dx, dx16 if maxpool_backward(dx, dy, arg, self.k, self.stride, self.pad, dx16) else None)
         return dx
 
 

@@ -775,18 +775,26 @@ def batchnorm_forward_train_int16(out, inp, gamma, beta, running_mean, running_v
     c = _channels(inp)
     check(gamma.shape == (c,) and out.shape == inp.shape and on_device(out, inp, gamma), "batchnorm_int16: "
           "device arrays of one shape expected")
-    stats = _stats_out(stats, c, True)
-    s = np.float32(int_scale)
-    mean, invstd, exact = _cuda_stats(_rows(inp), eps, stats, s, buffers)
-    if not exact:
-        warnings.warn("batchnorm: inp * int_scale is not an exact int16 everywhere; keeping xhat (float32)")
-        s = np.float32(0)
-    xq = empty(inp.size, np.int16, True) if s > 0 else buffers("bn.xq", 1, np.int16)
-    xhat = buffers("bn.xhat", 1, np.float32) if s > 0 else empty(inp.shape, np.float32, True)
+    stats, mean, invstd, s, xq, xhat = _stats_and_record(inp, eps, stats, int_scale, buffers)
     _normalize_cuda[grid1d(inp.size)](flat(inp), mean, invstd, gamma, beta, flat(out), flat(xhat), s, xq)
     if running_mean is not None:
         batchnorm_update_running(running_mean, running_var, stats, momentum)
     return xhat, s, xq, mean, invstd
+
+
+def _stats_and_record(inp, eps, stats, int_scale, buffers):
+    """The plain batch norm's train forward on the device, up to its normalising kernel: (stats,
+    mean, invstd, s, xq, xhat) with the record to keep allocated, the int16 one (s = int_scale)
+    where int_scale > 0 and inp * int_scale passes the check, else xhat (s = 0)."""
+    stats = _stats_out(stats, _channels(inp), True)
+    s = np.float32(max(int_scale, 0))
+    mean, invstd, exact = _cuda_stats(_rows(inp), eps, stats, s, buffers)
+    if s > 0 and not exact:
+        warnings.warn("batchnorm: inp * int_scale is not an exact int16 everywhere; keeping xhat (float32)")
+        s = np.float32(0)
+    xq = empty(inp.size, np.int16, True) if s > 0 else buffers("bn.xq", 1, np.int16)
+    xhat = buffers("bn.xhat", 1, np.float32) if s > 0 else empty(inp.shape, np.float32, True)
+    return stats, mean, invstd, s, xq, xhat
 
 
 def bn_add_act_forward_train(out, inp, res, gamma, beta, running_mean, running_var, momentum, eps, r, a,
@@ -801,15 +809,8 @@ def bn_add_act_forward_train(out, inp, res, gamma, beta, running_mean, running_v
     c = _channels(inp)
     check(gamma.shape == (c,) and out.shape == inp.shape == res.shape and on_device(out, inp, res, gamma),
           "bn_add_act: device arrays of one shape expected")
-    stats = _stats_out(stats, c, True)
-    s = np.float32(max(int_scale, 0))
-    mean, invstd, exact = _cuda_stats(_rows(inp), eps, stats, s, buffers)
-    if s > 0 and not exact:
-        warnings.warn("batchnorm: inp * int_scale is not an exact int16 everywhere; keeping xhat (float32)")
-        s = np.float32(0)
+    stats, mean, invstd, s, xq, xhat = _stats_and_record(inp, eps, stats, int_scale, buffers)
     n = inp.size
-    xq = empty(n, np.int16, True) if s > 0 else buffers("bn.xq", 1, np.int16)
-    xhat = buffers("bn.xhat", 1, np.float32) if s > 0 else empty(inp.shape, np.float32, True)
     bits = empty(num_words(n), np.uint32, True)
     _bn_add_act_cuda[grid1d(n)](flat(inp), mean, invstd, gamma, beta, flat(res), np.float32(r), np.float32(a), s,
                                 flat(xhat), xq, flat(out), bits)

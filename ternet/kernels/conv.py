@@ -550,7 +550,8 @@ def _dx_splits(blocks, s_n):
     if blocks >= DX_BLOCKS:
         return 1, s_n
     splits = max(1, min(-(-DX_BLOCKS // blocks), -(-s_n // (4 * TK))))
-    chunk = -(-(-(-s_n // splits)) // TK) * TK
+    per = -(-s_n // splits)
+    chunk = -(-per // TK) * TK          # whole TK tiles a split
     return -(-s_n // chunk), chunk
 
 
