@@ -68,11 +68,12 @@ class _Builder:
         self.push(main, self.conv(s.out, 3, 1, 1, f"{name}.conv2"))
         self.push(main, BatchNorm(f"{name}.bn2", s.out, int_scale=self.qmax if 9 * s.out * self.qmax <= 32767 else 0))
         if s.stride != 1 or cin != s.out:
-            end, self.shape = self.shape, start
+            self.shape = start
             sc = []
             self.push(sc, self.conv(s.out, 1, s.stride, 0, f"{name}.proj"))
             self.push(sc, BatchNorm(f"{name}.proj_bn", s.out, int_scale=self.int_scale(cin)))
-            short, self.shape = Sequential(f"{name}.shortcut", sc), end
+            short = Sequential(f"{name}.shortcut", sc)
+        self.shape = start        # the caller's push applies the block's shape change (once)
         return Residual(name, Sequential(f"{name}.main", main), short, TernaryAct(f"{name}.act2", **self.act_kw))
 
 
@@ -189,11 +190,15 @@ class Model:
         self.device = False
         params = self.rparams()
         self.reals = RealBuffers(params, [p.value for p in params], False)
-        for seq in walk(self.net):        # layers whose input gradient a convolution reads in bf16
+        for seq in walk(self.net):
             kids = getattr(seq, "layers", [])
             for conv, nxt in zip(kids, kids[1:]):
-                if isinstance(conv, Conv2d) and conv.needs_dinput and type(nxt) in (BatchNorm, BNAct, MaxPool):
-                    nxt.grad_bf16 = True
+                if not isinstance(conv, Conv2d):
+                    continue
+                if conv.needs_dinput and type(nxt) in (BatchNorm, BNAct, MaxPool):
+                    nxt.grad_bf16 = True        # its input gradient, read by the convolution in bf16
+                if isinstance(nxt, BatchNorm) and nxt.int_scale > 0:
+                    conv.emit_sums, nxt.sums_from = True, conv    # statistics from the conv's sums
 
     def save_memory(self, on=True):
         """ternet train --save-memory: on the GPU, (1) the batch norm right after the first layer

@@ -34,6 +34,14 @@ def test_vgg_gxnor_and_resnet18_shapes():
     assert r.net.out_shape((224, 224, 3)) == (1000,)
 
 
+def test_strided_residual_block_shrinks_the_map_once():
+    """A residual block with a stride hands the next layer its own output's shape (the builder
+    once applied the stride twice: an FC after RB128s2 expected a quarter of its input)."""
+    m = Model("64C3-RB64-RB128s2-64FC", (28, 28, 1), 10)
+    assert [p.q.shape for p in m.tparams()][-2] == (64, 128 * 14 * 14)
+    assert m.forward(np.zeros((2, 28, 28, 1), np.float32), True).shape == (2, 10)
+
+
 def test_string_tokens():
     specs = parse("2x16C3s2p0-AP2-8FC-RB16s2-GAP-5")
     assert [s.kind for s in specs] == ["conv", "conv", "pool", "fc", "rb", "gap", "classifier"]
