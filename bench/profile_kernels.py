@@ -2,6 +2,7 @@
 
     python bench/profile_kernels.py [--arch vgg-gxnor] [--side 32] [--classes 10]
                                     [--sampler bop|dst] [--batch 64 128 512] [--top 25] [--dw-chunk M]
+                                    [--save-memory] [--no-conv-sums]
 
 The step's launches are queued behind a kernel that sleeps ~0.3 s, so the host is always ahead of
 the GPU and the CUDA events recorded around each planned launch measure the kernel alone (plus the
@@ -39,12 +40,12 @@ def short_name(mangled):
     return ".".join(parts[-2:]) if parts else mangled[:40]
 
 
-def profile(arch, shape, classes, batch, sampler, top):
+def profile(arch, shape, classes, batch, sampler, top, save_memory=False):
     from ternet import cuda_memory
     from ternet.kernels import launch
     cuda_memory.install()
     launch.install()
-    model, step = training_step(arch, shape, classes, batch, sampler=sampler)
+    model, step = training_step(arch, shape, classes, batch, sampler=sampler, save_memory=save_memory)
     for t in range(3):                              # compile, plan every launch
         step(t)
     cuda.synchronize()
@@ -114,11 +115,18 @@ if __name__ == "__main__":
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--dw-chunk", type=int, default=0,
                     help="rows m per split of the tensor-core weight gradient (conv_tc.DW_CHUNK; 0: as set)")
+    ap.add_argument("--save-memory", action="store_true", help="ternet train --save-memory on")
+    ap.add_argument("--no-conv-sums", action="store_true",
+                    help="batch statistics from a pass over each output (TERNET_CONV_SUMS=0)")
     a = ap.parse_args()
+    if a.no_conv_sums:
+        from ternet.kernels import conv_tc
+        conv_tc.SUMS = False
     if a.dw_chunk:
         from ternet.kernels import conv_tc
         conv_tc.DW_CHUNK = a.dw_chunk
-    res = [profile(a.arch, (a.side, a.side, a.channels), a.classes, b, a.sampler, a.top) for b in a.batch]
+    res = [profile(a.arch, (a.side, a.side, a.channels), a.classes, b, a.sampler, a.top, a.save_memory)
+           for b in a.batch]
     if len(res) > 1:            # per kernel: the time at the smallest and the largest batch
         lo, hi = res[0], res[-1]
         print(f"\nkernel | launches | ms at batch {lo['batch']} | ms at batch {hi['batch']}")

@@ -113,6 +113,9 @@ class Conv2d(Layer):
         self.cin, self.cout, self.needs_dinput = cin, cout, needs_dinput
         self.w = TernaryParam(name + ".weight", _init_states(rng, (cout, k, k, cin), qmax), qmax)
         self.ctx = None
+        # set by the Model where a batch norm on integers comes right after: a device train forward
+        # then also adds up its output's per-channel sums for that layer's statistics (take_sums)
+        self.emit_sums, self.sums = False, None
 
     def out_shape(self, shape):
         h, w, _ = shape
@@ -125,15 +128,23 @@ class Conv2d(Layer):
         n, oh, ow, _ = (x.shape[0],) + self.out_shape(x.shape[1:])
         return workspace(self, name, (n * oh * ow, self.k * self.k * self.cin), np.float32)
 
-    def _conv(self, x, cols):
+    def _conv(self, x, cols, sums=False):
         y = empty((x.shape[0],) + self.out_shape(x.shape[1:]), np.float32, on_device(x))
-        return y, conv2d_forward(y, x, self.w.q, self.w.scale, self.stride, self.pad, cols)
+        return y, conv2d_forward(y, x, self.w.q, self.w.scale, self.stride, self.pad, cols, sums)
 
     def forward(self, x, train):
-        y, cols = self._conv(x, self._cols("cols", x))
+        cols = self._cols("cols", x)
+        y, sums = self._conv(x, cols, sums=train and on_device(x) and self.emit_sums)
+        self.sums = (y, sums) if isinstance(sums, conv_tc.ConvSums) else None
         if train:
             self.ctx = (x, cols)
         return y
+
+    def take_sums(self, y):
+        """The conv_tc.ConvSums of y if y is this layer's last train forward's output and they were
+        made, else None; handed out once."""
+        kept, self.sums = self.sums, None
+        return kept[1] if kept is not None and kept[0] is y else None
 
     def recompute(self):
         """The training forward's output once more, from the input it kept: for a batch norm right
@@ -213,6 +224,11 @@ class BatchNorm(Layer):
         # on a GPU with tensor cores the backward also writes dx in bf16, the form that layer
         # reads it in (one conversion kernel less; the same bits)
         self.grad_bf16 = False
+        # set by the Model: the Conv2d right before whose sums (Conv2d.take_sums) give the statistics
+        self.sums_from = None
+
+    def _sums(self, x):
+        return self.sums_from.take_sums(x) if self.sums_from is not None else None
 
     def forward_add_act(self, x, res, act):
         """GPU, train: act(this layer's forward of x + res) (int8), in one pass over the elements
@@ -224,7 +240,7 @@ class BatchNorm(Layer):
         out = empty(x.shape, np.int8, True)
         record, bits = bn_add_act_forward_train(out, x, res, self.gamma.value, self.beta.value, rm, rv, self.momentum,
                                                 self.eps, act.r, act.a, self.int_scale if lean else 0, stats,
-                                                self.kept)
+                                                self.kept, self._sums(x))
         self.ctx = ("int16", record) if lean else record
         r32, a32 = np.float32(act.r), np.float32(act.a)
         act.ctx = ActSaved(x.size, bits=bits, height=window_grad(r32, r32, a32, WINDOW_RECT))
@@ -253,11 +269,11 @@ class BatchNorm(Layer):
         if dev and self.lean and self.int_scale > 0:
             self.ctx = ("int16", batchnorm_forward_train_int16(y, x, self.gamma.value, self.beta.value, rm, rv,
                                                                self.momentum, self.eps, self.int_scale, stats,
-                                                               self.kept))
+                                                               self.kept, self._sums(x)))
             return y
         xhat = empty(x.shape, np.float32, dev)
         invstd = batchnorm_forward_train(y, xhat, x, self.gamma.value, self.beta.value, rm, rv, self.momentum,
-                                         self.eps, stats, self.kept)
+                                         self.eps, stats, self.kept, self._sums(x) if dev else None)
         self.ctx = (xhat, invstd)
         return y
 
@@ -311,7 +327,7 @@ class BNAct(BatchNorm):
         rm, rv, stats = self._train_args(dev)
         self.ctx = bn_act_forward_train(y, x, g, b, rm, rv, self.momentum, self.eps, self.act.r, self.act.a,
                                         self.act.shape, self.int_scale, stats, self.kept,
-                                        keep_input=self.source is None)
+                                        keep_input=self.source is None, sums=self._sums(x) if dev else None)
         return y
 
     def backward(self, dy):
@@ -491,10 +507,12 @@ class Residual(Layer):
     def forward(self, x, train):
         bn = self._fused_bn(x, train)
         if bn is not None:
+            # the shortcut first: main's last convolution's sums (Conv2d.take_sums) are then still
+            # in their buffer when its batch norm takes them
+            b = x if self.shortcut is None else self.shortcut.forward(x, train)
             z = x
             for layer in self.main.layers[:-1]:
                 z = layer.forward(z, train)
-            b = x if self.shortcut is None else self.shortcut.forward(x, train)
             return bn.forward_add_act(z, b, self.act)
         a = self.main.forward(x, train)
         b = x if self.shortcut is None else self.shortcut.forward(x, train)

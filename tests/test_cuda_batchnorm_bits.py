@@ -555,3 +555,49 @@ def test_bn_add_act_forward_bits(m, c, int_scale, res_type):
                                       err_msg=name)
     out = runs[True][0]
     assert {-1, 0, 1} <= set(out.ravel().tolist()) and 0 < np.unpackbits(runs[True][1].view(np.uint8)).sum()
+
+
+@pytest.mark.parametrize("m,c,scale,spread", [(37, 5, 1.0, 40), (300, 33, 0.5, 1000), (600, 3, 1.0, 30000)])
+def test_stats_from_conv_sums_bits(m, c, scale, spread):
+    """The statistics from an integer convolution's per-block sums (conv_tc.ConvSums, as its
+    epilogue leaves them: blocks of 128 rows) against the pass over x, bit for bit: both are exact
+    sums there (scalar.int_shifted_sums). Channels far from zero, of one sign and of both."""
+    from ternet.kernels.conv_tc import ConvSums
+    rng = np.random.default_rng(m + c)
+    a = rng.integers(-spread, spread + 1, (m, c)) + rng.integers(-3 * spread, 3 * spread + 1, c)
+    x = (a * scale).astype(np.float32)
+    assert np.array_equal(x / np.float32(scale), a)       # a * scale exact: the kernel's premise
+    blocks = -(-m // 128)
+    part = np.zeros((2, c, blocks), np.int64)
+    for b in range(blocks):
+        rows = a[128 * b:128 * (b + 1)].astype(np.int64)
+        part[0, :, b], part[1, :, b] = rows.sum(0), (rows * rows).sum(0)
+    xd = cuda.to_device(x)
+    for s in [np.float32(0), np.float32(1 / scale)]:
+        got = [cuda.to_device(np.zeros((2, c), np.float32))]
+        want = [cuda.to_device(np.zeros((2, c), np.float32))]
+        sums = ConvSums(cuda.to_device(part), scale, m)
+        mean, invstd, exact = bn._cuda_stats(xd, 1e-4, got[0], s, sums=sums)
+        mean0, invstd0, exact0 = bn._cuda_stats(xd, 1e-4, want[0], s)
+        assert exact == exact0 == (s > 0)
+        for g, w in [(mean, mean0), (invstd, invstd0), (got[0], want[0])]:
+            np.testing.assert_array_equal(g.copy_to_host().view(np.uint32), w.copy_to_host().view(np.uint32))
+    off = part.copy()
+    off[0, 0, 0] += 10 * m                 # channel 0's mean 10 higher: read from part, not from x
+    mean = bn._cuda_stats(xd, 1e-4, cuda.to_device(np.zeros((2, c), np.float32)),
+                          sums=ConvSums(cuda.to_device(off), scale, m))[0].copy_to_host()
+    assert mean[0] == np.float32(a[:, 0].mean() * scale + 10 * scale) and np.array_equal(mean[1:], mean0.copy_to_host()[1:])
+
+
+def test_stale_conv_sums_are_not_read():
+    """Sums whose scratch buffer a later convolution took are not used: the statistics then come
+    from the pass over x (a poisoned part would show)."""
+    from ternet.kernels.conv_tc import ConvSums
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    old = ConvSums(cuda.to_device(np.full((2, 2, 1), 10 ** 9, np.int64)), 1.0, 6)
+    ConvSums(cuda.to_device(np.zeros((2, 2, 1), np.int64)), 1.0, 6)      # the next convolution's
+    assert not old.current()
+    got, want = cuda.to_device(np.zeros((2, 2), np.float32)), cuda.to_device(np.zeros((2, 2), np.float32))
+    bn._cuda_stats(cuda.to_device(x), 1e-4, got, sums=old)
+    bn._cuda_stats(cuda.to_device(x), 1e-4, want)
+    np.testing.assert_array_equal(got.copy_to_host(), want.copy_to_host())

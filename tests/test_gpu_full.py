@@ -47,6 +47,39 @@ def test_tensor_core_convolutions_match_numba_kernels(shape):
         assert np.linalg.norm(a - b) <= 4e-3 * np.linalg.norm(b)
 
 
+@pytest.mark.parametrize("shape", [sh for sh in LAYERS if sh[3] % 64 == 0])
+@pytest.mark.parametrize("qmax", [1, 2])
+def test_conv_sums_are_the_outputs_sums(shape, qmax):
+    """The int8 forward's per-channel sums (conv_tc.ConvSums) against its own output, block by
+    block (128 rows each), exactly; and the batch norm's statistics from them against the pass
+    over that output, bit for bit (all channels, so K's ragged 64-column tile too)."""
+    from numba import cuda
+    from ternet.kernels import batchnorm as bn
+    from ternet.kernels import conv
+    n, h, w, c, k, kk, s, p = shape
+    rng = np.random.default_rng(sum(shape) + qmax)
+    x = cuda.to_device(rng.integers(-1, 2, (n, h, w, c)).astype(np.int8))
+    wq = cuda.to_device(rng.integers(-qmax, qmax + 1, (k, kk, kk, c)).astype(np.int8))
+    oh, ow = conv.out_size(h, kk, s, p), conv.out_size(w, kk, s, p)
+    out = cuda.device_array((n, oh, ow, k), np.float32)
+    sums = conv.conv2d_forward(out, x, wq, 1.0 / qmax, s, p, sums=True)
+    assert sums is not None and sums.current()
+    a = (out.copy_to_host().reshape(-1, k) * qmax).astype(np.int64)
+    blocks = -(-a.shape[0] // 128)
+    pad = np.zeros((blocks * 128 - a.shape[0], k), np.int64)
+    a = np.concatenate([a, pad]).reshape(blocks, 128, k)
+    part = sums.part.copy_to_host()
+    np.testing.assert_array_equal(part[0], a.sum(1).T)
+    np.testing.assert_array_equal(part[1], (a * a).sum(1).T)
+    rows, res = out.reshape(-1, k), []
+    for kw in (dict(sums=sums), {}):
+        stats = cuda.to_device(np.zeros((2, k), np.float32))
+        mean, invstd, _ = bn._cuda_stats(rows, 1e-4, stats, np.float32(qmax), **kw)
+        res.append([v.copy_to_host().view(np.uint32) for v in (mean, invstd, stats)])
+    for g, w_ in zip(*res):
+        np.testing.assert_array_equal(g, w_)
+
+
 FIRST = [  # first layers on float32 images: (N, H, W, C, K, k, stride, pad); ragged tiles in the last two
     (4, 32, 32, 3, 128, 3, 1, 1), (2, 64, 64, 3, 64, 7, 2, 3), (3, 30, 50, 3, 24, 5, 1, 2), (2, 45, 37, 1, 16, 5, 2, 1),
 ]
@@ -175,6 +208,45 @@ def test_save_memory_trains_the_same_bits(tiny_data, tmp_path, arch):
     for k in weights["off", "off"]:
         for key in (("on", "off"), ("on", "on")):
             np.testing.assert_array_equal(weights[key][k], weights["off", "off"][k], err_msg=f"{key} {k}")
+
+
+@pytest.mark.parametrize("arch", ["64C3-64C3-MP2-128C3-64FC", "64C3-RB64-RB128s2-64FC"])
+def test_conv_sums_train_the_same_bits(tiny_data, tmp_path, arch, monkeypatch):
+    """Batch statistics from the integer convolutions' sums (conv_tc.ConvSums; fused batch norm +
+    activation, ResNet's plain ones, the block-end kernel, a projection shortcut) against the pass
+    over their outputs (TERNET_CONV_SUMS=0), eager and replayed: the same weights and running
+    statistics bit for bit; and the sums did give statistics."""
+    from ternet.config import Config
+    from ternet.kernels import batchnorm as bn
+    from ternet.kernels import conv_tc
+    from ternet.run import RunDir
+    from ternet.train import Trainer
+    used = [0]
+    kernel = bn._stats_from_sums_cuda
+
+    class Counted:
+        def __getitem__(self, grid):
+            used[0] += 1
+            return kernel[grid]
+
+    monkeypatch.setattr(bn, "_stats_from_sums_cuda", Counted())
+    state = {}
+    for on, graph in ((False, "off"), (True, "off"), (True, "on")):
+        monkeypatch.setattr(conv_tc, "SUMS", on)
+        cfg = Config(data=str(tiny_data), arch=arch, sampler="dst", epochs=1, batch_size=50, device="cuda",
+                     cuda_graph=graph).resolve()
+        run = RunDir(tmp_path / f"{on}-{graph}")
+        run.create(cfg)
+        t = Trainer(cfg, run, progress=False)
+        t.fit()
+        sd = t.model.state_dict()
+        state[on, graph] = {**sd["weights"], **sd["buffers"]}
+        if not on:
+            assert used[0] == 0
+    assert used[0] > 0
+    for key in ((True, "off"), (True, "on")):
+        for name, v in state[False, "off"].items():
+            np.testing.assert_array_equal(state[key][name], v, err_msg=f"{key} {name}")
 
 
 def test_planned_launches_give_the_same_bits(tiny_data, tmp_path, monkeypatch):

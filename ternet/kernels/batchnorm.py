@@ -25,7 +25,7 @@ from .activation import ActSaved, num_words, pack_flags, ternary_forward
 from .elementwise import copy
 from .pool import PoolGrad, _advance, _digits, covering_table, pool_grad_at
 from .scalar import (WINDOW_RECT, affine, bf16_bits, bn_dx, bn_eval_coeffs, bn_stats, ema, normalize,
-                     shifted_moments, ternarize, window_grad)
+                     int_shifted_sums, shifted_moments, ternarize, window_grad)
 
 CHUNKS = 64                      # CPU: row chunks of a reduction
 TILE_C, LANES = 32, (2 if SIMULATOR else 8)          # CUDA: a reduction block: 32 channels x row lanes
@@ -314,6 +314,36 @@ def _stats_cuda(part, m, x, eps, mean32, invstd, stats):
     if cuda.threadIdx.y == 0 and j < mean32.size:
         mean, sqdev = shifted_moments(np.float64(x[0, j]), s1, s2, m)
         mu, inv, unbiased = bn_stats(mean, sqdev, m, eps)
+        mean32[j], invstd[j], stats[0, j], stats[1, j] = mu, inv, mu, unbiased
+
+
+SUM_THREADS = 8 if SIMULATOR else 256   # CUDA: threads a channel adding up the sums
+
+
+@cuda.jit
+def _stats_from_sums_cuda(part, m, x, eps, scale, mean32, invstd, stats):
+    # _stats_cuda's statistics from the integer convolution's sums (conv_tc.ConvSums: part (2, C,
+    # blocks) int64), one block a channel: the same bits (scalar.int_shifted_sums), no pass over x
+    sh = cuda.shared.array((2, SUM_THREADS), numba.int64)
+    j, t = cuda.blockIdx.x, cuda.threadIdx.x
+    t1, t2 = np.int64(0), np.int64(0)
+    for b in range(t, part.shape[2], SUM_THREADS):
+        t1 += part[0, j, b]
+        t2 += part[1, j, b]
+    sh[0, t], sh[1, t] = t1, t2
+    cuda.syncthreads()
+    w = SUM_THREADS // 2
+    while w > 0:            # integers: any order gives the same sums
+        if t < w:
+            sh[0, t] += sh[0, t + w]
+            sh[1, t] += sh[1, t + w]
+        cuda.syncthreads()
+        w //= 2
+    if t == 0:
+        k = np.float64(x[0, j])
+        s1, s2 = int_shifted_sums(sh[0, 0], sh[1, 0], k, m, scale)
+        mean, sqdev = shifted_moments(k, s1, s2, np.float64(m))
+        mu, inv, unbiased = bn_stats(mean, sqdev, np.float64(m), eps)
         mean32[j], invstd[j], stats[0, j], stats[1, j] = mu, inv, mu, unbiased
 
 
@@ -637,12 +667,20 @@ def _reduce_grid(m, c):
     return (chunks, (c + TILE_C - 1) // TILE_C), (TILE_C, LANES)
 
 
-def _cuda_stats(x, eps, stats, s=np.float32(0), buffers=fresh):
+def _cuda_stats(x, eps, stats, s=np.float32(0), buffers=fresh, sums=None):
     """Batch statistics of x (M, C) on the device: (mean, invstd) float32 (C,) from `buffers`,
     stats (2, C) = mean and unbiased variance overwritten; with s > 0 also whether x * s is an
-    exact int16 everywhere (checked on the device and read back only with TERNET_CHECK_INT16=1)."""
+    exact int16 everywhere (checked on the device and read back only with TERNET_CHECK_INT16=1).
+    sums: x's conv_tc.ConvSums, from the convolution that wrote it: the same statistics without
+    reading x but for its first row (unless another convolution's sums have taken their buffer
+    since, or with TERNET_CHECK_INT16=1, whose check reads all of x)."""
     m, c = x.shape
     _no_rows(m)
+    if sums is not None and sums.current() and not CHECK_INT16:
+        check(sums.m == m and sums.part.shape[1] == c, "batchnorm: the convolution's sums are not this input's")
+        mean32, invstd = buffers("bn.mean", c, np.float32), buffers("bn.invstd", c, np.float32)
+        _stats_from_sums_cuda[c, SUM_THREADS](sums.part, m, x, np.float64(eps), sums.scale, mean32, invstd, stats)
+        return mean32, invstd, s > 0
     grid, block = _reduce_grid(m, c)
     part = scratch("bn.part", (grid[0], 2, c), np.float64)
     mean32, invstd = buffers("bn.mean", c, np.float32), buffers("bn.invstd", c, np.float32)
@@ -694,18 +732,19 @@ def batchnorm_update_running(running_mean, running_var, stats, momentum):
 
 
 def batchnorm_forward_train(out, xhat, inp, gamma, beta, running_mean, running_var, momentum, eps, stats=None,
-                            buffers=fresh):
+                            buffers=fresh, sums=None):
     """Batch-statistics forward; overwrites out and xhat (same shape as inp, float32) and stats
     (float32 (2, C): batch mean, unbiased variance; allocated when None), then updates the running
     statistics in place from them (skipped when running_mean is None). Returns invstd (C,)
     float32 (on inp's side), for the backward; on the device taken from `buffers(role, shape,
-    dtype)` (a layer's StepBuffers, or `fresh`)."""
+    dtype)` (a layer's StepBuffers, or `fresh`). sums: inp's conv_tc.ConvSums (device; see
+    _cuda_stats)."""
     c = _channels(inp)
     check(gamma.shape == (c,) and out.shape == inp.shape, "batchnorm: shape mismatch")
     dev = on_device(out, inp, gamma)
     stats = _stats_out(stats, c, dev)
     if dev:
-        mean, invstd, _ = _cuda_stats(_rows(inp), eps, stats, buffers=buffers)
+        mean, invstd, _ = _cuda_stats(_rows(inp), eps, stats, buffers=buffers, sums=sums)
         q = buffers("bn.xq", 1, np.int16)
         _normalize_cuda[grid1d(inp.size)](flat(inp), mean, invstd, gamma, beta, flat(out), flat(xhat), np.float32(0), q)
     else:
@@ -767,7 +806,7 @@ def _bn_backward_cuda(dinp, dgamma, dbeta, dout, xhat, s, xq, mean, gamma, invst
 
 
 def batchnorm_forward_train_int16(out, inp, gamma, beta, running_mean, running_var, momentum, eps, int_scale,
-                                  stats, buffers=fresh):
+                                  stats, buffers=fresh, sums=None):
     """GPU only: batchnorm_forward_train keeping, instead of xhat (float32), the input as exact
     int16 inp * int_scale (2 bytes per element; int_scale as BNAct's: the builder's promise that
     inp * int_scale holds integers, checked with TERNET_CHECK_INT16=1, xhat kept where it fails).
@@ -775,20 +814,20 @@ def batchnorm_forward_train_int16(out, inp, gamma, beta, running_mean, running_v
     c = _channels(inp)
     check(gamma.shape == (c,) and out.shape == inp.shape and on_device(out, inp, gamma), "batchnorm_int16: "
           "device arrays of one shape expected")
-    stats, mean, invstd, s, xq, xhat = _stats_and_record(inp, eps, stats, int_scale, buffers)
+    stats, mean, invstd, s, xq, xhat = _stats_and_record(inp, eps, stats, int_scale, buffers, sums)
     _normalize_cuda[grid1d(inp.size)](flat(inp), mean, invstd, gamma, beta, flat(out), flat(xhat), s, xq)
     if running_mean is not None:
         batchnorm_update_running(running_mean, running_var, stats, momentum)
     return xhat, s, xq, mean, invstd
 
 
-def _stats_and_record(inp, eps, stats, int_scale, buffers):
+def _stats_and_record(inp, eps, stats, int_scale, buffers, sums=None):
     """The plain batch norm's train forward on the device, up to its normalising kernel: (stats,
     mean, invstd, s, xq, xhat) with the record to keep allocated, the int16 one (s = int_scale)
     where int_scale > 0 and inp * int_scale passes the check, else xhat (s = 0)."""
     stats = _stats_out(stats, _channels(inp), True)
     s = np.float32(max(int_scale, 0))
-    mean, invstd, exact = _cuda_stats(_rows(inp), eps, stats, s, buffers)
+    mean, invstd, exact = _cuda_stats(_rows(inp), eps, stats, s, buffers, sums)
     if s > 0 and not exact:
         warnings.warn("batchnorm: inp * int_scale is not an exact int16 everywhere; keeping xhat (float32)")
         s = np.float32(0)
@@ -798,7 +837,7 @@ def _stats_and_record(inp, eps, stats, int_scale, buffers):
 
 
 def bn_add_act_forward_train(out, inp, res, gamma, beta, running_mean, running_var, momentum, eps, r, a,
-                             int_scale=0, stats=None, buffers=fresh):
+                             int_scale=0, stats=None, buffers=fresh, sums=None):
     """GPU only: out (int8) = phi_r(BN(inp) + res) with the rectangular window and batch statistics:
     batchnorm_forward_train (or, int_scale > 0, batchnorm_forward_train_int16), the residual add
     (res int8 or float32, inp's shape) and activation.ternary_forward in one pass over the elements
@@ -809,7 +848,7 @@ def bn_add_act_forward_train(out, inp, res, gamma, beta, running_mean, running_v
     c = _channels(inp)
     check(gamma.shape == (c,) and out.shape == inp.shape == res.shape and on_device(out, inp, res, gamma),
           "bn_add_act: device arrays of one shape expected")
-    stats, mean, invstd, s, xq, xhat = _stats_and_record(inp, eps, stats, int_scale, buffers)
+    stats, mean, invstd, s, xq, xhat = _stats_and_record(inp, eps, stats, int_scale, buffers, sums)
     n = inp.size
     bits = empty(num_words(n), np.uint32, True)
     _bn_add_act_cuda[grid1d(n)](flat(inp), mean, invstd, gamma, beta, flat(res), np.float32(r), np.float32(a), s,
@@ -855,9 +894,10 @@ class BNActSaved:
         return sum(int(a.size) * a.dtype.itemsize for a in kept if a is not None)
 
 
-def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale, buffers, keep_input):
+def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale, buffers, keep_input,
+                               sums=None):
     n, s = inp.size, np.float32(max(int_scale, 0))
-    mean, invstd, exact = _cuda_stats(_rows(inp), eps, stats, s, buffers)
+    mean, invstd, exact = _cuda_stats(_rows(inp), eps, stats, s, buffers, sums)
     if s > 0 and not exact:
         warnings.warn("bn_act: inp * int_scale is not an exact int16 everywhere (non-integers, or values beyond "
                       "32767); keeping the input as float32 for the backward (4 bytes per element, not 2)")
@@ -906,7 +946,7 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma, dinp16=None):
 
 
 def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momentum, eps, r, a, shape,
-                         int_scale=0, stats=None, buffers=fresh, keep_input=True):
+                         int_scale=0, stats=None, buffers=fresh, keep_input=True, sums=None):
     """out (int8) = phi_r(gamma * xhat + beta), batch statistics; overwrites out and stats (as
     batchnorm_forward_train), updates the running statistics in place unless running_mean is None.
 
@@ -917,13 +957,14 @@ def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momen
     of the forward: 4 bytes); it falls back to float32, with a warning, where not. The GPU's
     per-channel arrays and placeholders come from `buffers(role, shape, dtype)` (a layer's
     StepBuffers, or `fresh`). keep_input=False (GPU): a float32 input is not kept; the record's xf
-    is None and the caller puts the same values there before the backward (BNAct.source).
+    is None and the caller puts the same values there before the backward (BNAct.source). sums:
+    inp's conv_tc.ConvSums (GPU; see _cuda_stats).
     """
     check(out.shape == inp.shape and gamma.shape == (_channels(inp),), "bn_act: shape mismatch")
     if on_device(out, inp, gamma):
         stats = _stats_out(stats, _channels(inp), True)
         saved = _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale, buffers,
-                                           keep_input)
+                                           keep_input, sums)
         if running_mean is not None:
             batchnorm_update_running(running_mean, running_var, stats, momentum)
         return saved

@@ -503,10 +503,11 @@ def _grid2(rows, cols):
     return ((rows + TM - 1) // TM, (cols + TN - 1) // TN)
 
 
-def _conv2d_forward_cuda(out, inp, weight, scale, stride, pad):
+def _conv2d_forward_cuda(out, inp, weight, scale, stride, pad, sums=False):
     from . import conv_tc
-    if conv_tc.forward(out, inp, weight, scale, stride, pad):
-        return
+    done = conv_tc.forward(out, inp, weight, scale, stride, pad, sums)
+    if done:
+        return done if isinstance(done, conv_tc.ConvSums) else None
     n, oh, ow, k = out.shape
     _, kh, kw, c = weight.shape
     out2 = view(out, n * oh * ow, k)
@@ -591,12 +592,14 @@ def _as_float_weight(weight, scale):
 # ----------------------------------------------------------------------------------------------
 # launchers
 
-def conv2d_forward(out, inp, weight, scale, stride, pad, cols=None):
+def conv2d_forward(out, inp, weight, scale, stride, pad, cols=None, sums=False):
     """out = conv(inp, scale * weight); overwrites out.
 
     inp (N, H, W, C) float32, or int8 for ternary activations; weight (K, KH, KW, C) int8 states; out (N, OH, OW, K) float32.
     cols: optional (N*OH*OW, KH*KW*C) float32 buffer; when given it is left holding the im2col
-    matrix, which conv2d_backward_weight can reuse.
+    matrix, which conv2d_backward_weight can reuse (the host path returns it).
+    sums (device): returns out's per-channel sums (conv_tc.ConvSums) for the batch norm after it
+    where the tensor-core int8 kernel ran (ternary inputs), else None.
     """
     n, h, w, c = inp.shape
     k, kh, kw, wc = weight.shape
@@ -604,7 +607,7 @@ def conv2d_forward(out, inp, weight, scale, stride, pad, cols=None):
     oh, ow = out_size(h, kh, stride, pad), out_size(w, kw, stride, pad)
     check(out.shape == (n, oh, ow, k), f"conv2d: out shape {out.shape} != {(n, oh, ow, k)}")
     if on_device(out, inp, weight):
-        return _conv2d_forward_cuda(out, inp, weight, scale, stride, pad)
+        return _conv2d_forward_cuda(out, inp, weight, scale, stride, pad, sums)
     if cols is None:
         cols = np.empty((n * oh * ow, kh * kw * c), np.float32)
     _fill_cols(inp, kh, kw, stride, pad, oh, ow, cols)

@@ -105,9 +105,60 @@ __device__ __forceinline__ void store_dw(float* dst, const float (&acc)[2][NT][4
 
 constexpr int FWD_BM = 128, FWD_STAGES = 3;
 
+// The integer forward's per-channel sums for the batch norm after it (conv_tc.ConvSums): this
+// block's sum of acc and of acc^2 over its 128 rows (rows past M hold zeros: the loader fills them
+// so), for each of its BN channels, to sums[(s * K + n) * gridDim.x + blockIdx.x], s = 0, 1.
+// Integers: the batch norm's statistics come out the same whatever order they are added in.
+// Warp: the 8 row groups of the mma layout by shuffles; block: the 4 row warps through shared
+// memory (As, free once the main loop is done).
+template <int BN, int NT>
+__device__ __forceinline__ void channel_sums(const int (&acc)[2][NT][4], long long* sums, char (*As)[FWD_BM * 64],
+                                             const Geom& g, int n0, int wn0) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
+    long long* red = reinterpret_cast<long long*>(As[0]);     // [row warp][BN columns][2]
+    __syncthreads();                            // every warp is done with As
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+        #pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            long long s = 0, q = 0;
+            #pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+                #pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    long long v = acc[mt][nt][2 * hh + e];
+                    s += v;
+                    q += v * v;
+                }
+            #pragma unroll
+            for (int off = 4; off < 32; off <<= 1) {
+                s += __shfl_xor_sync(0xffffffffu, s, off);
+                q += __shfl_xor_sync(0xffffffffu, q, off);
+            }
+            if (gq == 0) {
+                int col = wn0 + nt * 8 + tq * 2 + e;
+                red[((warp & 3) * BN + col) * 2] = s;
+                red[((warp & 3) * BN + col) * 2 + 1] = q;
+            }
+        }
+    __syncthreads();
+    for (int col = tid; col < BN; col += 256) {
+        int n = n0 + col;
+        if (n >= g.k) continue;
+        long long s = 0, q = 0;
+        #pragma unroll
+        for (int wm = 0; wm < 4; ++wm) {
+            s += red[(wm * BN + col) * 2];
+            q += red[(wm * BN + col) * 2 + 1];
+        }
+        sums[(long)n * gridDim.x + blockIdx.x] = s;
+        sums[((long)g.k + n) * gridDim.x + blockIdx.x] = q;
+    }
+}
+
 template <int BN, bool BF16, int DIL>
 __device__ __forceinline__ void conv_fwd(const char* x, const char* w, float* out, const Geom& g, float scale,
-                                         char (*As)[FWD_BM * 64], char (*Bs)[128 * 64]) {
+                                         char (*As)[FWD_BM * 64], char (*Bs)[128 * 64], long long* sums) {
     constexpr int BM = FWD_BM, STAGES = FWD_STAGES, E = BF16 ? 2 : 1, STEP = 64 / E;
     constexpr int NT = BN / 16;                 // n8 tiles per warp (warp covers BN / 2 columns)
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -254,6 +305,8 @@ __device__ __forceinline__ void conv_fwd(const char* x, const char* w, float* ou
                 if (n < g.k) out[o] = float(acc[mt][nt][2 * hh]) * scale;
                 if (n + 1 < g.k) out[o + 1] = float(acc[mt][nt][2 * hh + 1]) * scale;
             }
+    if constexpr (!BF16)
+        if (sums) channel_sums<BN>(acc, sums, As, g, n0, wn0);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -570,37 +623,37 @@ __device__ __forceinline__ Geom load_geom(const int* p) {
 
 template <int BN, bool BF16>
 __device__ __forceinline__ void conv_fwd_entry(const char* x, const char* w, float* out, const int* geom,
-                                               float scale) {
+                                               float scale, long long* sums) {
     __shared__ __align__(128) char As[FWD_STAGES][FWD_BM * 64];
     __shared__ __align__(128) char Bs[FWD_STAGES][128 * 64];   // BN = 64 uses the first half
     const Geom g = load_geom(geom);
     // the forward convolutions and stride-1 input gradients see dil == 1; a stride-2 layer's
     // input gradient dil == 2 (conv_tc.backward_input takes no larger stride)
-    if (g.dil == 2) conv_fwd<BN, BF16, 2>(x, w, out, g, scale, As, Bs);
-    else conv_fwd<BN, BF16, 1>(x, w, out, g, scale, As, Bs);
+    if (g.dil == 2) conv_fwd<BN, BF16, 2>(x, w, out, g, scale, As, Bs, sums);
+    else conv_fwd<BN, BF16, 1>(x, w, out, g, scale, As, Bs, sums);
 }
 
 extern "C" __device__ int conv_fwd_s8_128(int* ret, const signed char* x, const signed char* w, float* out,
-                                          const int* geom, float scale) {
-    conv_fwd_entry<128, false>((const char*)x, (const char*)w, out, geom, scale);
+                                          const int* geom, float scale, long long* sums) {
+    conv_fwd_entry<128, false>((const char*)x, (const char*)w, out, geom, scale, sums);   // sums: null for none
     *ret = 0;
     return 0;
 }
 extern "C" __device__ int conv_fwd_s8_64(int* ret, const signed char* x, const signed char* w, float* out,
-                                         const int* geom, float scale) {
-    conv_fwd_entry<64, false>((const char*)x, (const char*)w, out, geom, scale);
+                                         const int* geom, float scale, long long* sums) {
+    conv_fwd_entry<64, false>((const char*)x, (const char*)w, out, geom, scale, sums);   // sums: null for none
     *ret = 0;
     return 0;
 }
 extern "C" __device__ int conv_fwd_bf16_128(int* ret, const bf16_t* x, const bf16_t* w, float* out,
                                             const int* geom, float scale) {
-    conv_fwd_entry<128, true>((const char*)x, (const char*)w, out, geom, scale);
+    conv_fwd_entry<128, true>((const char*)x, (const char*)w, out, geom, scale, nullptr);
     *ret = 0;
     return 0;
 }
 extern "C" __device__ int conv_fwd_bf16_64(int* ret, const bf16_t* x, const bf16_t* w, float* out,
                                            const int* geom, float scale) {
-    conv_fwd_entry<64, true>((const char*)x, (const char*)w, out, geom, scale);
+    conv_fwd_entry<64, true>((const char*)x, (const char*)w, out, geom, scale, nullptr);
     *ret = 0;
     return 0;
 }

@@ -40,6 +40,14 @@ def _wrapper(fn, sig):
     return k
 
 
+def _sums_wrapper(fn, sig):
+    @cuda.jit(sig, link=[SRC], launch_bounds=256)
+    def k_sums(x, w, out, geom, scale, sums):
+        fn(x, w, out, geom, scale, sums)
+
+    return k_sums
+
+
 def _dw_wrapper(fn, sig):
     @cuda.jit(sig, link=[SRC], launch_bounds=256)
     def k_dw(dy, x, part, geom):
@@ -53,10 +61,13 @@ def _kernels():
     """Compile the numba wrappers once (needs a GPU: done at first use, never at import)."""
     i8p, u16p, f32p, i32p = (types.CPointer(t) for t in (types.int8, types.uint16, types.float32, types.int32))
     out = {}
-    for name, a in (("conv_fwd_s8_128", i8p), ("conv_fwd_s8_64", i8p),
-                    ("conv_fwd_bf16_128", u16p), ("conv_fwd_bf16_64", u16p)):
-        fn = cuda.declare_device(name, types.int32(a, a, f32p, i32p, types.float32), link=SRC)
-        out[name] = _wrapper(fn, types.void(a, a, f32p, i32p, types.float32))
+    i64p = types.CPointer(types.int64)
+    for name in ("conv_fwd_s8_128", "conv_fwd_s8_64"):
+        fn = cuda.declare_device(name, types.int32(i8p, i8p, f32p, i32p, types.float32, i64p), link=SRC)
+        out[name] = _sums_wrapper(fn, types.void(i8p, i8p, f32p, i32p, types.float32, i64p))
+    for name in ("conv_fwd_bf16_128", "conv_fwd_bf16_64"):
+        fn = cuda.declare_device(name, types.int32(u16p, u16p, f32p, i32p, types.float32), link=SRC)
+        out[name] = _wrapper(fn, types.void(u16p, u16p, f32p, i32p, types.float32))
     for name in ("conv_dw_bf16", "conv_dw_bf16_64"):
         out[name] = _dw_wrapper(cuda.declare_device(name, types.int32(u16p, i8p, f32p, i32p), link=SRC),
                                 types.void(u16p, i8p, f32p, i32p))
@@ -170,8 +181,43 @@ def _first_tiles(n, oh, ow):
     return n * -(-oh // FL_DH) * -(-ow // FL_DW)
 
 
-def forward(out, x, w, scale, stride, pad):
-    """conv2d_forward on tensor cores when the shapes allow; returns False otherwise."""
+# The batch norm after an integer convolution takes its statistics from sums the forward's
+# epilogue adds up (conv_mma.cu's channel_sums) instead of reading the output once more (0.5 ms of
+# a vgg-gxnor step at batch 512, 1.7 ms of a resnet18 224 px step at 256). TERNET_CONV_SUMS=0 turns
+# it off (the statistics are the same bits either way: tests/test_gpu_full.py).
+SUMS = os.environ.get("TERNET_CONV_SUMS", "1") != "0"
+
+
+class ConvSums:
+    """Per-channel sums of an integer forward's output, for the batch norm right after it:
+    part (2, K, blocks) int64, part[0, k, b] = sum of the accumulators a of channel k over the
+    rows of block b, part[1, k, b] = sum of a^2; out = a * scale (a power of two), m rows.
+    Integers: exact, the same whatever the order (kernels.batchnorm._stats_from_sums_cuda)."""
+
+    def __init__(self, part, scale, m):
+        self.part, self.scale, self.m = part, np.float64(scale), m
+        _SUMS_LAST[0] = self
+
+    def current(self):
+        """Whether part still holds these sums: it is a scratch buffer, which the next
+        convolution's sums overwrite (callers then read the output itself)."""
+        return _SUMS_LAST[0] is self
+
+
+_SUMS_LAST = [None]
+
+
+def _sums_fit(m, r, scale):
+    """Whether ConvSums' statistics are exact (scalar.int_shifted_sums): scale a power of two and
+    4 m max|a|^2 <= 2^53, |a| <= r / scale (ternary inputs, states within +-1/scale)."""
+    mant, _ = np.frexp(np.float64(scale))
+    return SUMS and scale > 0 and mant == 0.5 and 4 * m * (r / scale) ** 2 <= 2.0 ** 53
+
+
+def forward(out, x, w, scale, stride, pad, sums=False):
+    """conv2d_forward on tensor cores when the shapes allow; returns False otherwise. sums=True
+    (an int8 input, ternary: the batch norm after it keeps int16 records): returns the output's
+    ConvSums where the int8 kernel ran and they are exact, else True."""
     n, h, wd, c = x.shape
     k, kh, kw, _ = w.shape
     if _first_fits(x, k, kh, kw, stride):
@@ -188,8 +234,12 @@ def forward(out, x, w, scale, stride, pad):
               r=kh * kw * c)
     bn = 64 if k <= 64 else 128
     kern = _kernels()[f"conv_fwd_s8_{bn}"]
-    kern[((n * oh * ow + 127) // 128, (k + bn - 1) // bn), 256](_ptr(x), _ptr(w), _ptr(out), _ptr(g), np.float32(scale))
-    return True
+    m, blocks = n * oh * ow, (n * oh * ow + 127) // 128
+    res = ConvSums(scratch("conv.sums", (2, k, blocks), np.int64), scale, m) \
+        if sums and _sums_fit(m, kh * kw * c, scale) else None
+    kern[(blocks, (k + bn - 1) // bn), 256](_ptr(x), _ptr(w), _ptr(out), _ptr(g), np.float32(scale),
+                                            _ptr(res.part) if res is not None else 0)
+    return res if res is not None else True
 
 
 def backward_input(dx, dy, w, scale, stride, pad, dy16=None):

@@ -186,6 +186,21 @@ def shifted_moments(k, s1, s2, m):
 
 
 @numba.njit(inline="always")
+def int_shifted_sums(t1, t2, k, m, scale):
+    """shifted_moments' (s1, s2) about k from the exact sums t1 = sum(a), t2 = sum(a^2) (int64) of
+    m integers a with x = a * scale, scale a power of two and k one of the x: the integers shifted
+    by k / scale, then scaled back, every step exact while 4 m max|a|^2 <= 2^53 (the caller's
+    bound). Equal to the float64 sums of x - k and (x - k)^2 in any order, which are exact too
+    under that bound: the same statistics as a pass over x (batch norm after an integer
+    convolution: conv_tc.ConvSums)."""
+    ki = np.int64(k / scale)
+    mi = np.int64(m)
+    u1 = t1 - mi * ki
+    u2 = t2 - 2 * ki * t1 + mi * ki * ki
+    return np.float64(u1) * scale, np.float64(u2) * (scale * scale)
+
+
+@numba.njit(inline="always")
 def bn_stats(mean, sqdev, m, eps):
     """One channel's batch statistics from its float64 mean and sum of squared deviations over
     m (float64) elements: (mean, invstd, unbiased variance), all float32. The batch variance
