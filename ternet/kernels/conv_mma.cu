@@ -107,52 +107,53 @@ constexpr int FWD_BM = 128, FWD_STAGES = 3;
 
 // The integer forward's per-channel sums for the batch norm after it (conv_tc.ConvSums): this
 // block's sum of acc and of acc^2 over its 128 rows (rows past M hold zeros: the loader fills them
-// so), for each of its BN channels, to sums[(s * K + n) * gridDim.x + blockIdx.x], s = 0, 1.
-// Integers: the batch norm's statistics come out the same whatever order they are added in.
-// Warp: the 8 row groups of the mma layout by shuffles; block: the 4 row warps through shared
-// memory (As, free once the main loop is done).
+// so), for each of its BN channels, to sums[(k * K + n) * gridDim.x + blockIdx.x], k = 0, 1.
+// Integers: the batch norm's statistics come out the same whatever order they are added in. Each
+// thread's 4 rows of a column in 32 bits (|a| <= 32767, conv_tc's bound: 4 a^2 < 2^32), the
+// block's 32 row groups through shared memory (the first half of the columns in As, the second in
+// Bs: free once the main loop is done), then one thread a (column, sum) adds them up. (Warp
+// shuffles instead of the shared memory: 0.08 ms slower a resnet18 224 px step.)
+constexpr int SUMS_PAD = 33;    // words per (column, sum) row: the readers' 32 loads without conflicts
 template <int BN, int NT>
-__device__ __forceinline__ void channel_sums(const int (&acc)[2][NT][4], long long* sums, char (*As)[FWD_BM * 64],
+__device__ __forceinline__ void channel_sums(const int (&acc)[2][NT][4], long long* sums, char* as, char* bs,
                                              const Geom& g, int n0, int wn0) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
-    long long* red = reinterpret_cast<long long*>(As[0]);     // [row warp][BN columns][2]
-    __syncthreads();                            // every warp is done with As
+    // [BN / 2 columns][2][SUMS_PAD] in each of As, Bs (16.9 KB of their 24 at BN = 128)
+    auto red = [&](int col, int k) {
+        unsigned* half = reinterpret_cast<unsigned*>(col < BN / 2 ? as : bs);
+        return half + ((col % (BN / 2)) * 2 + k) * SUMS_PAD;
+    };
+    const int grp = (warp & 3) * 8 + gq;                     // this thread's row group, of 32
+    __syncthreads();
     #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
         #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            long long s = 0, q = 0;
+            int s = 0;
+            unsigned q = 0;
             #pragma unroll
             for (int mt = 0; mt < 2; ++mt)
                 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
-                    long long v = acc[mt][nt][2 * hh + e];
+                    int v = acc[mt][nt][2 * hh + e];
                     s += v;
-                    q += v * v;
+                    q += unsigned(v * v);
                 }
-            #pragma unroll
-            for (int off = 4; off < 32; off <<= 1) {
-                s += __shfl_xor_sync(0xffffffffu, s, off);
-                q += __shfl_xor_sync(0xffffffffu, q, off);
-            }
-            if (gq == 0) {
-                int col = wn0 + nt * 8 + tq * 2 + e;
-                red[((warp & 3) * BN + col) * 2] = s;
-                red[((warp & 3) * BN + col) * 2 + 1] = q;
-            }
+            int col = wn0 + nt * 8 + tq * 2 + e;
+            red(col, 0)[grp] = unsigned(s);
+            red(col, 1)[grp] = q;
         }
     __syncthreads();
-    for (int col = tid; col < BN; col += 256) {
-        int n = n0 + col;
+    for (int i = tid; i < 2 * BN; i += 256) {
+        int col = i >> 1, k = i & 1, n = n0 + col;
         if (n >= g.k) continue;
-        long long s = 0, q = 0;
-        #pragma unroll
-        for (int wm = 0; wm < 4; ++wm) {
-            s += red[(wm * BN + col) * 2];
-            q += red[(wm * BN + col) * 2 + 1];
+        long long t = 0;
+        #pragma unroll 8
+        for (int r = 0; r < 32; ++r) {
+            unsigned u = red(col, k)[r];
+            t += k ? (long long)u : (long long)int(u);
         }
-        sums[(long)n * gridDim.x + blockIdx.x] = s;
-        sums[((long)g.k + n) * gridDim.x + blockIdx.x] = q;
+        sums[((long)k * g.k + n) * gridDim.x + blockIdx.x] = t;
     }
 }
 
@@ -306,7 +307,7 @@ __device__ __forceinline__ void conv_fwd(const char* x, const char* w, float* ou
                 if (n + 1 < g.k) out[o + 1] = float(acc[mt][nt][2 * hh + 1]) * scale;
             }
     if constexpr (!BF16)
-        if (sums) channel_sums<BN>(acc, sums, As, g, n0, wn0);
+        if (sums) channel_sums<BN>(acc, sums, As[0], Bs[0], g, n0, wn0);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -624,6 +625,8 @@ __device__ __forceinline__ Geom load_geom(const int* p) {
 template <int BN, bool BF16>
 __device__ __forceinline__ void conv_fwd_entry(const char* x, const char* w, float* out, const int* geom,
                                                float scale, long long* sums) {
+    // (one array for both measured 157 registers a thread instead of 126 in the bf16 kernel, ptxas
+    // for sm_90: half the blocks an SM holds, ~0.9 ms more a vgg-gxnor step)
     __shared__ __align__(128) char As[FWD_STAGES][FWD_BM * 64];
     __shared__ __align__(128) char Bs[FWD_STAGES][128 * 64];   // BN = 64 uses the first half
     const Geom g = load_geom(geom);

@@ -209,9 +209,10 @@ _SUMS_LAST = [None]
 
 def _sums_fit(m, r, scale):
     """Whether ConvSums' statistics are exact (scalar.int_shifted_sums): scale a power of two and
-    4 m max|a|^2 <= 2^53, |a| <= r / scale (ternary inputs, states within +-1/scale)."""
+    4 m max|a|^2 <= 2^53, |a| <= r / scale (ternary inputs, states within +-1/scale) <= 32767
+    (the epilogue's 32-bit sums of four squares)."""
     mant, _ = np.frexp(np.float64(scale))
-    return SUMS and scale > 0 and mant == 0.5 and 4 * m * (r / scale) ** 2 <= 2.0 ** 53
+    return SUMS and scale > 0 and mant == 0.5 and r / scale <= 32767 and 4 * m * (r / scale) ** 2 <= 2.0 ** 53
 
 
 def forward(out, x, w, scale, stride, pad, sums=False):
