@@ -182,9 +182,10 @@ def _first_tiles(n, oh, ow):
 
 
 # The batch norm after an integer convolution takes its statistics from sums the forward's
-# epilogue adds up (conv_mma.cu's channel_sums) instead of reading the output once more (0.5 ms of
-# a vgg-gxnor step at batch 512, 1.7 ms of a resnet18 224 px step at 256). TERNET_CONV_SUMS=0 turns
-# it off (the statistics are the same bits either way: tests/test_gpu_full.py).
+# epilogue adds up (conv_mma.cu's channel_sums) instead of reading the output once more (resnet18
+# 224 px at batch 256: the statistics 2.1 -> 0.8 ms a step, for 0.2 ms more in the int8 forwards;
+# docs/performance.md). TERNET_CONV_SUMS=0 turns it off (the statistics are the same bits either
+# way: tests/test_gpu_full.py).
 SUMS = os.environ.get("TERNET_CONV_SUMS", "1") != "0"
 
 
@@ -216,9 +217,9 @@ def _sums_fit(m, r, scale):
 
 
 def forward(out, x, w, scale, stride, pad, sums=False):
-    """conv2d_forward on tensor cores when the shapes allow; returns False otherwise. sums=True
-    (an int8 input, ternary: the batch norm after it keeps int16 records): returns the output's
-    ConvSums where the int8 kernel ran and they are exact, else True."""
+    """conv2d_forward on tensor cores when the shapes allow; returns False otherwise. sums=True (a
+    batch norm comes right after, Conv2d.emit_sums): returns the output's ConvSums where the int8
+    kernel ran and they are exact (_sums_fit), else True."""
     n, h, wd, c = x.shape
     k, kh, kw, _ = w.shape
     if _first_fits(x, k, kh, kw, stride):
