@@ -63,12 +63,15 @@ BN_SIGS = {
     "_bwd_sums_cuda": (types.Array(f32, 2, "C"), types.Array(f32, 2, "C"), f32, types.Array(types.int16, 2, "C"),
                        F1, F1, types.Array(types.float64, 3, "C")),
     "_bwd_dx_cuda": (F1, F1, f32, I16, F1, F1, F1, F1, F1, types.float64, types.uint16[::1], F1),
+    "_stats_from_sums_cuda": (types.Array(types.int64, 3, "C"), i64, types.Array(f32, 2, "C"), types.float64,
+                              types.float64, F1, F1, types.Array(f32, 2, "C")),
 }
 KERNELS.update({name: (getattr(BN, name), sig) for name, sig in BN_SIGS.items()})
-for rect, int16, gather, to16 in ((True, True, False, True), (True, False, True, False), (False, True, False, False),
-                                  (False, False, True, True)):
-    fwd, sums, dx = BN.bn_act_kernels(rect, int16, gather, to16)
-    kind = f"[rect={rect}, int16={int16}, gather={gather}, to16={to16}]"
+for rect, int16, gather, to16, to32 in ((True, True, False, True, True), (True, False, True, False, True),
+                                        (False, True, False, False, True), (False, False, True, True, True),
+                                        (True, True, False, True, False)):
+    fwd, sums, dx = BN.bn_act_kernels(rect, int16, gather, to16, to32)
+    kind = f"[rect={rect}, int16={int16}, gather={gather}, to16={to16}, to32={to32}]"
     KERNELS["bn_act fwd" + kind] = (fwd, (F1, F1, F1, F1, F1, f32, f32, i64, f32, i8[::1], I16, F1, U32))
     KERNELS["bn_act bwd_sums" + kind] = (sums, (*BN_REC, types.Array(types.float64, 3, "C")))
     KERNELS["bn_act bwd_dx" + kind] = (dx, (*BN_REC, F1, F1, F1, types.float64, types.uint16[::1], F1))

@@ -18,7 +18,8 @@ from .kernels.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_
 from .kernels.elementwise import add_forward
 from .kernels.linear import linear_backward_input, linear_backward_weight, linear_forward
 from .kernels.pool import (PoolGrad, avgpool_backward, avgpool_forward, global_avgpool_backward,
-                           global_avgpool_forward, maxpool_backward, maxpool_forward, pool_out_shape)
+                           global_avgpool_forward, maxpool_backward, maxpool_backward_bf16, maxpool_forward,
+                           pool_out_shape)
 from .kernels.scalar import WINDOW_RECT, WINDOW_TRI, window_grad
 
 
@@ -26,7 +27,13 @@ def _bf16_buffer(layer, shape, dev):
     """A buffer for the bf16 copy of a layer's input gradient, where the convolution before it
     reads that gradient in bf16 (layer.grad_bf16, set by the Model) on a tensor-core GPU; else
     None."""
-    return empty(shape, np.uint16, True) if layer.grad_bf16 and dev and conv_tc.available() else None
+    return empty(shape, np.uint16, True) if layer.grad_bf16 is not None and dev and conv_tc.available() else None
+
+
+def _bf16_only(layer, dev):
+    """Whether a layer's input gradient goes to the convolution before it in bf16 alone (no float32
+    copy): that convolution's last train forward found it reads nothing else (Conv2d.bf16_grad)."""
+    return dev and layer.grad_bf16 is not None and layer.grad_bf16.bf16_grad
 
 
 def _adopt(dx, dx16):
@@ -116,6 +123,9 @@ class Conv2d(Layer):
         # set by the Model where a batch norm on integers comes right after: a device train forward
         # then also adds up its output's per-channel sums for that layer's statistics (take_sums)
         self.emit_sums, self.sums = False, None
+        # set by a device train forward: the backward reads dy in bf16 alone (conv_tc.takes_bf16_grad),
+        # so the layer after this one may hand it a conv_tc.Bf16Grad
+        self.bf16_grad = False
 
     def out_shape(self, shape):
         h, w, _ = shape
@@ -138,6 +148,7 @@ class Conv2d(Layer):
         self.sums = (y, sums) if isinstance(sums, conv_tc.ConvSums) else None
         if train:
             self.ctx = (x, cols)
+            self.bf16_grad = on_device(x) and self.needs_dinput and conv_tc.takes_bf16_grad(x, self.cout, self.stride)
         return y
 
     def take_sums(self, y):
@@ -152,14 +163,16 @@ class Conv2d(Layer):
         return self._conv(*self.ctx)[0]
 
     def backward(self, dy):
+        # dy: float32, or a conv_tc.Bf16Grad where this layer said it reads nothing else (bf16_grad)
         x, cols = self.ctx
         self.ctx = None
+        dev = on_device(dy.bits if isinstance(dy, conv_tc.Bf16Grad) else dy)
         if self.w.grad is None:
-            self.w.grad = empty(self.w.q.shape, np.float32, on_device(dy))
+            self.w.grad = empty(self.w.q.shape, np.float32, dev)
         conv2d_backward_weight(self.w.grad, dy, x, self.stride, self.pad, cols)
         if not self.needs_dinput:
             return None
-        dx = empty(x.shape, np.float32, on_device(dy))
+        dx = empty(x.shape, np.float32, dev)
         conv2d_backward_input(dx, dy, self.w.q, self.w.scale, self.stride, self.pad, self._cols("dcols", x))
         return dx
 
@@ -220,10 +233,10 @@ class BatchNorm(Layer):
         # int_scale > 0: inputs are integers once multiplied by it (as BNAct's); with lean set
         # (Model.save_memory) the GPU then keeps them as int16 for the backward instead of xhat
         self.int_scale, self.lean = int_scale, False
-        # set by the Model where a convolution that needs its input gradient comes right before:
-        # on a GPU with tensor cores the backward also writes dx in bf16, the form that layer
-        # reads it in (one conversion kernel less; the same bits)
-        self.grad_bf16 = False
+        # set by the Model to the Conv2d right before where it needs its input gradient: on a GPU
+        # with tensor cores the backward also writes dx in bf16, the form that layer reads it in
+        # (one conversion kernel less; the same bits), or only in bf16 (_bf16_only)
+        self.grad_bf16 = None
         # set by the Model: the Conv2d right before whose sums (Conv2d.take_sums) give the statistics
         self.sums_from = None
 
@@ -283,12 +296,15 @@ class BatchNorm(Layer):
         for p in (self.gamma, self.beta):
             if p.grad is None:
                 p.grad = empty((self.c,), np.float32, dev)
-        dx = empty(dy.shape, np.float32, dev)
-        dx16 = _bf16_buffer(self, dx.shape, dev)
+        only16 = _bf16_only(self, dev)
+        dx = None if only16 else empty(dy.shape, np.float32, dev)
+        dx16 = _bf16_buffer(self, dy.shape, dev)
         if isinstance(ctx[0], str):
             batchnorm_backward_int16(dx, self.gamma.grad, self.beta.grad, dy, ctx[1], self.gamma.value, dx16)
         else:
             batchnorm_backward(dx, self.gamma.grad, self.beta.grad, dy, ctx[0], self.gamma.value, ctx[1], dx16)
+        if only16:
+            return conv_tc.Bf16Grad(dx16)
         _adopt(dx, dx16)
         return dx
 
@@ -344,13 +360,17 @@ class BNAct(BatchNorm):
         # shared one): one activation-sized float32 buffer less at every such backward. A pool's
         # gradient not computed yet (PoolGrad) has no buffer: dx then goes over the float32 record
         # of the input (read at each element before it is written), where there is one
+        # (a convolution that reads the gradient in bf16 alone gets only that: _bf16_only)
+        only16 = not pooled and _bf16_only(self, dev)
         if pooled:
             over = dev and self.in_place and saved.s == 0
             dx = view(saved.xf, dy.shape) if over else empty(dy.shape, np.float32, dev)
         else:
-            dx = dy if dev and self.in_place else empty(dy.shape, np.float32, dev)
-        dx16 = _bf16_buffer(self, dx.shape, dev)
+            dx = None if only16 else dy if dev and self.in_place else empty(dy.shape, np.float32, dev)
+        dx16 = _bf16_buffer(self, dy.shape, dev)
         bn_act_backward(dx, self.gamma.grad, self.beta.grad, dy, saved, self.gamma.value, dx16)
+        if only16:
+            return conv_tc.Bf16Grad(dx16)
         _adopt(dx, dx16)
         return dx
 
@@ -382,8 +402,8 @@ class MaxPool(Layer):
         # Model.save_memory, on the GPU, when a fused batch norm comes right before: the backward
         # returns its gradient uncomputed (PoolGrad), for that layer's kernels to gather
         self.lazy = False
-        # as BatchNorm.grad_bf16: a convolution before this layer reads its dx in bf16
-        self.grad_bf16 = False
+        # as BatchNorm.grad_bf16: the convolution before this layer, which reads its dx in bf16
+        self.grad_bf16 = None
 
     def out_shape(self, shape):
         return pool_out_shape((1,) + tuple(shape), self.k, self.stride, self.pad)[1:]
@@ -402,8 +422,10 @@ class MaxPool(Layer):
         if self.lazy and on_device(dy):
             return PoolGrad(dy, arg, self.k, self.stride, self.pad, tuple(shape))
         dev = on_device(dy)
-        dx = empty(shape, np.float32, dev)
         dx16 = _bf16_buffer(self, shape, dev)
+        if _bf16_only(self, dev) and maxpool_backward_bf16(dx16, dy, arg, self.k, self.stride, self.pad):
+            return conv_tc.Bf16Grad(dx16)
+        dx = empty(shape, np.float32, dev)
         _adopt(dx, dx16 if maxpool_backward(dx, dy, arg, self.k, self.stride, self.pad, dx16) else None)
         return dx
 

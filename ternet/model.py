@@ -196,7 +196,7 @@ class Model:
                 if not isinstance(conv, Conv2d):
                     continue
                 if conv.needs_dinput and type(nxt) in (BatchNorm, BNAct, MaxPool):
-                    nxt.grad_bf16 = True        # its input gradient, read by the convolution in bf16
+                    nxt.grad_bf16 = conv        # its input gradient, read by the convolution in bf16
                 if isinstance(nxt, BatchNorm) and nxt.int_scale > 0:
                     conv.emit_sums, nxt.sums_from = True, conv    # statistics from the conv's sums
 

@@ -306,6 +306,12 @@ def test_bn_act_bwd_bits(shape, int_scale, window):
     bwd_dx16[grids1d(n)[1]](*dev, d16, dx2)
     np.testing.assert_array_equal(dx2.copy_to_host().view(np.uint32), dx.view(np.uint32))
     np.testing.assert_array_equal(d16.copy_to_host(), bf16_reference(dx))
+    # the bf16 copy alone (to32=False: dx a placeholder, not written)
+    only16 = bn.bn_act_kernels(window == WINDOW_RECT, int_scale > 0, to16=True, to32=False)[2]
+    d16b, none = cuda.to_device(np.zeros(n, np.uint16)), cuda.to_device(np.full(1, np.nan, np.float32))
+    only16[grids1d(n)[1]](*dev, d16b, none)
+    np.testing.assert_array_equal(d16b.copy_to_host(), d16.copy_to_host())
+    assert np.isnan(none.copy_to_host()).all()
 
 
 # (N, H, W, C) of the batch norm's input, the max pool after it (k, stride, pad), int_scale, window
@@ -512,6 +518,9 @@ def test_plain_batchnorm_int16_record(m, c):
     for name, got, want in zip(("y", "stats", "dx", "dgamma", "dbeta"), runs["int16"], runs["xhat"]):
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=name)
     np.testing.assert_array_equal(dx16.copy_to_host(), bf16_reference(runs["int16"][2]))
+    only16 = cuda.device_array((m, c), np.uint16)           # the bf16 copy alone (no float32 dx)
+    bn.batchnorm_backward_int16(None, dg, db, dyd, record, g_, only16)
+    np.testing.assert_array_equal(only16.copy_to_host(), dx16.copy_to_host())
     from ternet.kernels import conv_tc
     if conv_tc.available():                 # a GPU: the same bits as the conversion kernel's
         np.testing.assert_array_equal(conv_tc.bf16(dx).copy_to_host(), dx16.copy_to_host())

@@ -249,6 +249,44 @@ def test_conv_sums_train_the_same_bits(tiny_data, tmp_path, arch, monkeypatch):
             np.testing.assert_array_equal(state[key][name], v, err_msg=f"{key} {name}")
 
 
+@pytest.mark.parametrize("arch", ["64C3-64C3-MP2-128C3-64FC", "64C3-RB64-RB128s2-64FC"])
+def test_bf16_only_gradients_train_the_same_bits(tiny_data, tmp_path, arch, monkeypatch):
+    """The gradients that convolutions read in bf16 alone handed over without their float32 copy
+    (conv_tc.Bf16Grad: from a fused batch norm, a max pool, ResNet's plain batch norms) against
+    with it (TERNET_BF16_GRADS=0), eager, replayed and with --save-memory: the same weights and
+    running statistics bit for bit; and such gradients were handed over."""
+    from ternet.config import Config
+    from ternet.kernels import conv_tc
+    from ternet.run import RunDir
+    from ternet.train import Trainer
+
+    class Counted(conv_tc.Bf16Grad):
+        made = 0
+
+        def __init__(self, bits):
+            super().__init__(bits)
+            Counted.made += 1
+
+    monkeypatch.setattr(conv_tc, "Bf16Grad", Counted)
+    state = {}
+    for on, graph, save in ((False, "off", "off"), (True, "off", "off"), (True, "on", "off"), (True, "off", "on")):
+        monkeypatch.setattr(conv_tc, "BF16_GRADS", on)
+        cfg = Config(data=str(tiny_data), arch=arch, sampler="dst", epochs=1, batch_size=50, device="cuda",
+                     cuda_graph=graph, save_memory=save).resolve()
+        run = RunDir(tmp_path / f"{on}-{graph}-{save}")
+        run.create(cfg)
+        t = Trainer(cfg, run, progress=False)
+        t.fit()
+        sd = t.model.state_dict()
+        state[on, graph, save] = {**sd["weights"], **sd["buffers"]}
+        if not on:
+            assert Counted.made == 0
+    assert Counted.made > 0
+    for key in list(state)[1:]:
+        for name, v in state[False, "off", "off"].items():
+            np.testing.assert_array_equal(state[key][name], v, err_msg=f"{key} {name}")
+
+
 def test_planned_launches_give_the_same_bits(tiny_data, tmp_path, monkeypatch):
     """Every kernel of a training epoch launched by ternet/kernels/launch.py against numba's own
     launches: same weights, bit for bit; and the step's kernels do run planned."""

@@ -481,12 +481,13 @@ def _bwd_final_cuda(part, dgamma, dbeta):
 
 @cuda.jit
 def _bwd_dx_cuda(dy, xhat, s, xq, mean, gamma, invstd, sdy, sdyx, m, d16, dx):
-    # d16 of dx's size: also its bf16 copy there (else a placeholder)
-    i, step, n, j, dj, c = _walk(dx.size, gamma.size)
-    to16 = d16.size == dx.size
+    # dx and its bf16 copy d16, each written where it has dy's size (else a placeholder)
+    i, step, n, j, dj, c = _walk(dy.size, gamma.size)
+    to16, to32 = d16.size == n, dx.size == n
     while i < n:
         v = bn_dx(dy[i], _xhat_at(xhat, xq, s, mean[j], invstd[j], i), gamma[j], invstd[j], sdy[j], sdyx[j], m)
-        dx[i] = v
+        if to32:
+            dx[i] = v
         if to16:
             d16[i] = bf16_bits(f32_bits(v))
         i, j = i + step, _next_channel(j, dj, c)
@@ -563,10 +564,11 @@ def _fixed(shape, s, rect, int16):
 
 
 @functools.cache
-def bn_act_kernels(rect, int16, gather=False, to16=False):
+def bn_act_kernels(rect, int16, gather=False, to16=False, to32=True):
     """The fused kernels (forward, backward sums, backward dx) for one kind of record: rectangular
     window or not, int16 record or float32, the max pool's gradient gathered or read (the
-    backward's), a bf16 copy of dx written or not (the backward dx's). The same code and arguments
+    backward's), a bf16 copy of dx written or not, dx itself (float32) written or not (the
+    backward dx's: to16 without to32 for a convolution that reads its dy in bf16 alone). The same code and arguments
     for every kind, each compiled with these as constants, so the others' branches are dropped.
     Registers a thread (ptxas -v for sm_90 on numba's PTX, sixteenth session): the backward kernels
     unspecialised 96 (the gather's 4-D indexing; a quarter of the threads an SM holds), without the
@@ -639,17 +641,18 @@ def bn_act_kernels(rect, int16, gather=False, to16=False):
     @cuda.jit
     def bwd_dx(dout, pd, pa, cov, ph, pw, pk, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a,
                shape, gamma, sdy, sdyx, m, d16, dx):
-        # with to16 also dx's bf16 copy in d16 (else a placeholder)
+        # with to16 also dx's bf16 copy in d16, with to32 dx (else placeholders)
         shape, s = _fixed(shape, s, rect, int16)
         pk = pk if gather else 0
-        i, step, n, j, dj, c = _walk(dx.size, mean.size)
+        i, step, n, j, dj, c = _walk(xf.size if s == 0 else xq.size, mean.size)
         at, by = _pixel_walk(i, step, ph, pw, np.int64(c), pk)
         while i < n:
             d = _dout_at(i, at, j, dout, pd, pa, cov, ph, pk, ps, pp)
             q, v, w = _bn_act_load(i, xq, xf, s, bits, shape)
             g, h = _bn_act_point(i, j, d, q, v, w, s, mean[j], invstd[j], height, cg, cb, r, a, shape)
             v = bn_dx(g, h, gamma[j], invstd[j], sdy[j], sdyx[j], m)
-            dx[i] = v
+            if to32:
+                dx[i] = v
             if to16:
                 d16[i] = bf16_bits(f32_bits(v))
             i, j = i + step, _next_channel(j, dj, c)
@@ -773,11 +776,13 @@ def batchnorm_backward(dinp, dgamma, dbeta, dout, xhat, gamma, invstd, dinp16=No
 
     dgamma = sum(dout * xhat), dbeta = sum(dout),
     dinp = gamma * invstd * (dout - (dbeta + xhat * dgamma) / M), M = elements per channel.
-    dinp16 (GPU, uint16 of dinp's size, or None): also dinp's bf16 bits there (_bf16_out).
+    dinp16 (GPU, uint16 of dinp's size, or None): also dinp's bf16 bits there (_bf16_out); with
+    dinp None (GPU) only those.
     """
     dy, xh = _rows(dout), _rows(xhat)
     m = np.float64(dy.shape[0])
-    if on_device(dinp, dout, xhat):
+    check(dinp is not None or (dinp16 is not None and on_device(dout)), "batchnorm_backward: nothing to write")
+    if on_device(dout, xhat):
         q = scratch("bn.xq", 1, np.int16)         # (no int16 record: its placeholder)
         _bn_backward_cuda(dinp, dgamma, dbeta, dout, xhat, np.float32(0), q, invstd, gamma, invstd, dinp16)
         return
@@ -792,6 +797,12 @@ def _bf16_out(d16):
     return flat(d16) if d16 is not None else scratch("bn.d16", 1, np.uint16)
 
 
+def _f32_out(dx):
+    """A dx kernel's float32 output: dx (flat), or None for a placeholder (not written: its bf16
+    copy alone is wanted)."""
+    return flat(dx) if dx is not None else scratch("bn.d32", 1, np.float32)
+
+
 def _bn_backward_cuda(dinp, dgamma, dbeta, dout, xhat, s, xq, mean, gamma, invstd, dinp16=None):
     # s > 0: xhat is a placeholder and xq the int16 record, else the other way round
     dy = _rows(dout)
@@ -802,7 +813,7 @@ def _bn_backward_cuda(dinp, dgamma, dbeta, dout, xhat, s, xq, mean, gamma, invst
     _bwd_sums_cuda[grid, block](dy, xh2, s, xq2, mean, invstd, part)
     _bwd_final_cuda[_final_grid(c)](part, dgamma, dbeta)
     _bwd_dx_cuda[grid1d(dout.size)](flat(dout), flat(xhat), s, xq, mean, gamma, invstd, dbeta, dgamma,
-                                    np.float64(m), _bf16_out(dinp16), flat(dinp))
+                                    np.float64(m), _bf16_out(dinp16), _f32_out(dinp))
 
 
 def batchnorm_forward_train_int16(out, inp, gamma, beta, running_mean, running_var, momentum, eps, int_scale,
@@ -923,11 +934,13 @@ def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, i
 
 def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma, dinp16=None):
     c = gamma.size
-    m = dinp.size // c
+    n = (dinp if dinp is not None else dinp16).size
+    m = n // c
     t = saved
     args = (t.xq, t.xf, t.s, t.mean, t.invstd, t.bits, t.height, t.cg, t.cb, t.r, t.a, t.shape)
     gather = isinstance(dout, PoolGrad)
-    _, sums, dx = bn_act_kernels(bool(t.shape == WINDOW_RECT), bool(t.s > 0), gather, dinp16 is not None)
+    _, sums, dx = bn_act_kernels(bool(t.shape == WINDOW_RECT), bool(t.s > 0), gather, dinp16 is not None,
+                                 dinp is not None)
     if gather:
         _, h, w, _ = dout.shape
         cov = device_constant(("pool covering", h, w, dout.k, dout.stride, dout.pad),
@@ -942,7 +955,7 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma, dinp16=None):
     part = scratch("bn.part", (grid[0], 2, c), np.float64)
     sums[grid, block](d, *pool, *args, part)
     _bwd_final_cuda[_final_grid(c)](part, dgamma, dbeta)
-    dx[grid1d(dinp.size)](d, *pool, *args, gamma, dbeta, dgamma, np.float64(m), _bf16_out(dinp16), flat(dinp))
+    dx[grid1d(n)](d, *pool, *args, gamma, dbeta, dgamma, np.float64(m), _bf16_out(dinp16), _f32_out(dinp))
 
 
 def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momentum, eps, r, a, shape,
@@ -996,10 +1009,12 @@ def bn_act_backward(dinp, dgamma, dbeta, dout, saved, gamma, dinp16=None):
     gradient of a max pool after this layer, not computed yet): on the device its elements are
     gathered where the kernels read them, and dinp may then be the float32 input record itself
     (the record's xf, as a view of inp's shape); on the host it is computed first. dinp16 (GPU,
-    uint16 of dinp's size, or None): also dinp's bf16 bits there, as batchnorm_backward."""
+    uint16 of dinp's size, or None): also dinp's bf16 bits there, as batchnorm_backward; with
+    dinp None (GPU) only those."""
     if isinstance(dout, PoolGrad) and not on_device(dout.dout):
         dout = dout.materialize()
-    if on_device(dinp, gamma):
+    check(dinp is not None or (dinp16 is not None and on_device(gamma)), "bn_act_backward: nothing to write")
+    if on_device(gamma):
         return _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma, dinp16)
     xhat, invstd, act = saved
     dy, deriv = _rows(dout), view(act.deriv, tuple(xhat.shape))

@@ -525,6 +525,10 @@ def _conv2d_forward_cuda(out, inp, weight, scale, stride, pad, sums=False):
 
 def _conv2d_backward_input_cuda(dinp, dout, weight, scale, stride, pad):
     from . import conv_tc
+    if isinstance(dout, conv_tc.Bf16Grad):
+        check(conv_tc.backward_input(dinp, dout, weight, scale, stride, pad, dout.bits),
+              "conv2d_backward_input: a bf16-only gradient needs the tensor-core path (conv_tc.takes_bf16_grad)")
+        return
     if conv_tc.backward_input(dinp, dout, weight, scale, stride, pad):
         return
     n, h, w, c = dinp.shape
@@ -561,7 +565,10 @@ def _conv2d_backward_weight_cuda(dweight, dout, inp, stride, pad):
     n, oh, ow, k = dout.shape
     kh, kw = dweight.shape[1], dweight.shape[2]
     m, r = n * oh * ow, dweight.size // k
-    part = conv_tc.backward_weight_partials(dout, inp, stride, pad, kh, kw)
+    only16 = isinstance(dout, conv_tc.Bf16Grad)
+    part = conv_tc.backward_weight_partials(dout, inp, stride, pad, kh, kw, dout.bits if only16 else None)
+    check(part is not None or not only16,
+          "conv2d_backward_weight: a bf16-only gradient needs the tensor-core path (conv_tc.takes_bf16_grad)")
     c, h = inp.shape[3], inp.shape[1]
     if part is None and _direct_fits(c, kh, kw, stride) and r >= DW_DIRECT_MIN_R:
         tiles_h, tiles_w, tiles = _direct_grid(n, oh, ow)
@@ -615,13 +622,20 @@ def conv2d_forward(out, inp, weight, scale, stride, pad, cols=None, sums=False):
     return cols
 
 
+def _grad_data(a):
+    """a, or the bits of a conv_tc.Bf16Grad (a device gradient held in bf16 alone)."""
+    from .conv_tc import Bf16Grad
+    return a.bits if isinstance(a, Bf16Grad) else a
+
+
 def conv2d_backward_input(dinp, dout, weight, scale, stride, pad, dcols=None):
     """dinp = conv_transpose(dout, scale * weight); overwrites dinp (N, H, W, C) float32.
-    dcols: optional (N*OH*OW, KH*KW*C) float32 scratch for the host path."""
+    dcols: optional (N*OH*OW, KH*KW*C) float32 scratch for the host path. dout may be a
+    conv_tc.Bf16Grad (device)."""
     n, oh, ow, k = dout.shape
     _, kh, kw, c = weight.shape
     check(dinp.shape[0] == n and dinp.shape[3] == c, "conv2d_backward_input: shape mismatch")
-    if on_device(dinp, dout, weight):
+    if on_device(dinp, _grad_data(dout), weight):
         return _conv2d_backward_input_cuda(dinp, dout, weight, scale, stride, pad)
     if dcols is None:
         dcols = np.empty((n * oh * ow, kh * kw * c), np.float32)
@@ -633,11 +647,12 @@ def conv2d_backward_weight(dweight, dout, inp, stride, pad, cols=None):
     """dweight = d loss / d (weight value) = sum over positions of dout x patch; overwrites
     dweight (K, KH, KW, C) float32. inp may be float32 or int8 (ternary activations).
 
-    cols: the im2col matrix left by conv2d_forward for this input (recomputed when None).
+    cols: the im2col matrix left by conv2d_forward for this input (recomputed when None). dout
+    may be a conv_tc.Bf16Grad (device).
     """
     n, oh, ow, k = dout.shape
     _, kh, kw, c = dweight.shape
-    if on_device(dweight, dout, inp):
+    if on_device(dweight, _grad_data(dout), inp):
         return _conv2d_backward_weight_cuda(dweight, dout, inp, stride, pad)
     if cols is None:
         cols = np.empty((n * oh * ow, kh * kw * c), np.float32)

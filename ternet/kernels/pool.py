@@ -478,16 +478,27 @@ def _maxpool_fwd_vec(out, arg, inp, k, stride, pad):
 
 
 def _maxpool_bwd_vec(dinp, dout, arg, k, stride, pad, dinp16=None):
+    # dinp None: dinp16 alone (the kernel's float32 output pointer null)
     from .conv_tc import _ptr
-    if not _vec_fits(dinp.shape, dinp.size // 4):
+    into = dinp if dinp is not None else dinp16
+    if not _vec_fits(into.shape, into.size // 4):
         return False
-    geom = _vec_geom(dinp.shape, dout.shape, k, stride, pad)
-    grid = grid1d(dinp.size // 4)
+    geom = _vec_geom(into.shape, dout.shape, k, stride, pad)
+    grid = grid1d(into.size // 4)
+    dx = _ptr(dinp) if dinp is not None else 0
     if dinp16 is None:
-        _vec_kernels()["bwd"][grid](_ptr(dout), _ptr(arg), _ptr(dinp), geom)
+        _vec_kernels()["bwd"][grid](_ptr(dout), _ptr(arg), dx, geom)
     else:
-        _vec_kernels()["bwd_bf16"][grid](_ptr(dout), _ptr(arg), _ptr(dinp), _ptr(dinp16), geom)
+        _vec_kernels()["bwd_bf16"][grid](_ptr(dout), _ptr(arg), dx, _ptr(dinp16), geom)
     return True
+
+
+def maxpool_backward_bf16(dinp16, dout, arg, k, stride, pad):
+    """maxpool_backward's bf16 bits alone into dinp16 (uint16, the input's shape; no float32
+    gradient written), where the four-channel kernel runs (GPU); returns whether it ran."""
+    check(dout.shape == pool_out_shape(dinp16.shape, k, stride, pad) and arg.shape == dout.shape,
+          "maxpool_backward_bf16: bad dout or arg shape")
+    return _maxpool_bwd_vec(None, dout, arg, k, stride, pad, dinp16)
 
 
 def maxpool_forward(out, arg, inp, k, stride, pad):

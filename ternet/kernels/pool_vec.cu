@@ -97,7 +97,8 @@ __device__ __forceinline__ unsigned short bf16_bits(float v) {
     return (unsigned short)(r >> 16);
 }
 
-// with BF16 also dx's bf16 copy in dx16 (the convolution before the pool reads it so)
+// with BF16 also dx's bf16 copy in dx16 (the convolution before the pool reads it so), and dx
+// itself unless it is null (a convolution that reads its dy in bf16 alone)
 template <bool BF16>
 __device__ __forceinline__ void maxpool_bwd(const float* dout, const unsigned char* arg, float* dx,
                                             unsigned short* dx16, const int* geom) {
@@ -123,7 +124,7 @@ __device__ __forceinline__ void maxpool_bwd(const float* dout, const unsigned ch
                 if (((a >> 16) & 0xff) == tap) s[2] += d.z;
                 if ((a >> 24) == tap) s[3] += d.w;
             }
-        reinterpret_cast<float4*>(dx)[e] = make_float4(s[0], s[1], s[2], s[3]);
+        if (!BF16 || dx) reinterpret_cast<float4*>(dx)[e] = make_float4(s[0], s[1], s[2], s[3]);
         if (BF16) {
             const unsigned lo = bf16_bits(s[0]) | ((unsigned)bf16_bits(s[1]) << 16);
             const unsigned hi = bf16_bits(s[2]) | ((unsigned)bf16_bits(s[3]) << 16);
