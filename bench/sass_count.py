@@ -8,10 +8,10 @@ Needs NVIDIA's compiler wheels, not the project's dependencies:
     python bench/sass_count.py [--tools /tmp/cudatk] [--src ternet/kernels/conv_mma.cu]
 Registers are those of a __global__ wrapper (launch bounds 256) that inlines the entry point; the
 numba kernels link it as a separate function instead, so the figures are a guide, not the deployed
-kernels' exact counts (numba's `kernel.get_regs_per_thread()` on a GPU gives those). They move with
-changes that look unrelated (seventeenth session: one shared array for the forward's two tiles,
-126 -> 157 registers in the bf16 forward, half the blocks an SM holds): run this after editing
-conv_mma.cu.
+kernels' exact counts (numba's `kernel.get_regs_per_thread()` on a GPU gives those). Not every
+regression shows here: in the seventeenth session one shared array for the forward's two tiles
+cost ~0.9 ms a step on the H200; a wrapper compiled whole (NVRTC without -rdc, ptxas without -c)
+showed it (the bf16 forward 126 -> 157 registers), this script did not (168 both times).
 """
 import argparse
 import ctypes
@@ -82,8 +82,11 @@ def main():
     src = open(a.src).read()
     entries = {fn: p for fn, p in ENTRIES.items() if f" {fn}(" in src}     # (an older file may lack some)
     for fn, params in entries.items():
-        call = "x, w, o, g" + (", 1.f" if "fwd" in fn else "") + (", (long long*)0" if "s8" in fn else "")
-        src += (f'\nextern "C" __global__ void __launch_bounds__(256) k_{fn}({params}) '
+        # the scale and the sums pointer as kernel parameters, as numba passes them (constants here
+        # would fold branches away that the deployed kernels keep)
+        extra = (", float s" if "fwd" in fn else "") + (", long long* sm" if "s8" in fn else "")
+        call = "x, w, o, g" + (", s" if "fwd" in fn else "") + (", sm" if "s8" in fn else "")
+        src += (f'\nextern "C" __global__ void __launch_bounds__(256) k_{fn}({params}{extra}) '
                 f"{{ int r; {fn}(&r, {call}); }}\n")
     ptx = nvrtc_ptx(find(a.tools, "libnvrtc.so*"), src)
     with tempfile.TemporaryDirectory() as d:
