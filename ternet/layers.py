@@ -166,7 +166,7 @@ class Conv2d(Layer):
         # dy: float32, or a conv_tc.Bf16Grad where this layer said it reads nothing else (bf16_grad)
         x, cols = self.ctx
         self.ctx = None
-        dev = on_device(dy.bits if isinstance(dy, conv_tc.Bf16Grad) else dy)
+        dev = on_device(conv_tc.grad_array(dy))
         if self.w.grad is None:
             self.w.grad = empty(self.w.q.shape, np.float32, dev)
         conv2d_backward_weight(self.w.grad, dy, x, self.stride, self.pad, cols)

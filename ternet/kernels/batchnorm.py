@@ -304,6 +304,14 @@ def _moments_cuda(x, s, flag, part):
     _lanes_to_part(sh, a1, part, 1, c)
 
 
+@cuda.jit(device=True, inline=True)
+def _put_stats(j, k, s1, s2, m, eps, mean32, invstd, stats):
+    """Channel j's statistics from its sums s1, s2 about k (float64; m rows, float64)."""
+    mean, sqdev = shifted_moments(k, s1, s2, m)
+    mu, inv, unbiased = bn_stats(mean, sqdev, m, eps)
+    mean32[j], invstd[j], stats[0, j], stats[1, j] = mu, inv, mu, unbiased
+
+
 @cuda.jit
 def _stats_cuda(part, m, x, eps, mean32, invstd, stats):
     # from _moments_cuda's sums about x[0, j]
@@ -312,9 +320,7 @@ def _stats_cuda(part, m, x, eps, mean32, invstd, stats):
     s2 = _chunk_sum(part, 1, sh)
     j = cuda.blockIdx.x * TILE_C + cuda.threadIdx.x
     if cuda.threadIdx.y == 0 and j < mean32.size:
-        mean, sqdev = shifted_moments(np.float64(x[0, j]), s1, s2, m)
-        mu, inv, unbiased = bn_stats(mean, sqdev, m, eps)
-        mean32[j], invstd[j], stats[0, j], stats[1, j] = mu, inv, mu, unbiased
+        _put_stats(j, np.float64(x[0, j]), s1, s2, m, eps, mean32, invstd, stats)
 
 
 SUM_THREADS = 8 if SIMULATOR else 256   # CUDA: threads a channel adding up the sums
@@ -342,9 +348,7 @@ def _stats_from_sums_cuda(part, m, x, eps, scale, mean32, invstd, stats):
     if t == 0:
         k = np.float64(x[0, j])
         s1, s2 = int_shifted_sums(sh[0, 0], sh[1, 0], k, m, scale)
-        mean, sqdev = shifted_moments(k, s1, s2, np.float64(m))
-        mu, inv, unbiased = bn_stats(mean, sqdev, np.float64(m), eps)
-        mean32[j], invstd[j], stats[0, j], stats[1, j] = mu, inv, mu, unbiased
+        _put_stats(j, k, s1, s2, np.float64(m), eps, mean32, invstd, stats)
 
 
 @cuda.jit

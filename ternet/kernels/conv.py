@@ -622,10 +622,9 @@ def conv2d_forward(out, inp, weight, scale, stride, pad, cols=None, sums=False):
     return cols
 
 
-def _grad_data(a):
-    """a, or the bits of a conv_tc.Bf16Grad (a device gradient held in bf16 alone)."""
-    from .conv_tc import Bf16Grad
-    return a.bits if isinstance(a, Bf16Grad) else a
+def _grad_array(a):
+    from .conv_tc import grad_array       # (imported where used, as conv_tc is throughout this module)
+    return grad_array(a)
 
 
 def conv2d_backward_input(dinp, dout, weight, scale, stride, pad, dcols=None):
@@ -635,7 +634,7 @@ def conv2d_backward_input(dinp, dout, weight, scale, stride, pad, dcols=None):
     n, oh, ow, k = dout.shape
     _, kh, kw, c = weight.shape
     check(dinp.shape[0] == n and dinp.shape[3] == c, "conv2d_backward_input: shape mismatch")
-    if on_device(dinp, _grad_data(dout), weight):
+    if on_device(dinp, _grad_array(dout), weight):
         return _conv2d_backward_input_cuda(dinp, dout, weight, scale, stride, pad)
     if dcols is None:
         dcols = np.empty((n * oh * ow, kh * kw * c), np.float32)
@@ -652,7 +651,7 @@ def conv2d_backward_weight(dweight, dout, inp, stride, pad, cols=None):
     """
     n, oh, ow, k = dout.shape
     _, kh, kw, c = dweight.shape
-    if on_device(dweight, _grad_data(dout), inp):
+    if on_device(dweight, _grad_array(dout), inp):
         return _conv2d_backward_weight_cuda(dweight, dout, inp, stride, pad)
     if cols is None:
         cols = np.empty((n * oh * ow, kh * kw * c), np.float32)

@@ -137,6 +137,11 @@ class Bf16Grad:
         self.bits, self.shape = bits, tuple(bits.shape)
 
 
+def grad_array(a):
+    """a, or a Bf16Grad's bits: the device array behind a gradient, for device checks."""
+    return a.bits if isinstance(a, Bf16Grad) else a
+
+
 def takes_bf16_grad(x, k, stride):
     """Whether a convolution with input x (k output channels, this stride) reads its output's
     gradient in bf16 alone on this device: both its input gradient (backward_input: K % 32 == 0,
