@@ -114,6 +114,10 @@ DW_CHUNK = 1024      # rows of m per weight-gradient split, at least; a multiple
 DW_SPLITS = 512      # the shape alone (so every GPU sums alike), keeps the splits <= DW_SPLITS
                      # (512: a 3-channel first layer has 1-3 tiles of (K, R), and 128 splits left
                      # most of the GPU idle: ResNet-18's 224 px stem ran 378 blocks)
+DW_MIN_BLOCKS = 264  # ... and where the (K, R) tiles times the splits are fewer blocks than this
+DW_MIN_CHUNK = 64    # (two per SM of an H200), the chunk halves down to DW_MIN_CHUNK rows: a
+                     # classifier's gradient (vgg-gxnor's 10 x 1024 from 512 rows: 16 tiles, one
+                     # split) took 0.15 ms walking 512 rows a block
 
 
 @cuda.jit(device=True, inline=True)
@@ -579,10 +583,12 @@ def _conv2d_backward_weight_cuda(dweight, dout, inp, stride, pad):
             view(dout, m, k), view(inp, n * h, inp.shape[2] * c), part, h, c, kh, kw, stride, pad, oh, ow,
             tiles_h, tiles_w, chunk)
     elif part is None:
+        gx, gy = _grid2(k, r)
         chunk = DW_CHUNK * -(-m // (DW_CHUNK * DW_SPLITS))
+        while chunk > DW_MIN_CHUNK and gx * gy * -(-m // chunk) < DW_MIN_BLOCKS:
+            chunk //= 2
         splits = (m + chunk - 1) // chunk
         part = scratch("conv.dw_part", (splits, k, r), np.float32)
-        gx, gy = _grid2(k, r)
         _conv_dw_cuda[(gx, gy, splits), 256](view(dout, m, k), inp, part, oh, ow, kw, stride, pad, chunk)
     dw2 = view(dweight, k, r)
     _sum_splits_cuda[grid1d(k * r)](part, dw2)
