@@ -75,8 +75,15 @@ for rect, int16, gather, to16, to32 in ((True, True, False, True, True), (True, 
     KERNELS["bn_act fwd" + kind] = (fwd, (F1, F1, F1, F1, F1, f32, f32, i64, f32, i8[::1], I16, F1, U32))
     KERNELS["bn_act bwd_sums" + kind] = (sums, (*BN_REC, types.Array(types.float64, 3, "C")))
     KERNELS["bn_act bwd_dx" + kind] = (dx, (*BN_REC, F1, F1, F1, types.float64, types.uint16[::1], F1))
+KERNELS["bn_act fwd[rect=True, int16=False, copy=False]"] = (
+    BN.bn_act_kernels(True, False, copy=False)[0], (F1, F1, F1, F1, F1, f32, f32, i64, f32, i8[::1], I16, F1, U32))
+for rect, int16 in ((True, False), (False, True)):
+    KERNELS[f"bn_act_pool_sums[rect={rect}, int16={int16}]"] = (
+        BN.bn_act_pool_sums(rect, int16), (F4, U4, types.Array(types.int32, 2, "C"), *([i64] * 4), *BN_REC[9:],
+                                           types.Array(types.float64, 3, "C")))
 from ternet.kernels import activation as ACT   # noqa: E402
 KERNELS["_ternary_fwd_bits_cuda"] = (ACT._ternary_fwd_bits_cuda, (F1, f32, f32, i8[::1], U32))
+KERNELS["_ternary_bwd_bits_sum_cuda"] = (ACT._ternary_bwd_bits_sum_cuda, (F1, F1, U32, f32, F1))
 from ternet.kernels import loss as L   # noqa: E402
 KERNELS["_xent_rows_cuda"] = (L._xent_rows_cuda, (types.Array(f32, 2, "C"), types.int32[::1], f32, types.float64,
                                                   types.Array(f32, 2, "C"), F64, types.int32[::1]))

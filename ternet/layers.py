@@ -15,7 +15,7 @@ from .kernels.batchnorm import (batchnorm_backward, batchnorm_backward_int16, ba
                                 batchnorm_forward_train, batchnorm_forward_train_int16, batchnorm_update_running,
                                 bn_act_backward, bn_act_forward_eval, bn_act_forward_train, bn_add_act_forward_train)
 from .kernels.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward, out_size
-from .kernels.elementwise import add_forward
+from .kernels.elementwise import GradSum, add_forward
 from .kernels.linear import linear_backward_input, linear_backward_weight, linear_forward
 from .kernels.pool import (PoolGrad, avgpool_backward, avgpool_forward, global_avgpool_backward,
                            global_avgpool_forward, maxpool_backward, maxpool_backward_bf16, maxpool_forward,
@@ -329,9 +329,11 @@ class BNAct(BatchNorm):
         self.int_scale = int_scale
         # Model.save_memory, on the GPU: source, a Conv2d right before this layer that recomputes a
         # float32 input for the backward instead of this layer keeping it (4 bytes per element);
-        # in_place, the backward's dx written over dy (over the float32 record when dy is a
-        # max pool's gradient not computed yet: MaxPool.lazy)
+        # in_place, the backward's dx written over dy
         self.source, self.in_place = None, False
+        # set by the Model where a Conv2d comes right before: a float32 input is kept as the
+        # convolution's output array itself (no copy; nothing else reads or writes it after)
+        self.borrow = False
 
     def forward(self, x, train):
         dev = on_device(x)
@@ -343,7 +345,8 @@ class BNAct(BatchNorm):
         rm, rv, stats = self._train_args(dev)
         self.ctx = bn_act_forward_train(y, x, g, b, rm, rv, self.momentum, self.eps, self.act.r, self.act.a,
                                         self.act.shape, self.int_scale, stats, self.kept,
-                                        keep_input=self.source is None, sums=self._sums(x) if dev else None)
+                                        keep_input=self.source is None, sums=self._sums(x) if dev else None,
+                                        borrow=self.borrow)
         return y
 
     def backward(self, dy):
@@ -359,11 +362,11 @@ class BNAct(BatchNorm):
         # element; a fused layer's dy is its own (the next layer's fresh gradient, never a residual's
         # shared one): one activation-sized float32 buffer less at every such backward. A pool's
         # gradient not computed yet (PoolGrad) has no buffer: dx then goes over the float32 record
-        # of the input (read at each element before it is written), where there is one
-        # (a convolution that reads the gradient in bf16 alone gets only that: _bf16_only)
+        # of the input (this layer's: read at each element before it is written), where there is
+        # one (a convolution that reads the gradient in bf16 alone gets only that: _bf16_only)
         only16 = not pooled and _bf16_only(self, dev)
         if pooled:
-            over = dev and self.in_place and saved.s == 0
+            over = dev and saved.s == 0
             dx = view(saved.xf, dy.shape) if over else empty(dy.shape, np.float32, dev)
         else:
             dx = None if only16 else dy if dev and self.in_place else empty(dy.shape, np.float32, dev)
@@ -390,6 +393,9 @@ class TernaryAct(Layer):
 
     def backward(self, dy):
         saved, self.ctx = self.ctx, None
+        if isinstance(dy, GradSum):         # a later block's two gradients, added by the kernel
+            ternary_backward(dy.a, dy.a, saved, dy.b)
+            return dy.a
         dx = empty(dy.shape, np.float32, on_device(dy))
         ternary_backward(dx, dy, saved)
         return dx
@@ -399,9 +405,11 @@ class MaxPool(Layer):
     def __init__(self, name, k, stride=None, pad=0):
         self.name, self.k, self.stride, self.pad = name, k, stride or k, pad
         self.ctx = None
-        # Model.save_memory, on the GPU, when a fused batch norm comes right before: the backward
-        # returns its gradient uncomputed (PoolGrad), for that layer's kernels to gather
-        self.lazy = False
+        # set by the Model, on the GPU, when a fused batch norm comes right before: the backward
+        # returns its gradient uncomputed (PoolGrad), for that layer's kernels to take from the
+        # pool's output gradient (kernels.batchnorm: bn_act_pool_sums, bn_act_pool_dx); store,
+        # whether they may store it where they cannot gather it (not under --save-memory)
+        self.lazy, self.store = False, True
         # as BatchNorm.grad_bf16: the convolution before this layer, which reads its dx in bf16
         self.grad_bf16 = None
 
@@ -420,7 +428,7 @@ class MaxPool(Layer):
     def backward(self, dy):
         (shape, arg), self.ctx = self.ctx, None
         if self.lazy and on_device(dy):
-            return PoolGrad(dy, arg, self.k, self.stride, self.pad, tuple(shape))
+            return PoolGrad(dy, arg, self.k, self.stride, self.pad, tuple(shape), self.store)
         dev = on_device(dy)
         dx16 = _bf16_buffer(self, shape, dev)
         if _bf16_only(self, dev) and maxpool_backward_bf16(dx16, dy, arg, self.k, self.stride, self.pad):
@@ -514,6 +522,9 @@ class Residual(Layer):
     def __init__(self, name, main, shortcut, act):
         self.name, self.main, self.shortcut, self.act = name, main, shortcut, act
         self.fuse = True
+        # set by the Model where another block comes right before: the backward hands it main's
+        # and the shortcut's input gradients unadded (GradSum), its activation's backward adds them
+        self.defer = False
 
     def out_shape(self, shape):
         return self.main.out_shape(shape)
@@ -546,6 +557,8 @@ class Residual(Layer):
         ds = self.act.backward(dy)
         dx = self.main.backward(ds)
         dsc = ds if self.shortcut is None else self.shortcut.backward(ds)
+        if self.defer and on_device(dx):
+            return GradSum(dx, dsc)
         add_forward(dx, dx, dsc)
         return dx
 

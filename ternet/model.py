@@ -199,6 +199,23 @@ class Model:
                     nxt.grad_bf16 = conv        # its input gradient, read by the convolution in bf16
                 if isinstance(nxt, BatchNorm) and nxt.int_scale > 0:
                     conv.emit_sums, nxt.sums_from = True, conv    # statistics from the conv's sums
+                if isinstance(nxt, BNAct):
+                    nxt.borrow = True           # a float32 input kept as the conv's output itself
+            for prev, block in zip(kids, kids[1:]):
+                if type(prev) is Residual and type(prev.act) is TernaryAct and type(block) is Residual:
+                    block.defer = True          # its input gradient added by prev's activation
+        self._lazy_pools(False)
+
+    def _lazy_pools(self, save_memory):
+        """A max pool right after a fused batch norm (ResNet's stem) hands it the gradient
+        uncomputed (PoolGrad): that layer's sums come from the pool's side, and its dx gathers
+        each element's gradient where it reads it (pool_vec.cu's kernel) or, where that kernel
+        does not run, from the gradient stored (storing it is left out under --save-memory)."""
+        for seq in walk(self.net):
+            kids = getattr(seq, "layers", [])
+            for bn, pool in zip(kids, kids[1:]):
+                if isinstance(bn, BNAct) and type(pool) is MaxPool:
+                    pool.lazy, pool.store = True, not save_memory
 
     def save_memory(self, on=True):
         """ternet train --save-memory: on the GPU, (1) the batch norm right after the first layer
@@ -206,10 +223,10 @@ class Model:
         compute it again there (one more first-layer forward per step), (2) every fused batch norm +
         activation writes its input gradient over the gradient it receives, (3) plain batch norms
         on integer inputs (ResNet's before the residual add) keep them as int16 instead of xhat as
-        float32, and (4) a max pool right after a fused batch norm (ResNet's stem) hands that layer
-        its gradient uncomputed: the batch norm's kernels gather it from the pool's output gradient
-        and write their input gradient over the float32 input (1) recomputed, so the input-sized
-        gradient between the two layers is never stored. Same results bit for bit. (1) needs the
+        float32, and (4) the input-sized gradient between a fused batch norm and a max pool right
+        after it (ResNet's stem), which the batch norm's kernels take from the pool's output
+        gradient (Model._lazy_pools), is never stored, not even where pool_vec.cu's kernel does not
+        run (the triangular window). Same results bit for bit. (1) needs the
         first layer to feed its batch norm directly (vgg-gxnor, resnet18; not lenet, which pools
         first). Returns whether (1) applies."""
         found = False
@@ -218,10 +235,8 @@ class Model:
                 layer.in_place = on
             elif isinstance(layer, BatchNorm):
                 layer.lean = on
+        self._lazy_pools(on)
         layers = self.net.layers
-        for bn, pool in zip(layers, layers[1:]):
-            if isinstance(bn, BNAct) and type(pool) is MaxPool:
-                pool.lazy = on
         for conv, bn in zip(layers, layers[1:]):
             if isinstance(conv, Conv2d) and not conv.needs_dinput and isinstance(bn, BNAct):
                 bn.source, found = (conv if on else None), True

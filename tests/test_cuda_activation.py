@@ -59,3 +59,25 @@ def test_device_record_is_a_bit_mask():
     np.testing.assert_array_equal(mask, (d <= np.float32(A)).astype(np.uint32))
     cpu = ternary_forward(np.empty(100, np.int8), x, R, A, WINDOW_RECT)
     assert cpu.deriv is not None and cpu.nbytes == 400                          # float32 phi' on the CPU
+
+
+@pytest.mark.parametrize("shape", [WINDOW_RECT, WINDOW_TRI])
+def test_backward_of_a_sum_is_the_backward_of_the_added_gradient(shape):
+    """ternary_backward(dinp, a, saved, b), a ResNet block's two input gradients added by the
+    activation's kernel (the rectangular window's; the triangular's adds them first): the bits of
+    add_forward then ternary_backward, dinp written over a as Residual's GradSum has it."""
+    from numba import cuda
+    from ternet.kernels.elementwise import add_forward
+    n = 2053
+    x, a = inputs(n, 7)
+    b = np.random.default_rng(8).standard_normal(n).astype(np.float32)
+    b[::5] = -a[::5]                       # sums of exactly zero, of both signs' parts
+    out = cuda.device_array(n, np.int8)
+    saved = ternary_forward(out, cuda.to_device(x), R, A, shape)
+    s, want = cuda.to_device(a), cuda.device_array(n, np.float32)
+    add_forward(s, s, cuda.to_device(b))
+    ternary_backward(want, s, saved)
+    got = cuda.to_device(a)
+    ternary_backward(got, got, saved, cuda.to_device(b))
+    np.testing.assert_array_equal(got.copy_to_host().view(np.uint32), want.copy_to_host().view(np.uint32))
+    assert (want.copy_to_host() != 0).any()

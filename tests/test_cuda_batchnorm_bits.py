@@ -319,12 +319,58 @@ POOLED = [((2, 7, 6, 5), (3, 2, 1), 0, WINDOW_RECT), ((2, 6, 8, 70), (3, 2, 1), 
           ((3, 4, 6, 33), (2, 2, 0), 0, WINDOW_TRI), ((2, 5, 5, 64), (2, 2, 0), 2, WINDOW_RECT)]
 
 
+def host_point(e, j, d, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape):
+    """(g, xhat) at flat element e (channel j) for incoming gradient d, in numpy float32: the
+    fused backward's per-element values (_old_bn_act_point)."""
+    v = np.float32(xq[e]) / s if s > 0 else xf[e]
+    h = (v - mean[j]) * invstd[j]
+    if shape == WINDOW_RECT:
+        w = height if (int(bits[e >> 5]) >> (e & 31)) & 1 else np.float32(0.0)
+    else:
+        w = window_grad(affine(h, cg[j], cb[j]), r, a, shape)
+    return np.float32(d * w), np.float32(h)
+
+
+def pooled_sums_order(pdout, parg, shape, pool, rec, chunks):
+    """bn_act_pool_sums' part (chunks, 2, C) written out: the pool's output rows (n, oh, ow) in
+    chunks of ceil(rows / chunks), lane l of LANES its rows l, l + LANES, ...; each row's window
+    gradient at its argmax element e (g, xhat there), sums of g and g * xhat from 0.0 in float64,
+    the lane sums added in lane order."""
+    n, h, w, c = shape
+    k, st, pd = pool
+    _, oh, ow, _ = pdout.shape
+    rows = n * oh * ow
+    step = -(-rows // chunks)
+    part = np.zeros((chunks, 2, c))
+    for z in range(chunks):
+        for j in range(c):
+            lanes = np.zeros((LANES, 2))
+            for lane in range(LANES):
+                a0 = a1 = 0.0
+                for row in range(z * step + lane, min(rows, (z + 1) * step), LANES):
+                    b, rem = divmod(row, oh * ow)
+                    y, x = divmod(rem, ow)
+                    t = int(parg[b, y, x, j])
+                    e = ((b * h + y * st - pd + t // k) * w + x * st - pd + t % k) * c + j
+                    g, hh = host_point(e, j, pdout[b, y, x, j], *rec)
+                    a0 += float(g)
+                    a1 += float(np.float32(g * hh))
+                lanes[lane] = a0, a1
+            for q in range(2):
+                tot = lanes[0, q]
+                for lane in range(1, LANES):
+                    tot += lanes[lane, q]
+                part[z, q, j] = tot
+    return part
+
+
 @pytest.mark.parametrize("shape,pool,int_scale,window", POOLED)
 def test_bn_act_bwd_pooled_bits(shape, pool, int_scale, window):
-    """--save-memory's fused stem: the max pool's gradient gathered inside the backward kernels
-    (bn_act_kernels(..., gather=True)) against those reading the gradient maxpool_backward stored, overlapping
-    (3/2, padded) and disjoint (2/2) windows: the sums and dx bit for bit, and dx once more written
-    over the float32 record it reads."""
+    """A fused batch norm with a max pool after it (ResNet's stem): the sums taken from the pool's
+    side (bn_act_pool_sums) against their order written out in Python; dx with the pool's
+    gradient gathered (bn_act_kernels(..., gather=True)) against the kernel reading the gradient
+    maxpool_backward stored, overlapping (3/2, padded) and disjoint (2/2) windows, bit for bit, and
+    dx once more written over the float32 record it reads."""
     from ternet.kernels.pool import covering_table, maxpool_backward, maxpool_forward, pool_out_shape
     n, h, w, c = shape
     k, st, pd = pool
@@ -340,15 +386,25 @@ def test_bn_act_bwd_pooled_bits(shape, pool, int_scale, window):
     maxpool_backward(dy, cuda.to_device(pdout), cuda.to_device(parg), k, st, pd)
     dy = dy.copy_to_host().reshape(-1)
     assert (dy != 0).any() and (dy == 0).any()
+    taps = np.array([(t // k, t % k) for t in range(k * k)], np.int32)
+    pooled = bn.bn_act_pool_sums(window == WINDOW_RECT, int_scale > 0)
+    for grid, block in reduce_grids(n * oshape[1] * oshape[2], c):
+        part = cuda.to_device(np.full((grid[0], 2, c), np.nan, np.float64))
+        dev = [cuda.to_device(v) if isinstance(v, np.ndarray) else v for v in args[1:]]
+        pooled[grid, block](cuda.to_device(pdout), cuda.to_device(parg), cuda.to_device(taps), np.int64(h),
+                            np.int64(w), np.int64(st), np.int64(pd), *dev, part)
+        sums = part.copy_to_host()
+        want = pooled_sums_order(pdout, parg, shape, pool, args[1:], grid[0])
+        np.testing.assert_array_equal(sums.view(np.uint64), want.view(np.uint64))
+    assert (sums != 0).any()
+    # the same sums as those over the stored gradient, up to rounding: the order of the additions,
+    # and where windows overlap, the float32 sum of their gradients there (float32 rounding)
+    np.testing.assert_allclose(sums.sum(0), pooled_sums_order_flat(dy, args[1:], m, c), rtol=1e-6, atol=1e-6)
     ref = [dy] + NO_POOL + args[1:]
     fused = [np.zeros(1, np.float32), pdout, parg, covering_table(h, w, k, st, pd), np.int64(h), np.int64(w), k, st,
              pd] + args[1:]
-    _, sums_read, dx_read = bn.bn_act_kernels(window == WINDOW_RECT, int_scale > 0)
-    _, sums_gather, dx_gather = bn.bn_act_kernels(window == WINDOW_RECT, int_scale > 0, gather=True)
-    for grid in reduce_grids(m, c):
-        part = np.full((grid[0][0], 2, c), np.nan, np.float64)
-        sums = same(sums_gather, sums_read, grid, ref, [part], fused)[0]
-    assert (sums != 0).any()
+    _, _, dx_read = bn.bn_act_kernels(window == WINDOW_RECT, int_scale > 0)
+    _, _, dx_gather = bn.bn_act_kernels(window == WINDOW_RECT, int_scale > 0, gather=True)
     gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
     sdy, sdyx = sums.sum(0).astype(np.float32)
     tail = [gamma, sdy, sdyx, np.float64(m)]
@@ -360,6 +416,16 @@ def test_bn_act_bwd_pooled_bits(shape, pool, int_scale, window):
         dev = [cuda.to_device(a) if isinstance(a, np.ndarray) else a for a in fused + tail + [NO_D16]]
         dx_gather[grid1d(m * c)](*dev, dev[10])
         np.testing.assert_array_equal(dev[10].copy_to_host().view(np.uint32), dx.view(np.uint32))
+
+
+def pooled_sums_order_flat(dy, rec, m, c):
+    """(2, C): the sums of g and g * xhat over the stored gradient dy (m * C, flat), in float64."""
+    out = np.zeros((2, c))
+    for e in range(m * c):
+        g, hh = host_point(e, e % c, dy[e], *rec)
+        out[0, e % c] += float(g)
+        out[1, e % c] += float(np.float32(g * hh))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

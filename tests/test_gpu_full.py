@@ -144,6 +144,61 @@ def test_vector_max_pooling_gives_the_numba_kernels_bits(shape, dtype):
     np.testing.assert_array_equal(dx16.copy_to_host(), conv_tc.bf16(dx).copy_to_host())
 
 
+# (N, H, W, C) of a fused batch norm's input, the max pool after it (k, stride, pad), int_scale
+BN_POOLS = [((2, 112, 112, 64), (3, 2, 1), 0), ((3, 9, 11, 8), (3, 2, 1), 0), ((2, 14, 14, 32), (3, 2, 1), 4),
+            ((2, 8, 6, 12), (2, 2, 0), 0)]
+
+
+@pytest.mark.parametrize("shape,pooling,int_scale", BN_POOLS)
+def test_pool_dx_kernel_gives_the_gathers_bits(shape, pooling, int_scale):
+    """pool_vec.cu's bn_act_pool_dx (the fused batch norm's input gradient from the max pool's
+    output gradient, four channels a thread) against the numba kernel gathering the same
+    (bn_act_kernels(..., gather=True)), bit for bit, float32 and int16 records; and bn_act_backward
+    given the pool's gradient uncomputed (PoolGrad) against the same given it stored: the sums
+    from the pool's side agree to float32 rounding."""
+    from numba import cuda
+    from ternet.kernels import batchnorm as bn
+    from ternet.kernels import pool
+    from ternet.kernels.scalar import WINDOW_RECT
+    n, h, w, c = shape
+    k, st, pd = pooling
+    rng = np.random.default_rng(sum(shape) + int_scale)
+    if int_scale:
+        xh = (rng.integers(-40, 41, shape) / int_scale).astype(np.float32)
+    else:
+        xh = (rng.standard_normal(shape) * 2 + 0.3).astype(np.float32)
+    x = cuda.to_device(xh)
+    gamma = cuda.to_device(rng.uniform(0.5, 1.5, c).astype(np.float32))
+    beta = cuda.to_device((rng.standard_normal(c) * 0.3).astype(np.float32))
+    y, stats = cuda.device_array(shape, np.int8), cuda.device_array((2, c), np.float32)
+    t = bn.bn_act_forward_train(y, x, gamma, beta, None, None, 0.1, 1e-4, 1.0, 0.5, WINDOW_RECT, int_scale, stats)
+    oshape = pool.pool_out_shape(shape, k, st, pd)
+    pout, parg = cuda.device_array(oshape, np.int8), cuda.device_array(oshape, np.uint8)
+    pool.maxpool_forward(pout, parg, y, k, st, pd)
+    pdout = cuda.to_device(rng.standard_normal(oshape).astype(np.float32))
+    grad = pool.PoolGrad(pdout, parg, k, st, pd, shape, False)
+    out = {}
+    for name in ("vec", "numba"):
+        dx, dg, db = cuda.device_array(shape, np.float32), cuda.device_array(c, np.float32), cuda.device_array(c, np.float32)
+        if name == "numba":      # the numba gather: the four-channel kernel not taken
+            real, bn._bn_act_pool_dx_vec = bn._bn_act_pool_dx_vec, lambda *a: False
+        try:
+            bn.bn_act_backward(dx, dg, db, grad, t, gamma)
+        finally:
+            if name == "numba":
+                bn._bn_act_pool_dx_vec = real
+        out[name] = [a.copy_to_host() for a in (dx, dg, db)]
+    for a, b in zip(out["vec"], out["numba"]):
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+    assert np.isfinite(out["vec"][0]).all() and (out["vec"][0] != 0).any()
+    stored = cuda.device_array(shape, np.float32)
+    pool.maxpool_backward(stored, pdout, parg, k, st, pd)
+    dx, dg, db = cuda.device_array(shape, np.float32), cuda.device_array(c, np.float32), cuda.device_array(c, np.float32)
+    bn.bn_act_backward(dx, dg, db, stored, t, gamma)
+    for a, b in zip(out["vec"][1:], (dg, db)):
+        np.testing.assert_allclose(a, b.copy_to_host(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch,shape,classes", [("vgg-gxnor", (32, 32, 3), 10), ("resnet18", (64, 64, 3), 1000)])
 def test_network_on_gpu_matches_cpu(arch, shape, classes):
     from ternet.kernels.loss import loss_forward_backward

@@ -10,6 +10,7 @@ import numpy as np
 from numba import cuda
 
 from . import SIMULATOR, THREADS, check, empty, flat, grid1d, on_device
+from .elementwise import add_forward
 from .scalar import WINDOW_RECT, ternarize, window_grad
 
 
@@ -162,6 +163,14 @@ def _ternary_bwd_bits_cuda(dout, bits, height, dinp):
 
 
 @cuda.jit
+def _ternary_bwd_bits_sum_cuda(dout, dout2, bits, height, dinp):
+    # _ternary_bwd_bits_cuda of dout + dout2, added here (the float32 sum add_forward makes)
+    zero = np.float32(0.0)
+    for i in range(cuda.grid(1), dinp.size, cuda.gridsize(1)):
+        dinp[i] = (dout[i] + dout2[i]) * (height if bit_of(bits, i) else zero)
+
+
+@cuda.jit
 def _mul_cuda(a, b, out):
     for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         out[i] = a[i] * b[i]
@@ -194,11 +203,18 @@ def ternary_forward(out, inp, r, a, shape, train=True):
     return ActSaved(n, deriv=deriv)
 
 
-def ternary_backward(dinp, dout, saved):
-    """dinp = dout * phi'(x) with phi' from the forward's ActSaved; overwrites dinp (float32)."""
+def ternary_backward(dinp, dout, saved, dout2=None):
+    """dinp = dout * phi'(x) with phi' from the forward's ActSaved; overwrites dinp (float32),
+    which may be dout itself. dout2 (device, or None): the gradient is dout + dout2, added here
+    where the rectangular window's bits are kept (the same float32 sum as add_forward's)."""
     check(int(np.prod(dinp.shape)) == saved.size, "ternary_backward: size differs from the forward's")
     dev = on_device(dinp, dout)
     d, g = flat(dinp), flat(dout)
+    if dout2 is not None and saved.bits is not None:
+        _ternary_bwd_bits_sum_cuda[grid1d(saved.size)](g, flat(dout2), saved.bits, saved.height, d)
+        return
+    if dout2 is not None:
+        add_forward(dout, dout, dout2)
     if saved.bits is not None:
         _ternary_bwd_bits_cuda[grid1d(saved.size)](g, saved.bits, saved.height, d)
     elif dev:

@@ -553,12 +553,14 @@ def _bn_act_point(e, j, d, q, v, w, s, mean_j, invstd_j, height, cg, cb, r, a, s
     return d * g, h
 
 
-# The backward's incoming gradient is dout, or (pk > 0: --save-memory, the first layer's batch norm
-# before ResNet's stem pooling) the max pool's (pd, pa, cov = its covering table, ph = H, pw = W,
-# window pk, ps, pp), from which _dout_at gathers each element: the input-sized gradient is never
-# stored, and dx may be written over the float32 record xf (each element read before it is
-# written). The pixel of an element is stepped along with it (_pixel_walk, pool._advance) and its
-# covering windows looked up: no 64-bit division per element.
+# The backward's incoming gradient is dout, or (pk > 0: a max pool right after the layer, as
+# ResNet's stem pooling) the max pool's (pd, pa, cov = its covering table, ph = H, pw = W, window
+# pk, ps, pp): the input-sized gradient is never stored. The sums then come from the pool's side
+# (bn_act_pool_sums: each window's gradient at its argmax), and the dx kernel gathers each element's
+# gradient where it reads it (_dout_at; on a GPU pool_vec.cu's bn_act_pool_dx, four channels a
+# thread, the same bits); dx may be written over the float32 record xf (each element read before it
+# is written). The numba kernel steps an element's pixel along with it (_pixel_walk, pool._advance)
+# and looks its covering windows up: no 64-bit division per element.
 
 @cuda.jit(device=True, inline=True)
 def _fixed(shape, s, rect, int16):
@@ -568,11 +570,13 @@ def _fixed(shape, s, rect, int16):
 
 
 @functools.cache
-def bn_act_kernels(rect, int16, gather=False, to16=False, to32=True):
+def bn_act_kernels(rect, int16, gather=False, to16=False, to32=True, copy=True):
     """The fused kernels (forward, backward sums, backward dx) for one kind of record: rectangular
     window or not, int16 record or float32, the max pool's gradient gathered or read (the
-    backward's), a bf16 copy of dx written or not, dx itself (float32) written or not (the
-    backward dx's: to16 without to32 for a convolution that reads its dy in bf16 alone). The same code and arguments
+    backward dx's; the sums of a pooled gradient are bn_act_pool_sums'), a bf16 copy of dx written
+    or not, dx itself (float32) written or not (the backward dx's: to16 without to32 for a
+    convolution that reads its dy in bf16 alone), a float32 input copied into the record or not
+    (the forward's: not where the record is the input array itself). The same code and arguments
     for every kind, each compiled with these as constants, so the others' branches are dropped.
     Registers a thread (ptxas -v for sm_90 on numba's PTX, sixteenth session): the backward kernels
     unspecialised 96 (the gather's 4-D indexing; a quarter of the threads an SM holds), without the
@@ -608,7 +612,7 @@ def bn_act_kernels(rect, int16, gather=False, to16=False, to32=True):
                             f = np.uint8(1)
                         if s > 0:
                             xq[i] = np.int16(_to_int16(v, s))     # exact: checked by _moments_cuda
-                        else:
+                        elif copy:
                             xf[i] = v
                     if shape == WINDOW_RECT:
                         pack_flags(flags, f, bits, base, n)
@@ -617,8 +621,8 @@ def bn_act_kernels(rect, int16, gather=False, to16=False, to32=True):
     @cuda.jit
     def bwd_sums(dout, pd, pa, cov, ph, pw, pk, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r,
                  a, shape, part):
+        # (the pool's arguments as bwd_dx's, unread: a pooled gradient's sums are bn_act_pool_sums')
         shape, s = _fixed(shape, s, rect, int16)
-        pk = pk if gather else 0
         sh = cuda.shared.array((LANES, TILE_C), numba.float64)
         c = mean.size
         m = xf.size // c if s == 0 else xq.size // c
@@ -629,16 +633,12 @@ def bn_act_kernels(rect, int16, gather=False, to16=False, to32=True):
             ju, cu = U64(j), U64(c)
             e, de, e_end = i * cu + ju, U64(LANES) * cu, end * cu     # flat: row i, the lane step, the end
             mean_j, invstd_j = mean[j], invstd[j]
-            at, by = _pixel_walk(i, LANES, ph, pw, 1, pk)               # row i's pixel, LANES rows on
             while e < e_end:
-                d = _dout_at(e, at, ju, dout, pd, pa, cov, ph, pk, ps, pp)
                 q, v, w = _bn_act_load(e, xq, xf, s, bits, shape)
-                g, h = _bn_act_point(e, ju, d, q, v, w, s, mean_j, invstd_j, height, cg, cb, r, a, shape)
+                g, h = _bn_act_point(e, ju, dout[e], q, v, w, s, mean_j, invstd_j, height, cg, cb, r, a, shape)
                 a0 += np.float64(g)
                 a1 += np.float64(g * h)
                 e += de
-                if pk > 0:
-                    at = _advance(at, by, ph, pw, 1)
         _lanes_to_part(sh, a0, part, 0, c)
         _lanes_to_part(sh, a1, part, 1, c)
 
@@ -664,6 +664,108 @@ def bn_act_kernels(rect, int16, gather=False, to16=False, to32=True):
                 at = _advance(at, by, ph, pw, np.int64(c))
 
     return fwd, bwd_sums, bwd_dx
+
+
+@functools.cache
+def bn_act_pool_sums(rect, int16):
+    """The fused backward's sums (dbeta = sum of g, dgamma = sum of g * xhat per channel) where a
+    max pool follows the layer, taken from the pool's side: g at an element is the pool's input
+    gradient there (the douts of the windows whose argmax it is) times the window derivative, so
+    the sums are those of dout * phi'(y) and dout * phi'(y) * xhat over the pool's output, each at
+    its window's argmax. One read of the pool's output gradient and argmax and one gather of the
+    record per pooled output (a 3x3 stride-2 pool: a quarter of the elements) instead of a pass over
+    a stored input-sized gradient and the record. Their order: the pool's output rows (n, oh, ow)
+    in chunks, LANES lanes a chunk, as bwd_sums takes its rows (part (chunks, 2, C), then
+    _bwd_final_cuda); the same sums as bwd_sums over the stored gradient up to that order.
+    taps: (k * k, 2) int32, the (i, j) of each window position (no division per element)."""
+
+    @cuda.jit
+    def sums(pd, pa, taps, h, w, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape, part):
+        # a lane's rows ROWS at a time: their gradients and argmaxes loaded, then the records at
+        # the argmaxes, then the sums in row order (loads issued together: the record's address
+        # waits on the argmax's)
+        shape, s = _fixed(shape, s, rect, int16)
+        sh = cuda.shared.array((LANES, TILE_C), numba.float64)
+        de = cuda.local.array(ROWS, numba.uint64)
+        dd = cuda.local.array(ROWS, numba.float32)
+        dq = cuda.local.array(ROWS, numba.int16)
+        dv = cuda.local.array(ROWS, numba.float32)
+        dw = cuda.local.array(ROWS, numba.uint32)
+        _, oh_n, ow_n, c = pd.shape
+        j = cuda.blockIdx.y * TILE_C + cuda.threadIdx.x
+        a0, a1 = np.float64(0.0), np.float64(0.0)
+        if j < c:
+            i, end = _lane_rows(pd.size // c)
+            ju = U64(j)
+            mean_j, invstd_j = mean[j], invstd[j]
+            at, by = _digits(np.int64(i), oh_n, ow_n, 1), _digits(np.int64(LANES), oh_n, ow_n, 1)
+            while i < end:
+                for u in range(ROWS):
+                    if i + U64(u * LANES) < end:
+                        n, oh, ow, _ = at
+                        t = np.int64(pa[n, oh, ow, j])
+                        dd[u] = pd[n, oh, ow, j]
+                        ih, iw = oh * ps - pp + taps[t, 0], ow * ps - pp + taps[t, 1]
+                        de[u] = U64(((n * h + ih) * w + iw) * c) + ju
+                        at = _advance(at, by, oh_n, ow_n, 1)
+                for u in range(ROWS):
+                    if i + U64(u * LANES) < end:
+                        dq[u], dv[u], dw[u] = _bn_act_load(de[u], xq, xf, s, bits, shape)
+                for u in range(ROWS):
+                    if i + U64(u * LANES) < end:
+                        g, hh = _bn_act_point(de[u], ju, dd[u], dq[u], dv[u], dw[u], s, mean_j, invstd_j, height, cg,
+                                              cb, r, a, shape)
+                        a0 += np.float64(g)
+                        a1 += np.float64(g * hh)
+                i += U64(ROWS * LANES)
+        _lanes_to_part(sh, a0, part, 0, c)
+        _lanes_to_part(sh, a1, part, 1, c)
+
+    return sums
+
+
+def _pool_taps(k):
+    """(k * k, 2) int32 on the device: the (i, j) of window position i * k + j."""
+    return device_constant(("pool taps", k), lambda: np.array([(t // k, t % k) for t in range(k * k)], np.int32))
+
+
+@functools.cache
+def _pool_dx_kernels():
+    """pool_vec.cu's bn_act_pool_dx (four channels a thread) linked into numba kernels, by the
+    record's type: 'float32' (xf) and 'int16' (xq and its scale)."""
+    from numba import types
+    from .pool import VEC_SRC
+    f32p, u8p, u32p, i32p = (types.CPointer(t) for t in (types.float32, types.uint8, types.uint32, types.int32))
+    i16p, f32, f64 = types.CPointer(types.int16), types.float32, types.float64
+    sig32 = (f32p, u8p, f32p, u32p) + (f32p,) * 5 + (f64, f32, f32p, i32p)
+    sig16 = (f32p, u8p, i16p, f32, u32p) + (f32p,) * 5 + (f64, f32, f32p, i32p)
+    fn32 = cuda.declare_device("bn_act_pool_dx_f32", types.int32(*sig32), link=VEC_SRC)
+    fn16 = cuda.declare_device("bn_act_pool_dx_s16", types.int32(*sig16), link=VEC_SRC)
+
+    @cuda.jit(types.void(*sig32), link=[VEC_SRC])
+    def k32(pd, pa, xf, bits, mean, invstd, gamma, sdy, sdyx, m, height, dx, geom):
+        fn32(pd, pa, xf, bits, mean, invstd, gamma, sdy, sdyx, m, height, dx, geom)
+
+    @cuda.jit(types.void(*sig16), link=[VEC_SRC])
+    def k16(pd, pa, xq, s, bits, mean, invstd, gamma, sdy, sdyx, m, height, dx, geom):
+        fn16(pd, pa, xq, s, bits, mean, invstd, gamma, sdy, sdyx, m, height, dx, geom)
+
+    return {"float32": k32, "int16": k16}
+
+
+def _bn_act_pool_dx_vec(dinp, dout, t, gamma, sdy, sdyx, m):
+    """dinp from the pool's gradient dout (pool.PoolGrad) by pool_vec.cu's kernel, where it runs:
+    a GPU (not the simulator), the rectangular window, four-channel groups; returns whether it ran."""
+    from .conv_tc import _ptr
+    from .pool import _vec_fits, _vec_geom
+    if t.shape != WINDOW_RECT or dinp is None or not _vec_fits(dinp.shape, dinp.size // 4):
+        return False
+    rec = (_ptr(t.xq), t.s) if t.s > 0 else (_ptr(t.xf),)
+    geom = _vec_geom(dinp.shape, dout.dout.shape, dout.k, dout.stride, dout.pad)
+    _pool_dx_kernels()["int16" if t.s > 0 else "float32"][grid1d(dinp.size // 4)](
+        _ptr(dout.dout), _ptr(dout.arg), *rec, _ptr(t.bits), _ptr(t.mean), _ptr(t.invstd), _ptr(gamma), _ptr(sdy),
+        _ptr(sdyx), np.float64(m), t.height, _ptr(dinp), geom)
+    return True
 
 
 CHECK_INT16 = os.environ.get("TERNET_CHECK_INT16") == "1"
@@ -910,7 +1012,7 @@ class BNActSaved:
 
 
 def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale, buffers, keep_input,
-                               sums=None):
+                               sums=None, borrow=False):
     n, s = inp.size, np.float32(max(int_scale, 0))
     mean, invstd, exact = _cuda_stats(_rows(inp), eps, stats, s, buffers, sums)
     if s > 0 and not exact:
@@ -920,7 +1022,8 @@ def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, i
     rect = shape == WINDOW_RECT
     # per-element records are allocated per call (StepBuffers says why), 1-element placeholders kept
     xq = empty(n, np.int16, True) if s > 0 else buffers("bn_act.xq", 1, np.int16)
-    xf = buffers("bn_act.xf", 1, np.float32) if s > 0 else empty(n, np.float32, True) if keep_input else flat(inp)
+    copy_in = s == 0 and keep_input and not borrow        # else the record is inp itself, or not kept
+    xf = buffers("bn_act.xf", 1, np.float32) if s > 0 else empty(n, np.float32, True) if copy_in else flat(inp)
     bits = empty(num_words(n), np.uint32, True) if rect else buffers("bn_act.bits", 1, np.uint32)
     cg, cb = gamma, beta
     if not rect:   # the backward needs this step's gamma, beta, even if an optimizer updates them first
@@ -928,9 +1031,8 @@ def _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, i
         copy(cg, gamma)
         copy(cb, beta)
     r32, a32 = np.float32(r), np.float32(a)
-    fwd = bn_act_kernels(bool(rect), bool(s > 0))[0]
+    fwd = bn_act_kernels(bool(rect), bool(s > 0), copy=copy_in)[0]
     fwd[grid1d(n)](flat(inp), mean, invstd, gamma, beta, r32, a32, shape, s, flat(out), xq, xf, bits)
-    # not keeping the input: the kernel's record of it went to inp itself (the same values), not kept
     xf = xf if s > 0 or keep_input else None
     return BNActSaved(xq=xq, xf=xf, s=s, mean=mean, invstd=invstd, bits=bits, cg=cg, cb=cb, r=r32, a=a32,
                       shape=shape, height=np.float32(window_grad(r32, r32, a32, WINDOW_RECT)))
@@ -942,28 +1044,37 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma, dinp16=None):
     m = n // c
     t = saved
     args = (t.xq, t.xf, t.s, t.mean, t.invstd, t.bits, t.height, t.cg, t.cb, t.r, t.a, t.shape)
-    gather = isinstance(dout, PoolGrad)
-    _, sums, dx = bn_act_kernels(bool(t.shape == WINDOW_RECT), bool(t.s > 0), gather, dinp16 is not None,
-                                 dinp is not None)
+    rect, int16, gather = bool(t.shape == WINDOW_RECT), bool(t.s > 0), isinstance(dout, PoolGrad)
+    _, sums, dx = bn_act_kernels(rect, int16, gather, dinp16 is not None, dinp is not None)
     if gather:
         _, h, w, _ = dout.shape
         cov = device_constant(("pool covering", h, w, dout.k, dout.stride, dout.pad),
                               lambda: covering_table(h, w, dout.k, dout.stride, dout.pad))
         pool = (dout.dout, dout.arg, cov, np.int64(h), np.int64(w), dout.k, dout.stride, dout.pad)
         d = scratch("bn_act.dout", 1, np.float32)             # (placeholders, not read)
+        rows = dout.dout.size // c
+        grid, block = _reduce_grid(rows, c)
+        part = scratch("bn.part", (grid[0], 2, c), np.float64)
+        bn_act_pool_sums(rect, int16)[grid, block](dout.dout, dout.arg, _pool_taps(dout.k), np.int64(h), np.int64(w),
+                                                   np.int64(dout.stride), np.int64(dout.pad), *args, part)
     else:
         pool = (scratch("bn_act.pd", (1, 1, 1, 1), np.float32), scratch("bn_act.pa", (1, 1, 1, 1), np.uint8),
                 scratch("bn_act.cov", (1, 2), np.int32), np.int64(0), np.int64(0), 0, 0, 0)
         d = flat(dout)
-    grid, block = _reduce_grid(m, c)
-    part = scratch("bn.part", (grid[0], 2, c), np.float64)
-    sums[grid, block](d, *pool, *args, part)
+        grid, block = _reduce_grid(m, c)
+        part = scratch("bn.part", (grid[0], 2, c), np.float64)
+        sums[grid, block](d, *pool, *args, part)
     _bwd_final_cuda[_final_grid(c)](part, dgamma, dbeta)
+    if gather and dinp16 is None and _bn_act_pool_dx_vec(dinp, dout, t, gamma, dbeta, dgamma, m):
+        return
+    if gather and dout.store:       # the numba gather is slow (4-D indexing): the pool's kernels store it
+        d = flat(dout.materialize())
+        dx = bn_act_kernels(rect, int16, False, dinp16 is not None, dinp is not None)[2]
     dx[grid1d(n)](d, *pool, *args, gamma, dbeta, dgamma, np.float64(m), _bf16_out(dinp16), _f32_out(dinp))
 
 
 def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momentum, eps, r, a, shape,
-                         int_scale=0, stats=None, buffers=fresh, keep_input=True, sums=None):
+                         int_scale=0, stats=None, buffers=fresh, keep_input=True, sums=None, borrow=False):
     """out (int8) = phi_r(gamma * xhat + beta), batch statistics; overwrites out and stats (as
     batchnorm_forward_train), updates the running statistics in place unless running_mean is None.
 
@@ -974,14 +1085,16 @@ def bn_act_forward_train(out, inp, gamma, beta, running_mean, running_var, momen
     of the forward: 4 bytes); it falls back to float32, with a warning, where not. The GPU's
     per-channel arrays and placeholders come from `buffers(role, shape, dtype)` (a layer's
     StepBuffers, or `fresh`). keep_input=False (GPU): a float32 input is not kept; the record's xf
-    is None and the caller puts the same values there before the backward (BNAct.source). sums:
-    inp's conv_tc.ConvSums (GPU; see _cuda_stats).
+    is None and the caller puts the same values there before the backward (BNAct.source). borrow
+    (GPU): a float32 input kept is inp itself, not a copy (the caller leaves its values as they
+    are until the backward, which may write the input gradient over them). sums: inp's
+    conv_tc.ConvSums (GPU; see _cuda_stats).
     """
     check(out.shape == inp.shape and gamma.shape == (_channels(inp),), "bn_act: shape mismatch")
     if on_device(out, inp, gamma):
         stats = _stats_out(stats, _channels(inp), True)
         saved = _bn_act_forward_train_cuda(out, inp, gamma, beta, stats, eps, r, a, shape, int_scale, buffers,
-                                           keep_input, sums)
+                                           keep_input, sums, borrow)
         if running_mean is not None:
             batchnorm_update_running(running_mean, running_var, stats, momentum)
         return saved
@@ -1010,9 +1123,11 @@ def bn_act_forward_eval(out, inp, gamma, beta, running_mean, running_var, eps, r
 def bn_act_backward(dinp, dgamma, dbeta, dout, saved, gamma, dinp16=None):
     """Backward of bn_act_forward_train: the window derivative, then batch norm's backward.
     Overwrites dinp (float32, inp's shape), dgamma and dbeta. dout may be a pool.PoolGrad (the
-    gradient of a max pool after this layer, not computed yet): on the device its elements are
-    gathered where the kernels read them, and dinp may then be the float32 input record itself
-    (the record's xf, as a view of inp's shape); on the host it is computed first. dinp16 (GPU,
+    gradient of a max pool after this layer, not computed yet): on the device the sums are taken
+    from the pool's side (bn_act_pool_sums) and dx's elements gathered where the kernels read them
+    (or, where pool_vec.cu's kernel does not run and dout.store, from the gradient stored first),
+    and dinp may then be the float32 input record itself (the record's xf, as a view of inp's
+    shape); on the host it is computed first (the sums then in bwd's order). dinp16 (GPU,
     uint16 of dinp's size, or None): also dinp's bf16 bits there, as batchnorm_backward; with
     dinp None (GPU) only those."""
     if isinstance(dout, PoolGrad) and not on_device(dout.dout):

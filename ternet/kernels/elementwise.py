@@ -3,8 +3,10 @@ real-parameter optimizer updates (Adam, SGD-momentum) used by ternet.optim.
 Exercise: pytest tests/test_ops.py -k add, tests/test_cuda_ops.py (CUDA against CPU).
 """
 import math
+from typing import NamedTuple
 
 import numba
+
 import numpy as np
 from numba import cuda
 
@@ -112,6 +114,23 @@ def add_forward(out, a, b):
         _add_cuda[grid1d(out.size)](flat(a), flat(b), flat(out))
         return
     _add(a.reshape(-1), b.reshape(-1), out.reshape(-1))
+
+
+class GradSum(NamedTuple):
+    """A gradient a + b not added yet (device arrays, float32, one shape): what a ResNet block's
+    backward hands the block before it (Residual.defer), whose activation's backward adds the two
+    where it reads them (activation.ternary_backward's b): one pass over them fewer. materialize()
+    adds them into a (a is the giver's own array)."""
+    a: object
+    b: object
+
+    @property
+    def shape(self):
+        return self.a.shape
+
+    def materialize(self):
+        add_forward(self.a, self.a, self.b)
+        return self.a
 
 
 def copy(out, a):

@@ -520,15 +520,18 @@ def maxpool_forward(out, arg, inp, k, stride, pad):
 
 class PoolGrad(NamedTuple):
     """A max pool's input gradient not yet computed: its output gradient, argmax and window, and
-    the input's shape. What MaxPool.backward hands a fused batch norm before it under
-    --save-memory (kernels.batchnorm gathers each element where it reads it, so the input-sized
-    float32 gradient is never stored); materialize() computes it as maxpool_backward would."""
+    the input's shape. What MaxPool.backward hands a fused batch norm before it on the GPU
+    (kernels.batchnorm takes its sums from the pool's side and gathers each element of its dx
+    where it reads it, so the input-sized float32 gradient is not stored); store: whether it may
+    be stored where the fast gather does not run (not under --save-memory). materialize() computes
+    it as maxpool_backward would."""
     dout: object
     arg: object
     k: int
     stride: int
     pad: int
     shape: tuple
+    store: bool = True
 
     def materialize(self):
         dx = empty(self.shape, np.float32, on_device(self.dout))
