@@ -65,6 +65,8 @@ BN_SIGS = {
     "_bwd_dx_cuda": (F1, F1, f32, I16, F1, F1, F1, F1, F1, types.float64, types.uint16[::1], F1),
     "_stats_from_sums_cuda": (types.Array(types.int64, 3, "C"), i64, types.Array(f32, 2, "C"), types.float64,
                               types.float64, F1, F1, types.Array(f32, 2, "C")),
+    "_stats_from_fsums_cuda": (types.Array(types.float64, 3, "C"), i64, types.float64, F1, F1,
+                               types.Array(f32, 2, "C")),
 }
 KERNELS.update({name: (getattr(BN, name), sig) for name, sig in BN_SIGS.items()})
 for rect, int16, gather, to16, to32 in ((True, True, False, True, True), (True, False, True, False, True),

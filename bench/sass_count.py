@@ -29,6 +29,7 @@ ENTRIES = {  # entry point -> its C parameter list and call
     "conv_dw_bf16": "const bf16_t* x, const signed char* w, float* o, const int* g",
     "conv_dw_bf16_64": "const bf16_t* x, const signed char* w, float* o, const int* g",
     "conv_fwd_first_f32": "const float* x, const signed char* w, float* o, const int* g",
+    "conv_fwd_first_f32_sums": "const float* x, const signed char* w, float* o, const int* g",
     "conv_dw_first_f32": "const float* x, const float* w, float* o, const int* g",
 }
 
@@ -84,8 +85,9 @@ def main():
     for fn, params in entries.items():
         # the scale and the sums pointer as kernel parameters, as numba passes them (constants here
         # would fold branches away that the deployed kernels keep)
-        extra = (", float s" if "fwd" in fn else "") + (", long long* sm" if "s8" in fn else "")
-        call = "x, w, o, g" + (", s" if "fwd" in fn else "") + (", sm" if "s8" in fn else "")
+        sm = ", long long* sm" if "s8" in fn else ", double* sm" if fn.endswith("_sums") else ""
+        extra = (", float s" if "fwd" in fn else "") + sm
+        call = "x, w, o, g" + (", s" if "fwd" in fn else "") + (", sm" if sm else "")
         src += (f'\nextern "C" __global__ void __launch_bounds__(256) k_{fn}({params}{extra}) '
                 f"{{ int r; {fn}(&r, {call}); }}\n")
     ptx = nvrtc_ptx(find(a.tools, "libnvrtc.so*"), src)
@@ -97,7 +99,7 @@ def main():
                               text=True, check=True).stdout
     regs = dict(re.findall(r"Compiling entry function 'k_(\w+)'.*?Used (\d+) registers", info, re.S))
     for fn in entries:
-        print(f"{fn:20s} registers {regs.get(fn, '?'):>4s}  main loops (instructions, mma): {loops(sass, 'k_' + fn)}")
+        print(f"{fn:24s} registers {regs.get(fn, '?'):>4s}  main loops (instructions, mma): {loops(sass, 'k_' + fn)}")
 
 
 if __name__ == "__main__":

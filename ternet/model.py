@@ -197,7 +197,7 @@ class Model:
                     continue
                 if conv.needs_dinput and type(nxt) in (BatchNorm, BNAct, MaxPool):
                     nxt.grad_bf16 = conv        # its input gradient, read by the convolution in bf16
-                if isinstance(nxt, BatchNorm) and nxt.int_scale > 0:
+                if isinstance(nxt, BatchNorm) and (nxt.int_scale > 0 or not conv.needs_dinput):
                     conv.emit_sums, nxt.sums_from = True, conv    # statistics from the conv's sums
                 if isinstance(nxt, BNAct):
                     nxt.borrow = True           # a float32 input kept as the conv's output itself

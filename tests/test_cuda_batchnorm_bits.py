@@ -664,6 +664,57 @@ def test_stats_from_conv_sums_bits(m, c, scale, spread):
     assert mean[0] == np.float32(a[:, 0].mean() * scale + 10 * scale) and np.array_equal(mean[1:], mean0.copy_to_host()[1:])
 
 
+def block_sums_order(row):
+    """_block_sums' total of one channel's per-block sums (a list of numbers): thread t of
+    SUM_THREADS adds blocks t, t + SUM_THREADS, ... from zero, then a tree halves the threads."""
+    n = bn.SUM_THREADS
+    sh = [sum_in_order(row[t::n]) for t in range(n)]
+    w = n // 2
+    while w > 0:
+        for t in range(w):
+            sh[t] += sh[t + w]
+        w //= 2
+    return sh[0]
+
+
+def sum_in_order(values):
+    t = 0.0
+    for v in values:
+        t += v
+    return t
+
+
+@pytest.mark.parametrize("c,blocks", [(5, 3), (33, 40)])
+def test_stats_from_first_layer_sums_bits(c, blocks):
+    """The statistics from the first layer's float64 per-block sums of x and x^2 (conv_tc.ConvSums
+    with a float64 part, as conv_fwd_first's epilogue leaves them) against their order written
+    out: the blocks' totals (block_sums_order), then shifted_moments about 0 and bn_stats, bit for
+    bit; and within float32 rounding of the pass over x that they stand for."""
+    from ternet.kernels.conv_tc import ConvSums
+    rng = np.random.default_rng(c + blocks)
+    rows = rng.integers(1, 40, blocks)
+    xs = [(rng.standard_normal((r, c)) * 2 + 0.5).astype(np.float32) for r in rows]
+    x = np.concatenate(xs)
+    m = x.shape[0]
+    part = np.zeros((2, c, blocks))
+    for b, xb in enumerate(xs):
+        d = xb.astype(np.float64)
+        part[0, :, b], part[1, :, b] = d.sum(0), (d * d).sum(0)
+    stats = cuda.to_device(np.zeros((2, c), np.float32))
+    mean, invstd, exact = bn._cuda_stats(cuda.to_device(x), 1e-4, stats, sums=ConvSums(cuda.to_device(part), 0.0, m))
+    assert not exact
+    for j in range(c):
+        mu, sq = shifted_moments(0.0, block_sums_order(part[0, j]), block_sums_order(part[1, j]), np.float64(m))
+        want = bn_stats(mu, sq, np.float64(m), 1e-4)
+        got = (mean.copy_to_host()[j], invstd.copy_to_host()[j], stats.copy_to_host()[1, j])
+        np.testing.assert_array_equal(np.array(got, np.float32).view(np.uint32),
+                                      np.array([want[0], want[1], want[2]], np.float32).view(np.uint32))
+    pass_stats = cuda.to_device(np.zeros((2, c), np.float32))
+    mean0, invstd0, _ = bn._cuda_stats(cuda.to_device(x), 1e-4, pass_stats)
+    np.testing.assert_allclose(mean.copy_to_host(), mean0.copy_to_host(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(invstd.copy_to_host(), invstd0.copy_to_host(), rtol=1e-6)
+
+
 def test_stale_conv_sums_are_not_read():
     """Sums whose scratch buffer a later convolution took are not used: the statistics then come
     from the pass over x (a poisoned part would show)."""

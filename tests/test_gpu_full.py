@@ -108,6 +108,38 @@ def test_first_layer_tensor_cores_match_numba_kernels(shape):
     assert np.linalg.norm(a - b) <= 4e-3 * np.linalg.norm(b)
 
 
+@pytest.mark.parametrize("shape", FIRST)
+def test_first_layer_sums_are_the_outputs_sums(shape):
+    """The first-layer forward's float64 per-channel sums (conv_fwd_first_f32_sums, conv_tc.ConvSums
+    with a float64 part): the output the same bits as without them; the blocks' sums added up
+    against the output's sums in float64 (a fixed order of its own: within float64 rounding); the
+    batch norm's statistics from them against the pass over the output (float32 rounding)."""
+    from numba import cuda
+    from ternet.kernels import batchnorm as bn
+    from ternet.kernels import conv, conv_tc
+    n, h, w, c, k, kk, s, p = shape
+    rng = np.random.default_rng(sum(shape) + 1)
+    x = cuda.to_device((rng.standard_normal((n, h, w, c)) + 0.3).astype(np.float32))
+    wq = cuda.to_device(rng.integers(-1, 2, (k, kk, kk, c)).astype(np.int8))
+    oh, ow = conv.out_size(h, kk, s, p), conv.out_size(w, kk, s, p)
+    out, out0 = (cuda.device_array((n, oh, ow, k), np.float32) for _ in range(2))
+    sums = conv.conv2d_forward(out, x, wq, 0.5, s, p, sums=True)
+    conv.conv2d_forward(out0, x, wq, 0.5, s, p)
+    assert isinstance(sums, conv_tc.ConvSums) and sums.part.dtype == np.float64 and sums.current()
+    y = out.copy_to_host()
+    np.testing.assert_array_equal(y.view(np.uint32), out0.copy_to_host().view(np.uint32))
+    d = y.reshape(-1, k).astype(np.float64)
+    part = sums.part.copy_to_host()
+    np.testing.assert_allclose(part.sum(2), [d.sum(0), (d * d).sum(0)], rtol=1e-12, atol=1e-9)
+    got, want = (cuda.to_device(np.zeros((2, k), np.float32)) for _ in range(2))
+    rows = out.reshape(n * oh * ow, k)          # (a device array view)
+    mean, invstd, _ = bn._cuda_stats(rows, 1e-4, got, sums=sums)
+    mean0, invstd0, _ = bn._cuda_stats(rows, 1e-4, want)
+    np.testing.assert_allclose(mean.copy_to_host(), mean0.copy_to_host(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(invstd.copy_to_host(), invstd0.copy_to_host(), rtol=1e-6)
+    np.testing.assert_allclose(got.copy_to_host(), want.copy_to_host(), rtol=1e-6, atol=1e-6)
+
+
 POOLS = [  # (N, H, W, C, k, stride, pad): ResNet's stem, vgg-gxnor's pools, ragged edges
     (2, 112, 112, 64, 3, 2, 1), (4, 32, 32, 128, 2, 2, 0), (3, 9, 11, 8, 3, 2, 1), (2, 7, 9, 4, 2, 2, 0),
 ]

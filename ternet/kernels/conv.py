@@ -612,7 +612,8 @@ def conv2d_forward(out, inp, weight, scale, stride, pad, cols=None, sums=False):
     cols: optional (N*OH*OW, KH*KW*C) float32 buffer; when given it is left holding the im2col
     matrix, which conv2d_backward_weight can reuse (the host path returns it).
     sums (device): returns out's per-channel sums (conv_tc.ConvSums) for the batch norm after it
-    where the tensor-core int8 kernel ran (ternary inputs), else None.
+    where the tensor-core int8 kernel ran (ternary inputs; exact) or the first-layer one (float32
+    images; float64 sums), else None.
     """
     n, h, w, c = inp.shape
     k, kh, kw, wc = weight.shape

@@ -476,15 +476,25 @@ __device__ __forceinline__ FlTile fl_tile(int t, int tiles_h, int tiles_w) {
 
 // out[m, k] = scale * sum_r x[patch(m, r)] * w[k, r]; block (tile stride, 64 channels of K).
 // 8 warps as 4 (tile rows 2 wm, 2 wm + 1: one m16 tile each) x 2 (32 channels).
+// SUMS: also each output channel's sum of out and of out^2 over the block's tiles, in float64, for
+// the batch norm after the layer (conv_tc.ConvSums with float64 parts: its statistics without a
+// pass over the output). The order is fixed: a thread adds its four positions of a column, the
+// warp's eight row groups are added by a butterfly (xor 4, 8, 16: every lane the same bits), the
+// tile's sums are added to the block's in tile order, one shared slot per (warp row, column), and
+// the four warp rows in order at the end: part[(s * K + k) * gridDim.x + blockIdx.x], s = 0, 1.
+template <bool SUMS>
 __device__ __forceinline__ void conv_fwd_first(const float* x, const signed char* w, float* out, const Geom& g,
-                                               float scale) {
+                                               float scale, double* sums) {
     __shared__ __align__(16) float xs[FL_PATCH];
     __shared__ __align__(16) bf16_t ws[64 * FL_WROW];      // ws[nn][r] = w[k0 + nn, r], 0 past K or R
     __shared__ int roff[FL_RP];
+    __shared__ double fsum[SUMS ? 4 * 64 * 2 : 1];         // [warp row wm][column][s]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
     const int wm = warp & 3, wn = warp >> 2, k0 = blockIdx.y * 64, rs = (g.r + 15) / 16;
     const int ph = (FL_DH - 1) * g.stride + g.kh, run = ((FL_DW - 1) * g.stride + g.kw) * g.c;
     const int tiles_h = (g.oh + FL_DH - 1) / FL_DH, tiles_w = (g.ow + FL_DW - 1) / FL_DW;
+    if (SUMS)
+        for (int e = tid; e < 4 * 64 * 2; e += 256) fsum[e] = 0.0;     // (the tile loop syncs first)
     for (int e = tid; e < 64 * rs * 16; e += 256) {
         int nn = e / (rs * 16), r = e - nn * rs * 16;
         int v = k0 + nn < g.k && r < g.r ? w[(long)(k0 + nn) * g.r + r] : 0;
@@ -549,6 +559,44 @@ __device__ __forceinline__ void conv_fwd_first(const float* x, const signed char
                         *reinterpret_cast<float2*>(o + k) =
                             make_float2(acc[mt][nt][2 * hh] * scale, acc[mt][nt][2 * hh + 1] * scale);
                 }
+            }
+        if (SUMS) {
+            #pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+                #pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    double s1 = 0.0, s2 = 0.0;
+                    #pragma unroll
+                    for (int mt = 0; mt < 2; ++mt)
+                        #pragma unroll
+                        for (int hh = 0; hh < 2; ++hh)
+                            if (tl.oh0 + 2 * wm + mt < g.oh && tl.ow0 + gq + 8 * hh < g.ow) {
+                                const double v = acc[mt][nt][2 * hh + e] * scale;   // the value stored
+                                s1 += v;
+                                s2 += v * v;                // exact in float64: fma or not, the same
+                            }
+                    #pragma unroll
+                    for (int o = 4; o < 32; o <<= 1) {
+                        s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+                        s2 += __shfl_xor_sync(0xffffffffu, s2, o);
+                    }
+                    if (gq == 0) {
+                        double* f = fsum + (wm * 64 + wn * 32 + nt * 8 + tq * 2 + e) * 2;
+                        f[0] += s1;
+                        f[1] += s2;
+                    }
+                }
+        }
+    }
+    if (SUMS) {
+        __syncthreads();
+        if (tid < 64 && k0 + tid < g.k)
+            #pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                double t = fsum[tid * 2 + q];
+                #pragma unroll
+                for (int r = 1; r < 4; ++r) t += fsum[(r * 64 + tid) * 2 + q];
+                sums[((long)q * g.k + k0 + tid) * gridDim.x + blockIdx.x] = t;
             }
     }
 }
@@ -675,7 +723,13 @@ extern "C" __device__ int conv_dw_bf16_64(int* ret, const bf16_t* dy, const sign
 
 extern "C" __device__ int conv_fwd_first_f32(int* ret, const float* x, const signed char* w, float* out,
                                              const int* geom, float scale) {
-    conv_fwd_first(x, w, out, load_geom(geom), scale);
+    conv_fwd_first<false>(x, w, out, load_geom(geom), scale, nullptr);
+    *ret = 0;
+    return 0;
+}
+extern "C" __device__ int conv_fwd_first_f32_sums(int* ret, const float* x, const signed char* w, float* out,
+                                                  const int* geom, float scale, double* sums) {
+    conv_fwd_first<true>(x, w, out, load_geom(geom), scale, sums);
     *ret = 0;
     return 0;
 }

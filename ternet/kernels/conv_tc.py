@@ -73,6 +73,10 @@ def _kernels():
                                 types.void(u16p, i8p, f32p, i32p))
     fn = cuda.declare_device("conv_fwd_first_f32", types.int32(f32p, i8p, f32p, i32p, types.float32), link=SRC)
     out["conv_fwd_first_f32"] = _wrapper(fn, types.void(f32p, i8p, f32p, i32p, types.float32))
+    f64p = types.CPointer(types.float64)
+    fn = cuda.declare_device("conv_fwd_first_f32_sums", types.int32(f32p, i8p, f32p, i32p, types.float32, f64p),
+                             link=SRC)
+    out["conv_fwd_first_f32_sums"] = _sums_wrapper(fn, types.void(f32p, i8p, f32p, i32p, types.float32, f64p))
     fn = cuda.declare_device("conv_dw_first_f32", types.int32(f32p, f32p, f32p, i32p), link=SRC)
     out["conv_dw_first_f32"] = _dw_wrapper(fn, types.void(f32p, f32p, f32p, i32p))
 
@@ -216,13 +220,19 @@ def _first_tiles(n, oh, ow):
 # docs/performance.md). TERNET_CONV_SUMS=0 turns it off (the statistics are the same bits either
 # way: tests/test_gpu_full.py).
 SUMS = os.environ.get("TERNET_CONV_SUMS", "1") != "0"
+# The first layer's forward (float32 images) adds up its output's sums too, in float64 (not
+# exact: a fixed order, conv_mma.cu's conv_fwd_first; the statistics within float64 rounding of
+# the pass's, not its bits). TERNET_FIRST_SUMS=0 turns that off.
+FIRST_SUMS = os.environ.get("TERNET_FIRST_SUMS", "1") != "0"
 
 
 class ConvSums:
-    """Per-channel sums of an integer forward's output, for the batch norm right after it:
-    part (2, K, blocks) int64, part[0, k, b] = sum of the accumulators a of channel k over the
-    rows of block b, part[1, k, b] = sum of a^2; out = a * scale (a power of two), m rows.
-    Integers: exact, the same whatever the order (kernels.batchnorm._stats_from_sums_cuda)."""
+    """Per-channel sums of a forward's output, for the batch norm right after it: part (2, K,
+    blocks), part[0, k, b] = sum over the rows of block b of channel k's values, part[1, k, b] =
+    of their squares; m rows. int64 from an integer forward: sums of the accumulators a, out = a *
+    scale (a power of two); exact, the same whatever the order (kernels.batchnorm.
+    _stats_from_sums_cuda). float64 from the first layer's (scale 0): sums of out itself, in the
+    kernel's fixed order (kernels.batchnorm._stats_from_fsums_cuda)."""
 
     def __init__(self, part, scale, m):
         self.part, self.scale, self.m = part, np.float64(scale), m
@@ -248,15 +258,21 @@ def _sums_fit(m, r, scale):
 def forward(out, x, w, scale, stride, pad, sums=False):
     """conv2d_forward on tensor cores when the shapes allow; returns False otherwise. sums=True (a
     batch norm comes right after, Conv2d.emit_sums): returns the output's ConvSums where the int8
-    kernel ran and they are exact (_sums_fit), else True."""
+    kernel ran and they are exact (_sums_fit), or the first-layer kernel ran (FIRST_SUMS), else
+    True."""
     n, h, wd, c = x.shape
     k, kh, kw, _ = w.shape
     if _first_fits(x, k, kh, kw, stride):
         _, oh, ow, _ = out.shape
         g = _geom(n=n, h=h, w=wd, c=c, k=k, kh=kh, kw=kw, oh=oh, ow=ow, stride=stride, pad=pad, r=kh * kw * c)
         blocks = min(_first_tiles(n, oh, ow), MAX_BLOCKS)
-        _kernels()["conv_fwd_first_f32"][(blocks, (k + 63) // 64), 256](
-            _ptr(x), _ptr(w), _ptr(out), _ptr(g), np.float32(scale))
+        grid = (blocks, (k + 63) // 64)
+        if sums and FIRST_SUMS:
+            res = ConvSums(scratch("conv.fsums", (2, k, blocks), np.float64), 0.0, n * oh * ow)
+            _kernels()["conv_fwd_first_f32_sums"][grid, 256](_ptr(x), _ptr(w), _ptr(out), _ptr(g), np.float32(scale),
+                                                             _ptr(res.part))
+            return res
+        _kernels()["conv_fwd_first_f32"][grid, 256](_ptr(x), _ptr(w), _ptr(out), _ptr(g), np.float32(scale))
         return True
     if x.dtype != np.int8 or c % 64 or not available():
         return False
