@@ -31,7 +31,6 @@ CHUNKS = 64                      # CPU: row chunks of a reduction
 TILE_C, LANES = 32, (2 if SIMULATOR else 8)          # CUDA: a reduction block: 32 channels x row lanes
 MIN_ROWS, MAX_CHUNKS = 64, (2 if SIMULATOR else 256)  # CUDA: rows per chunk at least / chunks at most
 FINAL_LANES = 2 if SIMULATOR else 32                  # CUDA: threads a channel adding up the chunks
-POOL_CHUNKS = 3 if SIMULATOR else 1024  # CUDA: chunks at most of bn_act_pool_sums (a load waits on a load)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -705,7 +704,8 @@ def bn_act_pool_sums(rect, int16):
     @cuda.jit
     def sums(pd, pa, taps, h, w, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape, part):
         # (loading ROWS rows ahead, as bwd_sums does, measured slower here: 0.48 -> 0.72 ms on
-        # ResNet-18's 224 px stem at batch 256, 72 registers instead of 56; more chunks instead)
+        # ResNet-18's 224 px stem at batch 256, 72 registers instead of 56; 1024 chunks instead of
+        # 256: 0.52 ms, eighteenth session)
         shape, s = _fixed(shape, s, rect, int16)
         sh = cuda.shared.array((LANES, TILE_C), numba.float64)
         _, oh_n, ow_n, c = pd.shape
@@ -781,8 +781,8 @@ def _bn_act_pool_dx_vec(dinp, dout, t, gamma, sdy, sdyx, m):
 CHECK_INT16 = os.environ.get("TERNET_CHECK_INT16") == "1"
 
 
-def _reduce_grid(m, c, most=None):
-    chunks = max(1, min(most or MAX_CHUNKS, m // MIN_ROWS))
+def _reduce_grid(m, c):
+    chunks = max(1, min(MAX_CHUNKS, m // MIN_ROWS))
     return (chunks, (c + TILE_C - 1) // TILE_C), (TILE_C, LANES)
 
 
@@ -1066,7 +1066,7 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma, dinp16=None):
                               lambda: covering_table(h, w, dout.k, dout.stride, dout.pad))
         pool = (dout.dout, dout.arg, cov, np.int64(h), np.int64(w), dout.k, dout.stride, dout.pad)
         d = scratch("bn_act.dout", 1, np.float32)             # (placeholders, not read)
-        grid, block = _reduce_grid(dout.dout.size // c, c, POOL_CHUNKS)
+        grid, block = _reduce_grid(dout.dout.size // c, c)
         part = scratch("bn.part", (grid[0], 2, c), np.float64)
         bn_act_pool_sums(rect, int16)[grid, block](dout.dout, dout.arg, _pool_taps(dout.k), np.int64(h), np.int64(w),
                                                    np.int64(dout.stride), np.int64(dout.pad), *args, part)
