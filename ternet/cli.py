@@ -89,12 +89,10 @@ TRAIN_OPTIONS = [
                                                 "directly: vgg-gxnor, resnet18; not lenet), fused batch-norm "
                                                 "backwards write their gradient over the one they receive, "
                                                 "plain batch norms on integer inputs (ResNet's) keep them as "
-                                                "int16 rather than xhat as float32, and ResNet's stem pooling "
-                                                "hands its gradient to the batch norm before it uncomputed. One "
-                                                "more first-layer forward per step; the same results bit for bit. "
-                                                "On an H200 at the benchmark shapes: 23-35 % less at the step's "
-                                                "peak, 3-10 % slower (docs/performance.md). On the CPU it changes "
-                                                "nothing."),
+                                                "int16 rather than xhat as float32. One more first-layer forward "
+                                                "per step; the same results bit for bit. On an H200 at the "
+                                                "benchmark shapes: 27-42 % less at the step's peak, 1-7 % slower "
+                                                "(docs/performance.md). On the CPU it changes nothing."),
     ("log_every", int, "Steps between metrics lines."),
     ("ckpt_every", int, "Steps between mid-epoch checkpoints (0: only at epoch ends)."),
     ("keep_last", int, "Checkpoints to keep."),
