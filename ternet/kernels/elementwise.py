@@ -6,7 +6,6 @@ import math
 from typing import NamedTuple
 
 import numba
-
 import numpy as np
 from numba import cuda
 
@@ -117,20 +116,12 @@ def add_forward(out, a, b):
 
 
 class GradSum(NamedTuple):
-    """A gradient a + b not added yet (device arrays, float32, one shape): what a ResNet block's
-    backward hands the block before it (Residual.defer), whose activation's backward adds the two
-    where it reads them (activation.ternary_backward's b): one pass over them fewer. materialize()
-    adds them into a (a is the giver's own array)."""
+    """A gradient a + b not added yet (device arrays, float32, one shape; a the giver's own): what
+    a ResNet block's backward hands the block before it (Residual.defer), whose activation's
+    backward adds the two where it reads them (activation.ternary_backward's dout2): one pass over
+    them fewer."""
     a: object
     b: object
-
-    @property
-    def shape(self):
-        return self.a.shape
-
-    def materialize(self):
-        add_forward(self.a, self.a, self.b)
-        return self.a
 
 
 def copy(out, a):
