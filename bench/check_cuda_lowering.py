@@ -75,7 +75,7 @@ for rect, int16, gather, to16, to32 in ((True, True, False, True, True), (True, 
     fwd, sums, dx = BN.bn_act_kernels(rect, int16, gather, to16, to32)
     kind = f"[rect={rect}, int16={int16}, gather={gather}, to16={to16}, to32={to32}]"
     KERNELS["bn_act fwd" + kind] = (fwd, (F1, F1, F1, F1, F1, f32, f32, i64, f32, i8[::1], I16, F1, U32))
-    KERNELS["bn_act bwd_sums" + kind] = (sums, (*BN_REC, types.Array(types.float64, 3, "C")))
+    KERNELS["bn_act bwd_sums" + kind] = (sums, (BN_REC[0], *BN_REC[9:], types.Array(types.float64, 3, "C")))
     KERNELS["bn_act bwd_dx" + kind] = (dx, (*BN_REC, F1, F1, F1, types.float64, types.uint16[::1], F1))
 KERNELS["bn_act fwd[rect=True, int16=False, copy=False]"] = (
     BN.bn_act_kernels(True, False, copy=False)[0], (F1, F1, F1, F1, F1, f32, f32, i64, f32, i8[::1], I16, F1, U32))

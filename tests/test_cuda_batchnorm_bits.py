@@ -275,7 +275,7 @@ def bf16_reference(a):
     return ((r >> 16) & 0xFFFF).astype(np.uint16)
 
 
-# the kernels' max-pool arguments when dout is the gradient itself (pk = 0: not read)
+# the dx kernels' max-pool arguments when dout is the gradient itself (pk = 0: not read)
 NO_POOL = [np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 1, 1, 1), np.uint8), np.zeros((1, 2), np.int32),
            np.int64(0), np.int64(0), 0, 0, 0]
 
@@ -289,7 +289,7 @@ def test_bn_act_bwd_bits(shape, int_scale, window):
     _, bwd_sums, bwd_dx = bn.bn_act_kernels(window == WINDOW_RECT, int_scale > 0)
     for grid in reduce_grids(m, c):
         part = np.full((grid[0][0], 2, c), np.nan, np.float64)
-        sums = same(bwd_sums, _old_bn_act_bwd_sums_cuda, grid, args, [part], new)[0]
+        sums = same(bwd_sums, _old_bn_act_bwd_sums_cuda, grid, args, [part])[0]
     assert (sums != 0).any()
     rng = np.random.default_rng(c)
     gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)

@@ -641,9 +641,8 @@ def bn_act_kernels(rect, int16, gather=False, to16=False, to32=True, copy=True):
                 base, j = base + stride, _next_channel(j, dj, c)
 
     @cuda.jit
-    def bwd_sums(dout, pd, pa, cov, ph, pw, pk, ps, pp, xq, xf, s, mean, invstd, bits, height, cg, cb, r,
-                 a, shape, part):
-        # (the pool's arguments as bwd_dx's, unread: a pooled gradient's sums are bn_act_pool_sums')
+    def bwd_sums(dout, xq, xf, s, mean, invstd, bits, height, cg, cb, r, a, shape, part):
+        # (a pooled gradient's sums are bn_act_pool_sums')
         shape, s = _fixed(shape, s, rect, int16)
         sh = cuda.shared.array((LANES, TILE_C), numba.float64)
         c = mean.size
@@ -1076,7 +1075,7 @@ def _bn_act_backward_cuda(dinp, dgamma, dbeta, dout, saved, gamma, dinp16=None):
         d = flat(dout)
         grid, block = _reduce_grid(m, c)
         part = scratch("bn.part", (grid[0], 2, c), np.float64)
-        sums[grid, block](d, *pool, *args, part)
+        sums[grid, block](d, *args, part)
     _bwd_final_cuda[_final_grid(c)](part, dgamma, dbeta)
     if gather and dinp16 is None and _bn_act_pool_dx_vec(dinp, dout, t, gamma, dbeta, dgamma, m):
         return
